@@ -1,0 +1,160 @@
+"""The pipeline of DESIGN.md: capture -> sites -> calibrate (moments, curvature) -> scores -> select
+-> replace -> fold. `abstract` runs it all; `analyse` stops after the data pass so one analysis can
+be compiled at many budgets (`Analysis.compile`), which is what benchmarks and sweeps want.
+
+    >>> result = abstract(model, calibration, keep=0.25, replacement="affine")
+    >>> result.module(x)            # smaller GraphModule
+    >>> result.report["sites"][0]["kept"]
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .capture import capture
+from .errors import ConfigError, FxAbstractError, NoSiteError
+from .passes.calibrate import Statistics, calibrate
+from .passes.fold import fold
+from .passes.replace import replace
+from .passes.scores import OUTPUT_UNITS, SCORES
+from .passes.select import allocate, curves, fit
+from .report import dumps, site_entry, summary, write_atomic
+from .sites import Site, find_sites
+
+REPLACEMENTS = ("constant", "affine")
+SELECTIONS = ("joint", "diagonal")
+
+
+def _count(gm: nn.Module) -> int:
+    return sum(p.numel() for p in gm.parameters())
+
+
+def _choose(value, options, what):
+    if value not in options:
+        raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
+    return value
+
+
+class Abstraction:
+    """A compiled abstraction: the smaller `module` and the `report` that describes it."""
+
+    def __init__(self, module: fx.GraphModule, report: dict):
+        self.module = module
+        self.report = report
+
+    def summary(self) -> str:
+        return summary(self.report)
+
+    def save(self, folder: str) -> None:
+        """Write report.json and module.pt (the pickled GraphModule) into folder, atomically."""
+        os.makedirs(folder, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(self.module, buf)
+        write_atomic(os.path.join(folder, "module.pt"), buf.getvalue())
+        write_atomic(os.path.join(folder, "report.json"), dumps(self.report))
+
+    def __repr__(self) -> str:
+        return f"Abstraction(\n{self.summary()}\n)"
+
+
+class Analysis:
+    """The result of the data pass over one model: sites and their statistics."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[Site], ineligible: dict, stats: Statistics,
+                 score: str, seed: int):
+        self.gm, self.sites, self.ineligible, self.stats = gm, sites, ineligible, stats
+        self.score, self.seed = score, seed
+        self._curves: dict = {}
+
+    def compile(self, keep=0.5, replacement: str = "constant", selection: str = "joint",
+                round_to: int = 8, ridge: float = 1e-3) -> Abstraction:
+        """Select, replace and fold at budget `keep`."""
+        _choose(replacement, REPLACEMENTS, "replacement")
+        _choose(selection, SELECTIONS, "selection")
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
+        if self.score not in OUTPUT_UNITS:
+            selection = "diagonal"  # heuristic scores have no cross terms: they rank diagonally
+        needs_matrices = selection == "joint" or replacement == "affine"
+        if needs_matrices and self.stats.curvature[self.sites[0].name].H0 is None:
+            raise ConfigError(f"{selection} selection with {replacement} replacement needs the d x d statistics; "
+                              "analyse with matrices=True")
+        key = (replacement, selection, ridge)
+        if key not in self._curves:
+            self._curves[key] = curves(self.sites, self.stats, self.gm, self.score, replacement, selection,
+                                       ridge, self.seed)
+        cv = self._curves[key]
+        removed = allocate(self.sites, cv, keep, self.score, round_to)
+        plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, replacement, selection, ridge)
+                 for s in self.sites]
+        module = fold(replace(self.gm, plans))
+        report = {
+            "score": self.score, "replacement": replacement, "selection": selection,
+            "keep": keep, "round_to": round_to, "ridge": ridge, "seed": self.seed,
+            "curvature": {"divergence": self.stats.divergence, "method": self.stats.method,
+                          "probes": self.stats.probes},
+            "calibration_samples": self.stats.moments[self.sites[0].name].n,
+            "parameters": {"before": _count(self.gm), "after": _count(module)},
+            "predicted_risk": sum(p.predicted_risk for p in plans),
+            "sites": [site_entry(p) for p in plans],
+            "ineligible": self.ineligible,
+        }
+        return Abstraction(module, report)
+
+
+def _select_sites(sites: list[Site], wanted) -> list[Site]:
+    if wanted is None:
+        return sites
+    names = [s.name for s in sites]
+    if isinstance(wanted, str):
+        chosen = [s for s in sites if re.fullmatch(wanted, s.name)]
+        if not chosen:
+            raise ConfigError(f"sites regex {wanted!r} matches no site; sites are {names}")
+        return chosen
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown sites {unknown}; sites are {names}")
+    return [s for s in sites if s.name in set(wanted)]
+
+
+def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",
+            probes: int = 16, matrices: bool = True, seed: int = 0, progress: bool = False) -> Analysis:
+    """Capture `model` (a copy) and stream `calibration` once through every selected site."""
+    _choose(score, SCORES, "score")
+    _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
+    gm = capture(model)
+    found, ineligible = find_sites(gm)
+    if not found:
+        why = "; ".join(f"{k}: {v}" for k, v in ineligible.items()) or "it has no Linear layer"
+        raise NoSiteError(f"{type(model).__name__} has no eligible site ({why}); "
+                          "fxabstract needs hidden units between Linear layers")
+    chosen = _select_sites(found, sites)
+    divergence = score if score in OUTPUT_UNITS else "logit-mse"
+    stats = calibrate(gm, chosen, calibration, divergence, curvature, probes, matrices, seed, progress)
+    return Analysis(gm, chosen, ineligible, stats, score, seed)
+
+
+def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
+             selection: str = "joint", round_to: int = 8, sites=None, *, curvature: str = "auto",
+             probes: int = 16, ridge: float = 1e-3, seed: int = 0, progress: bool = False) -> Abstraction:
+    """Compile `model` into a smaller causal abstraction of it (DESIGN.md, the contract).
+
+    keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
+    score: logit-mse | kl | ce | variance | cwvar | magnitude | random. The first three are risks in
+      output units and share one global budget; the others keep the same fraction at every site.
+    selection: joint (cross terms between removed units, THEORY §3) | diagonal (closed-form ranking);
+      heuristic scores always rank diagonally.
+    """
+    _choose(replacement, REPLACEMENTS, "replacement")
+    _choose(selection, SELECTIONS, "selection")
+    matrices = (selection == "joint" and score in OUTPUT_UNITS) or replacement == "affine"
+    analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress)
+    return analysis.compile(keep, replacement, selection, round_to, ridge)
+
+
+__all__ = ["abstract", "analyse", "Abstraction", "Analysis", "FxAbstractError"]

@@ -1,0 +1,118 @@
+"""The one pass over the calibration data: every batch feeds the moments and curvature of every site.
+
+One pass because calibration may be a generator, seen once, and is never held in memory whole.
+For each batch we run the graph once under `torch.func.vjp`, with a zero perturbation eps added at
+each site, so that one vmapped backward gives every site's per-sample factor U = L^T dz/da at once.
+
+    >>> stats = calibrate(gm, sites, [x1, x2], divergence="logit-mse")
+    >>> stats.moments["0"].mean, stats.curvature["0"].sh    # per site, float64 sums
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from tqdm.auto import tqdm
+
+from ..data import bind, first_tensor, logits, split_batch
+from ..errors import CalibrationError
+from ..sites import Site
+from .curvature import Curvature, output_vectors
+from .moments import Moments
+
+
+class SiteRunner(fx.Interpreter):
+    """Runs the graph, records each site's value and adds eps[site] to it."""
+
+    def __init__(self, gm: fx.GraphModule, site_nodes: list[str]):
+        super().__init__(gm)
+        self.site_nodes = set(site_nodes)
+        self.eps: dict[str, torch.Tensor] = {}
+        self.acts: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.site_nodes:
+            self.acts[n.name] = out.detach()
+            if n.name in self.eps:
+                out = out + self.eps[n.name]
+        return out
+
+
+@dataclass
+class Statistics:
+    """What calibration learned, per site name."""
+
+    moments: dict[str, Moments]
+    curvature: dict[str, Curvature]
+    divergence: str
+    method: str                      # "exact" or "hutchinson"
+    probes: int | None
+    outputs: int                     # o, the flattened output width
+    meta: dict = field(default_factory=dict)
+
+    def __add__(self, other: "Statistics") -> "Statistics":
+        return Statistics({k: v + other.moments[k] for k, v in self.moments.items()},
+                          {k: v + other.curvature[k] for k, v in self.curvature.items()},
+                          self.divergence, self.method, self.probes, self.outputs, self.meta)
+
+
+def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
+              method: str = "auto", probes: int = 16, matrices: bool = True, seed: int = 0,
+              progress: bool = False) -> Statistics:
+    """Stream `calibration` once; return per-site Moments and Curvature.
+
+    method: "exact" (one VJP per output), "hutchinson" (`probes` VJPs), "auto" (exact when o <= 64).
+    matrices: also accumulate the d x d sums for joint selection and affine replacement.
+    """
+    runner = SiteRunner(gm, [s.node for s in sites])
+    generator = torch.Generator().manual_seed(seed)
+    params = next(gm.parameters())
+    moments: dict[str, Moments] = {}
+    curvature: dict[str, Curvature] = {}
+    shapes: dict[str, tuple] = {}
+    chosen, outputs = method, 0
+    for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress, leave=False):
+        args, kwargs, targets = split_batch(batch)
+        args = tuple(a.to(params.device) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.to(params.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        x = first_tensor(args, kwargs)
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise CalibrationError("calibration inputs contain NaN or inf; clean or drop those samples")
+        if divergence == "ce" and targets is None:
+            raise CalibrationError("score 'ce' needs labels: give calibration batches as (inputs, targets) pairs")
+        inputs = bind(gm, args, kwargs)
+        if not shapes:  # the first batch fixes each site's trailing shape
+            with torch.no_grad():
+                runner.eps = {}
+                out = logits(runner.run(*inputs))
+            shapes = {s.node: tuple(runner.acts[s.node].shape[1:]) for s in sites}
+            outputs = out.shape[1]
+            chosen = ("exact" if outputs <= 64 else "hutchinson") if method == "auto" else method
+            for s in sites:
+                moments[s.name] = Moments.empty(s.n_units, matrices, params.device)
+                curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", matrices, params.device)
+        B = x.shape[0]
+        eps0 = {s.node: torch.zeros(B, *shapes[s.node], dtype=params.dtype, device=params.device) for s in sites}
+
+        def forward(eps):
+            runner.eps = eps
+            return logits(runner.run(*inputs)), dict(runner.acts)
+
+        z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
+        V = output_vectors(z.detach(), divergence, chosen, probes, generator)      # [r, B, o]
+        (U_all,) = torch.func.vmap(vjp_fn)(V)                                       # site -> [r, B, ..., d]
+        g_all = None
+        if divergence == "ce":
+            y = torch.nn.functional.one_hot(targets.to(z.device).long().reshape(B), z.shape[1]).to(z)
+            (g_all,) = vjp_fn(torch.softmax(z.detach(), -1) - y)                     # site -> [B, ..., d]
+        for s in sites:
+            a = acts[s.node].reshape(-1, s.n_units)                                   # [n, d]
+            U = U_all[s.node].reshape(V.shape[0], -1, s.n_units)                      # [r, n, d]
+            g = None if g_all is None else g_all[s.node].reshape(-1, s.n_units)
+            moments[s.name].update(a)
+            curvature[s.name].update(a, U, g)
+    if not moments:
+        raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
+    return Statistics(moments, curvature, divergence, chosen, probes if chosen == "hutchinson" else None, outputs)

@@ -1,0 +1,126 @@
+"""Second-order risk of replacing a set of units, greedy elimination orders, and the fitted
+replacements (THEORY §3). All matrices here are float64 expectations for one site, d units.
+
+Constant replacement, removed set P, constants c:
+    R(P) = sum_P lin_j + 1/2 1_P^T M 1_P,   M = E[(c - a)(c - a)^T * H],  lin = E[g (c - a)]
+Affine replacement, kept set K (OBS restricted to whole units, with H(x) ~ w(x) Hbar):
+    R(K) = 1/2 tr(Hbar_PP Cov(a_P | a_K)),  computed as 1/2 tr(Hbar S) - 1/2 tr(B A), A = S_KK^-1,
+    B = (S Hbar S)_KK; removing q from K raises it by 1/2 (A B A)_qq / A_qq (rank-one update of A).
+"""
+from __future__ import annotations
+
+import torch
+
+from .calibrate import Statistics
+
+
+def constant_matrix(stats: Statistics, name: str, c: torch.Tensor) -> torch.Tensor:
+    """M = E[H_ij (c_i - a_i)(c_j - a_j)]: [d, d] (THEORY §3, joint selection, constant)."""
+    k = stats.curvature[name]
+    M = torch.outer(c, c) * k.H0 - c[:, None] * k.H1 - c[None, :] * k.H1.T + k.H2
+    return (M + M.T) / (2 * k.n)
+
+
+def linear_term(stats: Statistics, name: str, c: torch.Tensor) -> torch.Tensor:
+    """E[g_j (c_j - a_j)]: [d] (zero unless the divergence is ce)."""
+    k = stats.curvature[name]
+    return (c * k.sg - k.sga) / k.n if k.sg is not None else torch.zeros_like(c)
+
+
+def weighted_moments(stats: Statistics, name: str, weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [d], covariance [d, d]) of a, weighted per sample by w(x) = tr H(x) when `weighted`."""
+    k, m = stats.curvature[name], stats.moments[name]
+    if weighted and k.sw is not None and k.sw > 0:
+        mu = k.swa / k.sw
+        return mu, k.swaa / k.sw - torch.outer(mu, mu)
+    return m.mean, m.cov
+
+
+def ridge_of(S: torch.Tensor, ridge: float) -> float:
+    """Absolute ridge: `ridge` times the mean variance, so it is scale-free."""
+    return ridge * float(S.diagonal().mean().clamp_min(1e-12))
+
+
+def diagonal_order(scores: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
+    """Remove in increasing score; the additive risk curve R[k] = sum of the k smallest scores."""
+    order = torch.argsort(scores, stable=True)[:n]
+    return order.tolist(), torch.cat([scores.new_zeros(1), scores[order].cumsum(0)])
+
+
+def joint_constant_order(M: torch.Tensor, lin: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy elimination on R(P) = lin.1_P + 1/2 1_P^T M 1_P; O(d) per step."""
+    d = M.shape[0]
+    removed = torch.zeros(d, dtype=torch.bool)
+    m = torch.zeros(d, dtype=torch.float64)           # M 1_P
+    curve, order = [0.0], []
+    for _ in range(n):
+        cost = lin + 0.5 * M.diagonal() + m          # R(P + q) - R(P)
+        cost[removed] = float("inf")
+        q = int(torch.argmin(cost))
+        order.append(q)
+        curve.append(curve[-1] + float(cost[q]))
+        removed[q] = True
+        m += M[:, q]
+    return order, torch.tensor(curve, dtype=torch.float64)
+
+
+def joint_affine_order(Hbar: torch.Tensor, S: torch.Tensor, ridge: float, n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy elimination for affine replacement, OBS-style with rank-one downdates; O(d^2) per step."""
+    d = S.shape[0]
+    A = torch.linalg.inv(S + ridge_of(S, ridge) * torch.eye(d, dtype=S.dtype))   # S_KK^-1, removed rows zeroed
+    T = A @ (S @ Hbar @ S) @ A                                                  # A B A
+    removed = torch.zeros(d, dtype=torch.bool)
+    curve, order = [0.0], []
+    for _ in range(n):
+        diag_A = A.diagonal().clone()
+        cost = 0.5 * T.diagonal() / diag_A.clamp_min(1e-300)
+        cost[removed] = float("inf")
+        q = int(torch.argmin(cost))
+        order.append(q)
+        curve.append(curve[-1] + float(cost[q]))
+        removed[q] = True
+        a, t, alpha, tqq = A[:, q].clone(), T[:, q].clone(), float(A[q, q]), float(T[q, q])
+        A -= torch.outer(a, a) / alpha
+        T += -(torch.outer(t, a) + torch.outer(a, t)) / alpha + (tqq / alpha**2) * torch.outer(a, a)
+    return order, torch.tensor(curve, dtype=torch.float64)
+
+
+def refit_constants(stats: Statistics, name: str, P: list[int], c: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Jointly optimal constants for P: argmin_c E[g_P.(c - a_P) + 1/2 (c - a_P)^T H_PP (c - a_P)]
+    + (lambda/2)||c - c*||^2; the ridge keeps c at c* along directions of no curvature."""
+    k = stats.curvature[name]
+    H = k.H0[P][:, P] / k.n                                            # E[H_PP]
+    b = k.H1[P][:, P].sum(1) / k.n                                      # E[(H_PP a_P)]
+    if k.sg is not None:
+        b = b - k.sg[P] / k.n
+    lam = ridge_of(H, ridge) if H.numel() else 0.0
+    cP = c[P]
+    return cP + torch.linalg.solve(H + lam * torch.eye(len(P), dtype=H.dtype), b - H @ cP)
+
+
+def fit_affine(mu: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], ridge: float):
+    """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + lambda I)^-1 (THEORY §3)."""
+    SKK = S[K][:, K]
+    lam = ridge_of(S, ridge)
+    theta = torch.linalg.solve(SKK + lam * torch.eye(len(K), dtype=S.dtype), S[K][:, P]).T   # [P, K]
+    beta = mu[P] - theta @ mu[K]
+    return beta, theta
+
+
+def affine_risk(Hbar: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], theta: torch.Tensor) -> float:
+    """1/2 tr(Hbar_PP E[r r^T]) for the residual r = a_P - beta - theta a_K (zero mean by beta)."""
+    SPP, SPK, SKK = S[P][:, P], S[P][:, K], S[K][:, K]
+    R = SPP - theta @ SPK.T - SPK @ theta.T + theta @ SKK @ theta.T
+    return 0.5 * float((Hbar[P][:, P] * R).sum())
+
+
+def constant_risk(stats: Statistics, name: str, P: list[int], cP: torch.Tensor) -> float:
+    """R(P) for constants cP, with the cross terms when the d x d sums were kept, else diagonal."""
+    k = stats.curvature[name]
+    c = stats.moments[name].mean.clone()
+    c[P] = cP
+    lin = linear_term(stats, name, c)[P].sum()
+    if k.H0 is not None:
+        return float(lin + 0.5 * constant_matrix(stats, name, c)[P][:, P].sum())
+    quad = 0.5 * (c * c * k.sh - 2 * c * k.sha + k.sha2)[P].sum() / k.n
+    return float(lin + quad)

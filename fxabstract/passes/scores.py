@@ -1,0 +1,49 @@
+"""Unit scores and their optimal constants, one interface for every criterion (THEORY §3).
+
+    >>> s, c = unit_scores("logit-mse", site, stats, gm)    # s: [d] risk of replacing unit j by c[j]
+
+`OUTPUT_UNITS` scores are expected risks in the model's output units: they add across sites, so one
+global ranking allocates the budget. The others (variance, cwvar, magnitude, random) are not, and
+selection falls back to the same fraction of units per site for them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..sites import Site
+from .calibrate import Statistics
+
+SCORES = ("logit-mse", "kl", "ce", "variance", "cwvar", "magnitude", "random")
+OUTPUT_UNITS = ("logit-mse", "kl", "ce")
+
+
+def optimal_constants(score: str, stats: Statistics, name: str) -> torch.Tensor:
+    """c*: [d]. Curvature-weighted mean E[h a]/E[h] (THEORY §3), with the CE gradient term
+    (E[h a] - E[g])/E[h] (THEORY §2); the plain mean for scores without curvature or units with h = 0."""
+    m, k = stats.moments[name], stats.curvature[name]
+    if score not in OUTPUT_UNITS:
+        return m.mean
+    num = k.sha - k.sg if score == "ce" else k.sha
+    return torch.where(k.sh > 0, num / k.sh.clamp_min(1e-300), m.mean)
+
+
+def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores [d], constants [d]) for one site; lower score = cheaper to replace."""
+    m, k = stats.moments[site.name], stats.curvature[site.name]
+    c = optimal_constants(score, stats, site.name)
+    if score == "variance":                                     # VBP: s_j = Var(a_j)
+        s = m.var
+    elif score == "cwvar":                                      # s_j = 1/2 ||W[:, j]||^2 Var(a_j)
+        col2 = sum(gm.get_submodule(t).weight.detach().double().pow(2).sum(0) for t in site.consumers)
+        s = 0.5 * col2 * m.var
+    elif score == "magnitude":                                  # L2 norm of the producer's row j
+        s = gm.get_submodule(site.producer).weight.detach().double().flatten(1).norm(dim=1)
+    elif score == "random":
+        s = torch.rand(site.n_units, generator=generator, dtype=torch.float64)
+    else:  # s_j = E[g (c - a)] + 1/2 E[h (c - a)^2]: the constant score of THEORY §3 (g = 0 unless ce)
+        quad = 0.5 * (c * c * k.sh - 2 * c * k.sha + k.sha2)
+        lin = c * k.sg - k.sga if score == "ce" else 0.0
+        s = (lin + quad) / k.n
+    return s.to(torch.float64), c.to(torch.float64)

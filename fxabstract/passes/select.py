@@ -1,0 +1,143 @@
+"""Selection: which units each site keeps, and the fitted replacement of the others (THEORY §3).
+
+Per site, an elimination order and its risk curve R_s[k] (risk after removing k units): the
+diagonal ranking (additive scores) or greedy joint elimination (cross terms kept). The budget is
+then allocated: globally, cheapest next removal first, when the scores are in output units; the
+same fraction per site otherwise. Kept widths are multiples of `round_to` (or the full width).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..errors import ConfigError
+from ..sites import Site
+from . import risk
+from .calibrate import Statistics
+from .scores import OUTPUT_UNITS, unit_scores
+
+
+@dataclass
+class SitePlan:
+    """The replacement of one site: do(a_P := beta + theta a_K); theta = 0 for constants."""
+
+    site: Site
+    kept: list[int]              # K, sorted, original numbering
+    removed: list[int]           # P, sorted
+    kind: str                    # "constant" | "affine"
+    beta: torch.Tensor           # [|P|] float64
+    theta: torch.Tensor          # [|P|, |K|] float64
+    scores: torch.Tensor         # [d] the unit scores of the chosen criterion
+    predicted_risk: float
+
+
+@dataclass
+class Curves:
+    """Per site: scores [d], constants c* [d], elimination order, risk curve R[0..len(order)]."""
+
+    scores: torch.Tensor
+    constants: torch.Tensor
+    order: list[int]
+    curve: torch.Tensor
+
+
+def min_kept(d: int, round_to: int) -> int:
+    return min(round_to, d)
+
+
+def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str, replacement: str,
+           selection: str, ridge: float, seed: int) -> dict[str, Curves]:
+    """Scores, constants and full elimination orders for every site (computed once per setting)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for s in sites:
+        sc, c = unit_scores(score, s, stats, gm, gen)
+        n = s.n_units - 1
+        if selection == "diagonal":
+            order, curve = risk.diagonal_order(sc, n)
+        elif replacement == "constant":
+            M = risk.constant_matrix(stats, s.name, c)
+            order, curve = risk.joint_constant_order(M, risk.linear_term(stats, s.name, c), n)
+        else:
+            k = stats.curvature[s.name]
+            _, S = risk.weighted_moments(stats, s.name, weighted=True)
+            order, curve = risk.joint_affine_order(k.H0 / k.n, S, ridge, n)
+        out[s.name] = Curves(sc, c, order, curve)
+    return out
+
+
+def _allowed(d: int, round_to: int) -> list[int]:
+    """Removal counts that leave a multiple of round_to kept (or everything), increasing."""
+    kept = [d] + [k for k in range((d - 1) // round_to * round_to, 0, -round_to) if k >= min_kept(d, round_to)]
+    return [d - k for k in kept]
+
+
+def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_to: int) -> dict[str, int]:
+    """Units removed per site for `keep` (fraction, total count or per-site dict)."""
+    total = sum(s.n_units for s in sites)
+    if isinstance(keep, dict):
+        names = {s.name: s for s in sites}
+        unknown = sorted(set(keep) - set(names))
+        if unknown:
+            raise ConfigError(f"keep names unknown sites {unknown}; sites are {sorted(names)}")
+        for k, v in keep.items():
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= names[k].n_units:
+                raise ConfigError(f"keep[{k!r}] = {v!r} must be an int in 1..{names[k].n_units} (units kept at that site)")
+        return {s.name: s.n_units - keep.get(s.name, s.n_units) for s in sites}
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise ConfigError(f"keep must be a fraction, an int or a dict of per-site counts, got {type(keep).__name__}")
+    if isinstance(keep, float):
+        if not 0 < keep <= 1:
+            raise ConfigError(f"keep = {keep} is out of range; give a fraction in (0, 1] of the units to keep")
+        target_kept = round(keep * total)
+    else:
+        if not len(sites) <= keep <= total:
+            raise ConfigError(f"keep = {keep} units is out of range; give between {len(sites)} (one per site) and {total}")
+        target_kept = keep
+    if score not in OUTPUT_UNITS:  # not comparable across sites: the same fraction per site
+        frac = target_kept / total
+        return {s.name: s.n_units - max(min_kept(s.n_units, round_to),
+                                        min(s.n_units, round(frac * s.n_units / round_to) * round_to))
+                for s in sites}
+    target = total - target_kept
+    allowed = {s.name: _allowed(s.n_units, round_to) for s in sites}
+    pos = {s.name: 0 for s in sites}
+    removed = 0
+    while removed < target:  # cheapest next removal globally (risks are in output units)
+        best = None
+        for s in sites:
+            steps, i = allowed[s.name], pos[s.name]
+            if i + 1 >= len(steps):
+                continue
+            size = steps[i + 1] - steps[i]
+            if removed + size > target + size // 2:  # would overshoot the budget by more than half a step
+                continue
+            curve = cv[s.name].curve
+            cost = float(curve[steps[i + 1]] - curve[steps[i]]) / size
+            if best is None or cost < best[0]:
+                best = (cost, s.name, size)
+        if best is None:
+            break
+        pos[best[1]] += 1
+        removed += best[2]
+    return {s.name: allowed[s.name][pos[s.name]] for s in sites}
+
+
+def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, replacement: str,
+        selection: str, ridge: float) -> SitePlan:
+    """Fit the replacement of the first n_removed units of the site's elimination order."""
+    P = sorted(cv.order[:n_removed])
+    K = sorted(set(range(site.n_units)) - set(P))
+    k = stats.curvature[site.name]
+    if replacement == "constant":
+        cP = cv.constants[P]
+        if selection == "joint" and P:
+            cP = risk.refit_constants(stats, site.name, P, cv.constants, ridge)
+        return SitePlan(site, K, P, "constant", cP, torch.zeros(len(P), len(K), dtype=torch.float64),
+                        cv.scores, risk.constant_risk(stats, site.name, P, cP))
+    mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS)
+    beta, theta = risk.fit_affine(mu, S, K, P, ridge)
+    return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
+                    risk.affine_risk(k.H0 / k.n, S, K, P, theta))

@@ -1,0 +1,59 @@
+"""The JSON report: everything needed to re-apply the same interventions to the original model.
+
+Per site: its name, producer, consumers, unit count, kept units (original numbering), and each
+replaced unit with its kind and its constant or affine coefficients over the kept units; the
+scores and the predicted risk. `write_atomic` is how every file fxabstract writes lands on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from .passes.select import SitePlan
+
+
+def site_entry(p: SitePlan) -> dict:
+    s = p.site
+    replaced = []
+    for i, unit in enumerate(p.removed):
+        if p.kind == "constant":
+            replaced.append({"unit": unit, "kind": "constant", "constant": float(p.beta[i])})
+        else:
+            replaced.append({"unit": unit, "kind": "affine", "beta": float(p.beta[i]),
+                             "theta": [float(t) for t in p.theta[i]]})
+    return {"name": s.name, "producer": s.producer, "node": s.node, "chain": s.chain,
+            "consumers": s.consumers, "units": s.n_units, "kept": p.kept, "replaced": replaced,
+            "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk}
+
+
+def summary(report: dict) -> str:
+    """A plain-text table of the report: per site and overall."""
+    rows = [f"{'site':<24} {'units':>6} {'kept':>6} {'removed':>8} {'predicted risk':>15}"]
+    for s in report["sites"]:
+        rows.append(f"{s['name']:<24} {s['units']:>6} {len(s['kept']):>6} {len(s['replaced']):>8} "
+                    f"{s['predicted_risk']:>15.4g}")
+    rows.append(f"{'total':<24} {sum(s['units'] for s in report['sites']):>6} "
+                f"{sum(len(s['kept']) for s in report['sites']):>6} "
+                f"{sum(len(s['replaced']) for s in report['sites']):>8} {report['predicted_risk']:>15.4g}")
+    rows.append(f"parameters {report['parameters']['before']:,} -> {report['parameters']['after']:,}  "
+                f"(score {report['score']}, {report['replacement']}, {report['selection']} selection)")
+    return "\n".join(rows)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fxabstract-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def dumps(report: dict) -> bytes:
+    return (json.dumps(report, indent=1) + "\n").encode()
