@@ -22,11 +22,13 @@ from .passes.calibrate import Statistics, calibrate
 from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
-from .passes.select import allocate, curves, fit
+from .passes.measure import measured_curve
+from .passes.select import allocate, allowed_removals, curves, fit
 from .report import dumps, site_entry, summary, write_atomic
 from .sites import Site, find_sites
 
 REPLACEMENTS = ("constant", "affine")
+ALLOCATIONS = ("measured", "predicted")
 SELECTIONS = ("joint", "diagonal")
 
 
@@ -70,12 +72,17 @@ class Analysis:
         self.gm, self.sites, self.ineligible, self.stats = gm, sites, ineligible, stats
         self.score, self.seed = score, seed
         self._curves: dict = {}
+        self._measured_cache: dict = {}
 
     def compile(self, keep=0.5, replacement: str = "constant", selection: str = "joint",
-                round_to: int = 8, ridge: float = 1e-3) -> Abstraction:
-        """Select, replace and fold at budget `keep`."""
+                round_to: int = 8, ridge: float = 1e-3, allocation: str = "measured") -> Abstraction:
+        """Select, replace and fold at budget `keep`.
+
+        allocation (global budgets of output-unit scores): "measured" allocates on each site's risk
+        curve measured on the calibration reservoir; "predicted" on the second-order curves alone."""
         _choose(replacement, REPLACEMENTS, "replacement")
         _choose(selection, SELECTIONS, "selection")
+        _choose(allocation, ALLOCATIONS, "allocation")
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
         if self.score not in OUTPUT_UNITS:
@@ -89,22 +96,40 @@ class Analysis:
             self._curves[key] = curves(self.sites, self.stats, self.gm, self.score, replacement, selection,
                                        ridge, self.seed)
         cv = self._curves[key]
+        if isinstance(keep, dict) or self.score not in OUTPUT_UNITS:
+            allocation = "per-site"
+        for s in self.sites:
+            cv[s.name].measured = None
+            if allocation == "measured":
+                cv[s.name].measured = self._measured(s, cv[s.name], replacement, selection, ridge, round_to)
         removed = allocate(self.sites, cv, keep, self.score, round_to)
         plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, replacement, selection, ridge)
                  for s in self.sites]
         module = fold(replace(self.gm, plans))
         report = {
             "score": self.score, "replacement": replacement, "selection": selection,
-            "keep": keep, "round_to": round_to, "ridge": ridge, "seed": self.seed,
+            "keep": keep, "round_to": round_to, "ridge": ridge, "seed": self.seed, "allocation": allocation,
             "curvature": {"divergence": self.stats.divergence, "method": self.stats.method,
                           "probes": self.stats.probes},
             "calibration_samples": self.stats.moments[self.sites[0].name].n,
             "parameters": {"before": _count(self.gm), "after": _count(module)},
             "predicted_risk": sum(p.predicted_risk for p in plans),
-            "sites": [site_entry(p) for p in plans],
+            "sites": [site_entry(p, None if cv[p.site.name].measured is None
+                                 else float(cv[p.site.name].measured[len(p.removed)])) for p in plans],
             "ineligible": self.ineligible,
         }
         return Abstraction(module, report)
+
+    def _measured(self, site: Site, cv, replacement: str, selection: str, ridge: float, round_to: int):
+        """The site's measured risk curve, cached per setting."""
+        key = (site.name, replacement, selection, ridge, round_to)
+        if key not in self._measured_cache:
+            steps = allowed_removals(site.n_units, round_to)
+            self._measured_cache[key] = measured_curve(
+                self.gm, site, steps,
+                lambda k: fit(site, cv, k, self.stats, self.score, replacement, selection, ridge),
+                self.stats.reservoir, self.stats.divergence)
+        return self._measured_cache[key]
 
 
 def _select_sites(sites: list[Site], wanted) -> list[Site]:
@@ -141,7 +166,8 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
 
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
              selection: str = "joint", round_to: int = 8, sites=None, *, curvature: str = "auto",
-             probes: int = 16, ridge: float = 1e-3, seed: int = 0, progress: bool = False) -> Abstraction:
+             probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
+             progress: bool = False) -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (DESIGN.md, the contract).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
@@ -149,12 +175,14 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
       output units and share one global budget; the others keep the same fraction at every site.
     selection: joint (cross terms between removed units, THEORY §3) | diagonal (closed-form ranking);
       heuristic scores always rank diagonally.
+    allocation: how a global budget of an output-unit score is split over sites: "measured" (each
+      site's risk curve measured on up to 512 calibration samples) or "predicted" (second order only).
     """
     _choose(replacement, REPLACEMENTS, "replacement")
     _choose(selection, SELECTIONS, "selection")
     matrices = (selection == "joint" and score in OUTPUT_UNITS) or replacement == "affine"
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress)
-    return analysis.compile(keep, replacement, selection, round_to, ridge)
+    return analysis.compile(keep, replacement, selection, round_to, ridge, allocation)
 
 
 __all__ = ["abstract", "analyse", "Abstraction", "Analysis", "FxAbstractError"]

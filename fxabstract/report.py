@@ -13,7 +13,7 @@ import tempfile
 from .passes.select import SitePlan
 
 
-def site_entry(p: SitePlan) -> dict:
+def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
     s = p.site
     replaced = []
     for i, unit in enumerate(p.removed):
@@ -24,7 +24,8 @@ def site_entry(p: SitePlan) -> dict:
                              "theta": [float(t) for t in p.theta[i]]})
     return {"name": s.name, "producer": s.producer, "node": s.node, "chain": s.chain,
             "consumers": s.consumers, "units": s.n_units, "kept": p.kept, "replaced": replaced,
-            "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk}
+            "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk,
+            "measured_risk": measured_risk}
 
 
 def summary(report: dict) -> str:

@@ -50,21 +50,22 @@ class Statistics:
     method: str                      # "exact" or "hutchinson"
     probes: int | None
     outputs: int                     # o, the flattened output width
-    meta: dict = field(default_factory=dict)
+    reservoir: list = field(default_factory=list)   # [(bound inputs, targets)]: the first samples, bounded
 
     def __add__(self, other: "Statistics") -> "Statistics":
         return Statistics({k: v + other.moments[k] for k, v in self.moments.items()},
                           {k: v + other.curvature[k] for k, v in self.curvature.items()},
-                          self.divergence, self.method, self.probes, self.outputs, self.meta)
+                          self.divergence, self.method, self.probes, self.outputs, self.reservoir)
 
 
 def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
               method: str = "auto", probes: int = 16, matrices: bool = True, seed: int = 0,
-              progress: bool = False) -> Statistics:
+              progress: bool = False, reservoir: int = 512) -> Statistics:
     """Stream `calibration` once; return per-site Moments and Curvature.
 
     method: "exact" (one VJP per output), "hutchinson" (`probes` VJPs), "auto" (exact when o <= 64).
     matrices: also accumulate the d x d sums for joint selection and affine replacement.
+    reservoir: keep the first this many samples (inputs and targets) for measuring risks later.
     """
     runner = SiteRunner(gm, [s.node for s in sites])
     generator = torch.Generator().manual_seed(seed)
@@ -73,6 +74,8 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
     curvature: dict[str, Curvature] = {}
     shapes: dict[str, tuple] = {}
     chosen, outputs = method, 0
+    kept_samples: list = []          # the reservoir
+    n_kept = 0
     for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress, leave=False):
         args, kwargs, targets = split_batch(batch)
         args = tuple(a.to(params.device) if isinstance(a, torch.Tensor) else a for a in args)
@@ -94,6 +97,11 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
                 moments[s.name] = Moments.empty(s.n_units, matrices, params.device)
                 curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", matrices, params.device)
         B = x.shape[0]
+        take = min(B, reservoir - n_kept)
+        if take > 0:
+            n_kept += take
+            kept_samples.append(([v[:take] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v
+                                  for v in inputs], None if targets is None else targets[:take]))
         eps0 = {s.node: torch.zeros(B, *shapes[s.node], dtype=params.dtype, device=params.device) for s in sites}
 
         def forward(eps):
@@ -115,4 +123,5 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             curvature[s.name].update(a, U, g)
     if not moments:
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
-    return Statistics(moments, curvature, divergence, chosen, probes if chosen == "hutchinson" else None, outputs)
+    return Statistics(moments, curvature, divergence, chosen, probes if chosen == "hutchinson" else None, outputs,
+                      kept_samples)

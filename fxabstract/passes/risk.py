@@ -85,19 +85,6 @@ def joint_affine_order(Hbar: torch.Tensor, S: torch.Tensor, ridge: float, n: int
     return order, torch.tensor(curve, dtype=torch.float64)
 
 
-def refit_constants(stats: Statistics, name: str, P: list[int], c: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Jointly optimal constants for P: argmin_c E[g_P.(c - a_P) + 1/2 (c - a_P)^T H_PP (c - a_P)]
-    + (lambda/2)||c - c*||^2; the ridge keeps c at c* along directions of no curvature."""
-    k = stats.curvature[name]
-    H = k.H0[P][:, P] / k.n                                            # E[H_PP]
-    b = k.H1[P][:, P].sum(1) / k.n                                      # E[(H_PP a_P)]
-    if k.sg is not None:
-        b = b - k.sg[P] / k.n
-    lam = ridge_of(H, ridge) if H.numel() else 0.0
-    cP = c[P]
-    return cP + torch.linalg.solve(H + lam * torch.eye(len(P), dtype=H.dtype), b - H @ cP)
-
-
 def fit_affine(mu: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], ridge: float):
     """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + lambda I)^-1 (THEORY §3)."""
     SKK = S[K][:, K]

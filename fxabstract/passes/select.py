@@ -35,12 +35,14 @@ class SitePlan:
 
 @dataclass
 class Curves:
-    """Per site: scores [d], constants c* [d], elimination order, risk curve R[0..len(order)]."""
+    """Per site: scores [d], constants c* [d], elimination order, predicted risk curve R[0..len(order)],
+    and optionally the measured risk curve (passes/measure.py), which allocation then uses."""
 
     scores: torch.Tensor
     constants: torch.Tensor
     order: list[int]
     curve: torch.Tensor
+    measured: torch.Tensor | None = None
 
 
 def min_kept(d: int, round_to: int) -> int:
@@ -68,7 +70,7 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
     return out
 
 
-def _allowed(d: int, round_to: int) -> list[int]:
+def allowed_removals(d: int, round_to: int) -> list[int]:
     """Removal counts that leave a multiple of round_to kept (or everything), increasing."""
     kept = [d] + [k for k in range((d - 1) // round_to * round_to, 0, -round_to) if k >= min_kept(d, round_to)]
     return [d - k for k in kept]
@@ -102,7 +104,7 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
                                         min(s.n_units, round(frac * s.n_units / round_to) * round_to))
                 for s in sites}
     target = total - target_kept
-    allowed = {s.name: _allowed(s.n_units, round_to) for s in sites}
+    allowed = {s.name: allowed_removals(s.n_units, round_to) for s in sites}
     pos = {s.name: 0 for s in sites}
     removed = 0
     while removed < target:  # cheapest next removal globally (risks are in output units)
@@ -114,7 +116,7 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
             size = steps[i + 1] - steps[i]
             if removed + size > target + size // 2:  # would overshoot the budget by more than half a step
                 continue
-            curve = cv[s.name].curve
+            curve = cv[s.name].curve if cv[s.name].measured is None else cv[s.name].measured
             cost = float(curve[steps[i + 1]] - curve[steps[i]]) / size
             if best is None or cost < best[0]:
                 best = (cost, s.name, size)
@@ -133,8 +135,6 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
     k = stats.curvature[site.name]
     if replacement == "constant":
         cP = cv.constants[P]
-        if selection == "joint" and P:
-            cP = risk.refit_constants(stats, site.name, P, cv.constants, ridge)
         return SitePlan(site, K, P, "constant", cP, torch.zeros(len(P), len(K), dtype=torch.float64),
                         cv.scores, risk.constant_risk(stats, site.name, P, cP))
     mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS)
