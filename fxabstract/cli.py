@@ -34,7 +34,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse prints usage + exits; we want the one-line error of main()
-        raise UsageError(f"{message} (see `fxabstract compile --help`)")
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -51,10 +51,13 @@ def _keep(text: str):
     try:
         if "=" in text:
             return {name.strip(): int(count) for name, count in (pair.split("=") for pair in text.split(","))}
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        keep = float(text) if any(c in text for c in ".eE") else int(text)
+        if isinstance(keep, float) and not 0 < keep <= 1:
+            raise ValueError
+        return keep
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --keep {text!r}: give a fraction (0.25), a unit count "
-                                         "(128) or per-site counts (fc1=64,fc2=32)") from None
+        raise argparse.ArgumentTypeError(f"invalid --keep {text!r}: give a fraction in (0, 1] (0.25), a unit "
+                                         "count (128) or per-site counts (fc1=64,fc2=32)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,8 +104,8 @@ def _load(path: str, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling raises many types
-        raise UsageError(f"cannot read {what} file {path} with torch.load(weights_only=True): "
-                         f"{_one_line(exc, 160)}") from None
+        raise UsageError(f"cannot read {what} file {path} with torch.load(weights_only=True) "
+                         f"({type(exc).__name__}: {_one_line(exc, 160)}); write it with torch.save") from None
 
 
 def load_model(spec: str, checkpoint: str | None) -> nn.Module:
@@ -191,25 +194,32 @@ def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str) -
         write_atomic(report_path, dumps({**result.report, "evaluation": ev}))
     except OSError as exc:
         raise UsageError(f"cannot write {report_path}: {exc.strerror}; choose another --out") from None
+    print_table(result, ev, where)
+    print(f"wrote {onnx_path} and {report_path}")
 
-    pct = lambda v: f"{100 * v:.2f}%"  # noqa: E731
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}%"
+
+
+def print_table(result, ev: dict, where: str) -> None:
+    """The per-site summary, then the evaluation: accuracy, agreement, IIA, parameters, ONNX parity."""
     print(result.summary())
     print(f"\nevaluation on {where} ({ev['samples']} samples)")
     if "accuracy" in ev:
-        print(f"  {'accuracy':<20} {pct(ev['accuracy']['before'])} -> {pct(ev['accuracy']['after'])}")
-    print(f"  {'top-1 agreement':<20} {pct(ev['agreement'])} (compiled vs dense)")
+        print(f"  {'accuracy':<20} {_pct(ev['accuracy']['before'])} -> {_pct(ev['accuracy']['after'])}")
+    print(f"  {'top-1 agreement':<20} {_pct(ev['agreement'])} (compiled vs dense)")
     for p, sites in ev["iia"].items():
         for i, (name, r) in enumerate(sites.items()):
             label = f"IIA, swap p = {p}" if i == 0 else ""
-            print(f"  {label:<20} {name:<12} {pct(r['iia']):>7}  95% CI [{pct(r['ci95'][0])}, "
-                  f"{pct(r['ci95'][1])}]  ({r['trials']} trials)")
+            print(f"  {label:<20} {name:<12} {_pct(r['iia']):>7}  95% CI [{_pct(r['ci95'][0])}, "
+                  f"{_pct(r['ci95'][1])}]  ({r['trials']} trials)")
     before, after = result.report["parameters"]["before"], result.report["parameters"]["after"]
     print(f"  {'parameters':<20} {before:,} -> {after:,} ({after / before:.1%})")
     onnx = ev["onnx"]
     verdict = "ok" if onnx["relative_diff"] < 1e-4 else "MISMATCH"
     print(f"  {'ONNX parity':<20} {verdict}: max |onnxruntime - torch| = {onnx['max_abs_diff']:.2g} "
           f"(relative {onnx['relative_diff']:.2g})")
-    print(f"wrote {onnx_path} and {report_path}")
 
 
 def compile_demo(args) -> None:
