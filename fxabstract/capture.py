@@ -42,7 +42,7 @@ def capture(model: nn.Module) -> fx.GraphModule:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__} at {_user_frame(exc)}: {reason}; "
-            "make that line free of data-dependent Python control flow, or capture the model with torch.export"
+            "make that line free of data-dependent Python control flow (fxabstract captures with torch.fx.symbolic_trace)"
         ) from None
     gm.eval()
     return gm
