@@ -144,6 +144,8 @@ def _select_sites(sites: list[Site], wanted) -> list[Site]:
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         raise ConfigError(f"unknown sites {unknown}; sites are {names}")
+    if not wanted:
+        raise ConfigError(f"sites=[] selects no site; pass None for every site, or some of {names}")
     return [s for s in sites if s.name in set(wanted)]
 
 

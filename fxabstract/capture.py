@@ -44,5 +44,9 @@ def capture(model: nn.Module) -> fx.GraphModule:
             f"torch.fx could not trace {type(model).__name__} at {_user_frame(exc)}: {reason}; "
             "make that line free of data-dependent Python control flow (fxabstract captures with torch.fx.symbolic_trace)"
         ) from None
+    for node in gm.graph.nodes:  # `from __future__ import annotations` leaves types as strings,
+        if isinstance(node.type, str):  # which GraphModule cannot pickle
+            node.type = None
+    gm.recompile()
     gm.eval()
     return gm

@@ -89,7 +89,12 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         if not shapes:  # the first batch fixes each site's trailing shape
             with torch.no_grad():
                 runner.eps = {}
-                out = logits(runner.run(*inputs))
+                try:
+                    out = logits(runner.run(*inputs))
+                except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                    raise CalibrationError(
+                        f"the model cannot run on the first calibration batch ({str(exc).strip().splitlines()[0]}); "
+                        "give inputs of the shape and dtype the model takes") from None
             shapes = {s.node: tuple(runner.acts[s.node].shape[1:]) for s in sites}
             outputs = out.shape[1]
             chosen = ("exact" if outputs <= 64 else "hutchinson") if method == "auto" else method
@@ -113,6 +118,9 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         (U_all,) = torch.func.vmap(vjp_fn)(V)                                       # site -> [r, B, ..., d]
         g_all = None
         if divergence == "ce":
+            if targets.numel() != B or targets.min() < 0 or targets.max() >= z.shape[1]:
+                raise CalibrationError(f"score 'ce' needs one class index in 0..{z.shape[1] - 1} per sample; "
+                                       "check the calibration targets")
             y = torch.nn.functional.one_hot(targets.to(z.device).long().reshape(B), z.shape[1]).to(z)
             (g_all,) = vjp_fn(torch.softmax(z.detach(), -1) - y)                     # site -> [B, ..., d]
         for s in sites:

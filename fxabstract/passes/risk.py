@@ -36,9 +36,11 @@ def weighted_moments(stats: Statistics, name: str, weighted: bool) -> tuple[torc
     return m.mean, m.cov
 
 
-def ridge_of(S: torch.Tensor, ridge: float) -> float:
-    """Absolute ridge: `ridge` times the mean variance, so it is scale-free."""
-    return ridge * float(S.diagonal().mean().clamp_min(1e-12))
+def ridge_of(S: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Per-unit ridge [d, d]: `ridge` times each unit's own variance, so rescaling a unit (THEORY §3,
+    scaling invariance) rescales its ridge with it; a tiny floor keeps dead units invertible."""
+    diag = S.diagonal()
+    return torch.diag(ridge * diag + 1e-12 * float(diag.mean().clamp_min(1e-300)))
 
 
 def diagonal_order(scores: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
@@ -67,7 +69,7 @@ def joint_constant_order(M: torch.Tensor, lin: torch.Tensor, n: int) -> tuple[li
 def joint_affine_order(Hbar: torch.Tensor, S: torch.Tensor, ridge: float, n: int) -> tuple[list[int], torch.Tensor]:
     """Greedy elimination for affine replacement, OBS-style with rank-one downdates; O(d^2) per step."""
     d = S.shape[0]
-    A = torch.linalg.inv(S + ridge_of(S, ridge) * torch.eye(d, dtype=S.dtype))   # S_KK^-1, removed rows zeroed
+    A = torch.linalg.inv(S + ridge_of(S, ridge))                                  # S_KK^-1, removed rows zeroed
     T = A @ (S @ Hbar @ S) @ A                                                  # A B A
     removed = torch.zeros(d, dtype=torch.bool)
     curve, order = [0.0], []
@@ -86,10 +88,9 @@ def joint_affine_order(Hbar: torch.Tensor, S: torch.Tensor, ridge: float, n: int
 
 
 def fit_affine(mu: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], ridge: float):
-    """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + lambda I)^-1 (THEORY §3)."""
+    """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + Lambda)^-1 (THEORY §3)."""
     SKK = S[K][:, K]
-    lam = ridge_of(S, ridge)
-    theta = torch.linalg.solve(SKK + lam * torch.eye(len(K), dtype=S.dtype), S[K][:, P]).T   # [P, K]
+    theta = torch.linalg.solve(SKK + ridge_of(S, ridge)[K][:, K], S[K][:, P]).T   # [P, K]
     beta = mu[P] - theta @ mu[K]
     return beta, theta
 
