@@ -14,15 +14,6 @@ from fxabstract.passes.moments import Moments
 from fxabstract.passes.scores import unit_scores
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small models run fastest on one thread, and two OpenMP threads stall badly on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def close(a, b, rtol, atol=0.0) -> bool:
     return torch.allclose(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
                           rtol=rtol, atol=atol)

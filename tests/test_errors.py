@@ -9,15 +9,6 @@ import fxabstract as fxa
 from fxabstract.errors import CalibrationError, CaptureError, ConfigError, FxAbstractError, NoSiteError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small models run fastest on one thread, and two OpenMP threads stall badly on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3)).eval()

@@ -15,15 +15,6 @@ import fxabstract as fxa
 from fxabstract.passes import risk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small models run fastest on one thread, and two OpenMP threads stall badly on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MLP(nn.Module):
     """ReLU MLP with hidden widths not multiples of 8: sites fc1, fc2, fc3; out is the output layer."""
 

@@ -16,15 +16,6 @@ from fxabstract.demo import DigitsMLP, digits_data, train
 from fxabstract.verify import relative_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small models run fastest on one thread, and two OpenMP threads stall badly on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     """(trained DigitsMLP, x_train, y_train, x_test, y_test): seconds of training, once per module."""
