@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -58,7 +58,6 @@ class Site:
     chain: list[str]          # graph nodes of the per-unit elementwise ops between producer and site
     consumers: list[str]      # module paths of the affine layers that read the site
     n_units: int
-    meta: dict = field(default_factory=dict, repr=False)
 
 
 def is_elementwise(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:

@@ -19,13 +19,6 @@ import fxabstract as fxa
 from fxabstract.verify import intervene, relative_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small models run fastest on one thread, and two OpenMP threads stall badly on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
