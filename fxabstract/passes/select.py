@@ -130,7 +130,12 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
 def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, replacement: str,
         selection: str, ridge: float) -> SitePlan:
     """Fit the replacement of the first n_removed units of the site's elimination order."""
-    P = sorted(cv.order[:n_removed])
+    removed = list(cv.order[:n_removed])
+    for piece in site.pieces:  # a producer joined by cat keeps at least one unit: its last one removed
+        mine = [u for u in removed if piece.lo <= u < piece.hi]
+        if len(mine) == piece.hi - piece.lo and len(site.pieces) > 1:
+            removed.remove(mine[-1])
+    P = sorted(removed)
     K = sorted(set(range(site.n_units)) - set(P))
     k = stats.curvature[site.name]
     if replacement == "constant":
