@@ -33,7 +33,7 @@ class Replacement(nn.Module):
             a = a.movedim(1, -1)
         values = self.beta + a.index_select(-1, self.kept) @ self.theta.T
         a = a.index_copy(-1, self.removed, values)
-        return a.movedim(-1, 1) if self.axis == 1 else a
+        return a.movedim(-1, 1).contiguous() if self.axis == 1 else a
 
 
 def replacement_target(site_name: str) -> str:
