@@ -8,15 +8,14 @@ be compiled at many budgets (`Analysis.compile`), which is what benchmarks and s
 """
 from __future__ import annotations
 
-import io
 import itertools
-import os
 import re
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from . import saving
 from .capture import capture
 from .data import bind, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError
@@ -26,7 +25,7 @@ from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
 from .passes.select import allocate, allowed_removals, curves, fit
-from .report import dumps, site_entry, summary, write_atomic
+from .report import site_entry, summary
 from .sites import Site, annotate_shapes, find_sites
 
 REPLACEMENTS = ("constant", "affine")
@@ -47,20 +46,21 @@ def _choose(value, options, what):
 class Abstraction:
     """A compiled abstraction: the smaller `module` and the `report` that describes it."""
 
-    def __init__(self, module: fx.GraphModule, report: dict):
+    def __init__(self, module: fx.GraphModule, report: dict, example: tuple | None = None):
         self.module = module
         self.report = report
+        self.example = example        # a few calibration samples (positional inputs), for torch.export
 
     def summary(self) -> str:
         return summary(self.report)
 
-    def save(self, folder: str) -> None:
-        """Write report.json and module.pt (the pickled GraphModule) into folder, atomically."""
-        os.makedirs(folder, exist_ok=True)
-        buf = io.BytesIO()
-        torch.save(self.module, buf)
-        write_atomic(os.path.join(folder, "module.pt"), buf.getvalue())
-        write_atomic(os.path.join(folder, "report.json"), dumps(self.report))
+    def save(self, folder: str, example_inputs=None) -> None:
+        """Write module.pt2 (torch.export: no pickled code; `fxa.load` reads it), report.json and
+        module.pt (the pickled GraphModule, as before) into folder, atomically. The export runs on
+        example_inputs, or by default on two calibration samples."""
+        example = self.example if example_inputs is None else (
+            example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+        saving.save(self.module, self.report, example, folder)
 
     def __repr__(self) -> str:
         return f"Abstraction(\n{self.summary()}\n)"
@@ -120,7 +120,8 @@ class Analysis:
                                  else float(cv[p.site.name].measured[len(p.removed)])) for p in plans],
             "ineligible": self.ineligible,
         }
-        return Abstraction(module, report)
+        example = tuple(v[:2] if isinstance(v, torch.Tensor) else v for v in self.stats.reservoir[0][0])
+        return Abstraction(module, report, example)
 
     def _measured(self, site: Site, cv, replacement: str, selection: str, ridge: float, round_to: int):
         """The site's measured risk curve, cached per setting."""
