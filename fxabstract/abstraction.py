@@ -155,11 +155,13 @@ def _select_sites(sites: list[Site], wanted) -> list[Site]:
 
 def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",
             probes: int = 16, matrices: bool = True, seed: int = 0, progress: bool = False, *,
-            distributed: bool = False) -> Analysis:
+            distributed: bool = False, sequential: bool = False) -> Analysis:
     """Capture `model` (a copy) and stream `calibration` once through every selected site.
 
     distributed: `calibration` is this process's shard; the statistics are summed over the default
-      torch.distributed process group (passes/distributed.py), so every rank gets the same analysis."""
+      torch.distributed process group (passes/distributed.py), so every rank gets the same analysis.
+    sequential: hold one block's activations at a time (one block per site, passes/sequential.py)
+      instead of the whole graph's; the statistics are the same."""
     _choose(score, SCORES, "score")
     _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
     batches = iter(calibration)
@@ -174,7 +176,7 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     chosen = _select_sites(found, sites)
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
     stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
-                      seed, progress)
+                      seed, progress, sequential=sequential)
     if distributed:
         stats = all_reduce(stats)
     return Analysis(gm, chosen, ineligible, stats, score, seed)
@@ -202,7 +204,7 @@ def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], 
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
              selection: str = "joint", round_to: int = 8, sites=None, *, curvature: str = "auto",
              probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
-             progress: bool = False, distributed: bool = False) -> Abstraction:
+             progress: bool = False, distributed: bool = False, sequential: bool = False) -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (DESIGN.md, the contract).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
@@ -213,12 +215,13 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
     allocation: how a global budget of an output-unit score is split over sites: "measured" (each
       site's risk curve measured on up to 512 calibration samples) or "predicted" (second order only).
     distributed: calibrate on this process's shard and sum the statistics over torch.distributed ranks.
+    sequential: calibrate one block of the graph at a time (for models too large to analyse whole).
     """
     _choose(replacement, REPLACEMENTS, "replacement")
     _choose(selection, SELECTIONS, "selection")
     matrices = (selection == "joint" and score in OUTPUT_UNITS) or replacement == "affine"
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,
-                       distributed=distributed)
+                       distributed=distributed, sequential=sequential)
     return analysis.compile(keep, replacement, selection, round_to, ridge, allocation)
 
 

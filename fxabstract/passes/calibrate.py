@@ -20,6 +20,7 @@ from ..errors import CalibrationError
 from ..sites import Site
 from .curvature import Curvature, output_vectors
 from .moments import Moments
+from .sequential import blockwise_vjp, blocks_at_sites
 
 
 def broadcast(e: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
@@ -77,12 +78,13 @@ class Statistics:
 
 def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
               method: str = "auto", probes: int = 16, matrices: bool = True, seed: int = 0,
-              progress: bool = False, reservoir: int = 512) -> Statistics:
+              progress: bool = False, reservoir: int = 512, sequential: bool = False) -> Statistics:
     """Stream `calibration` once; return per-site Moments and Curvature.
 
     method: "exact" (one VJP per output), "hutchinson" (`probes` VJPs), "auto" (exact when o <= 64).
     matrices: also accumulate the d x d sums for joint selection and affine replacement.
     reservoir: keep the first this many samples (inputs and targets) for measuring risks later.
+    sequential: back-propagate one block of the graph at a time (passes/sequential.py): same result.
     """
     runner = SiteRunner(gm, sites)
     generator = torch.Generator().manual_seed(seed)
@@ -131,7 +133,10 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             runner.eps = eps
             return logits(runner.run(*inputs)), dict(runner.acts)
 
-        z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
+        if sequential:  # the same VJP, one block of the graph at a time (passes/sequential.py)
+            z, vjp_fn, acts = blockwise_vjp(runner, blocks_at_sites(gm, sites), inputs, eps0)
+        else:
+            z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
         V = output_vectors(z.detach(), divergence, chosen, probes, generator)      # [r, B, o]
         (U_all,) = torch.func.vmap(vjp_fn)(V)                # site -> ([r, B, d] sum J, [r, B, d] sum J a)
         g_all = None
