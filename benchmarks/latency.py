@@ -50,8 +50,8 @@ def seeded(factory):
 
 MODELS = {   # name -> (factory, input shape without the batch axis, calibration samples)
     "MLP 64-1024-1024-10 (digits)": (digits_mlp_1024, (64,), 512),
-    "ResNet-20-style (CIFAR, 32x32)": (seeded(cifar_resnet), (3, 32, 32), 128),
-    "MobileNetV2 (10 classes, 64x64)": (seeded(lambda: MobileNetV2(10)), (3, 64, 64), 64),
+    "ResNet-20-style (CIFAR 32x32)": (seeded(cifar_resnet), (3, 32, 32), 128),
+    "MobileNetV2 (10 classes 64x64)": (seeded(lambda: MobileNetV2(10)), (3, 64, 64), 64),
 }
 KEEPS = (0.75, 0.5, 0.25)
 BATCHES = (1, 32)

@@ -14,6 +14,7 @@ import re
 import torch
 import torch.fx as fx
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import saving
 from .capture import capture
@@ -71,9 +72,10 @@ class Analysis:
     """The result of the data pass over one model: sites and their statistics."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[Site], ineligible: dict, stats: Statistics,
-                 score: str, seed: int):
+                 score: str, seed: int, progress: bool = False):
         self.gm, self.sites, self.ineligible, self.stats = gm, sites, ineligible, stats
         self.score, self.seed = score, seed
+        self.progress = progress      # show a bar per pass (measured risk curves: one step per site)
         self._curves: dict = {}
         self._measured_cache: dict = {}
 
@@ -101,7 +103,8 @@ class Analysis:
         cv = self._curves[key]
         if isinstance(keep, dict) or self.score not in OUTPUT_UNITS:
             allocation = "per-site"
-        for s in self.sites:
+        for s in tqdm(self.sites, desc="measure risk", unit="site", leave=False,
+                      disable=not self.progress or allocation != "measured"):
             cv[s.name].measured = None
             if allocation == "measured":
                 cv[s.name].measured = self._measured(s, cv[s.name], replacement, selection, ridge, round_to)
@@ -179,7 +182,7 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
                       seed, progress, sequential=sequential)
     if distributed:
         stats = all_reduce(stats)
-    return Analysis(gm, chosen, ineligible, stats, score, seed)
+    return Analysis(gm, chosen, ineligible, stats, score, seed, progress)
 
 
 def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], dict[str, str]]:
@@ -201,6 +204,11 @@ def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], 
     return gm, found, ineligible
 
 
+def needs_matrices(score: str, replacement: str, selection: str) -> bool:
+    """Whether these settings need the d x d statistics (joint selection, affine replacement)."""
+    return (selection == "joint" and score in OUTPUT_UNITS) or replacement == "affine"
+
+
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
              selection: str = "joint", round_to: int = 8, sites=None, *, curvature: str = "auto",
              probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
@@ -219,7 +227,7 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
     """
     _choose(replacement, REPLACEMENTS, "replacement")
     _choose(selection, SELECTIONS, "selection")
-    matrices = (selection == "joint" and score in OUTPUT_UNITS) or replacement == "affine"
+    matrices = needs_matrices(score, replacement, selection)
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,
                        distributed=distributed, sequential=sequential)
     return analysis.compile(keep, replacement, selection, round_to, ridge, allocation)

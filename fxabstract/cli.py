@@ -3,7 +3,8 @@
     fxabstract compile                                   # the demo: a digits MLP (trained once, cached)
     fxabstract compile --model mynet:build --checkpoint weights.pt --data calib.pt --out build/
 
-Both write model.onnx and report.json into --out and print a summary table. A user's mistake is one
+Both write model.onnx, report.json and summary.png (fidelity against keep, budget per site; needs
+matplotlib) into --out and print a summary table. A user's mistake is one
 line on stderr, `fxabstract: error: ...`, and exit status 2, never a traceback.
 """
 from __future__ import annotations
@@ -16,16 +17,18 @@ import sys
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import fxabstract as fxa
 
-from .abstraction import REPLACEMENTS, SELECTIONS
+from .abstraction import REPLACEMENTS, SELECTIONS, needs_matrices
 from .data import logits
 from .errors import FxAbstractError
 from .passes.scores import SCORES
-from .report import dumps, write_atomic
+from .report import dumps, summary_png, write_atomic
 
-OUTPUTS = ("model.onnx", "report.json")
+OUTPUTS = ("model.onnx", "report.json", "summary.png")
+SWEEP = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)     # keeps of the fidelity sweep in summary.png
 
 
 class UsageError(Exception):
@@ -181,13 +184,32 @@ def evaluate(model, result, x, y, swap_ps, trials, args) -> dict:
     return ev
 
 
+def fidelity_sweep(analysis, x, dense: torch.Tensor, args) -> list[dict]:
+    """Compile the analysis at every keep of SWEEP; top-1 agreement and logit-MSE against the dense logits."""
+    rows, analysis.progress = [], False      # one bar for the sweep, none per compile
+    for keep in tqdm(SWEEP, desc="fidelity sweep", unit="keep", leave=False):
+        r = analysis.compile(keep, args.replacement, args.selection, args.round_to)
+        with torch.no_grad():
+            z = torch.cat([logits(r.module(xb)) for xb in x.split(args.batch_size)])
+        rows.append({"keep": keep, "kept": sum(len(s["kept"]) for s in r.report["sites"]),
+                     "units": sum(s["units"] for s in r.report["sites"]),
+                     "agreement": float((z.argmax(-1) == dense.argmax(-1)).double().mean()),
+                     "logit_mse": float(0.5 * (z.double() - dense.double()).pow(2).sum(-1).mean()),
+                     "parameters": r.report["parameters"]["after"]})
+    return rows
+
+
 def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str) -> None:
-    """Compile, evaluate on (x, y), export, write report.json and print the table."""
-    result = fxa.abstract(model, batches, keep=args.keep, score=args.score, replacement=args.replacement,
-                          selection=args.selection, round_to=args.round_to, seed=args.seed, progress=True)
+    """Compile, evaluate on (x, y), export, write report.json and summary.png, and print the table."""
+    analysis = fxa.analyse(model, batches, score=args.score, seed=args.seed, progress=True,
+                           matrices=needs_matrices(args.score, args.replacement, args.selection))
+    result = analysis.compile(args.keep, args.replacement, args.selection, args.round_to)
     ev = evaluate(model, result, x, y, swap_ps, trials, args)
+    with torch.no_grad():
+        dense = torch.cat([logits(model(xb)) for xb in x.split(args.batch_size)])
+    ev["sweep"] = fidelity_sweep(analysis, x, dense, args)
     _note("exporting ONNX...")
-    onnx_path, report_path = (os.path.join(args.out, name) for name in OUTPUTS)
+    onnx_path, report_path, png_path = (os.path.join(args.out, name) for name in OUTPUTS)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not "torchvision is not installed"
     ev["onnx"] = fxa.to_onnx(result.module, x[:4], onnx_path)
     try:
@@ -195,7 +217,10 @@ def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str) -
     except OSError as exc:
         raise UsageError(f"cannot write {report_path}: {exc.strerror}; choose another --out") from None
     print_table(result, ev, where)
-    print(f"wrote {onnx_path} and {report_path}")
+    if summary_png(result.report, ev["sweep"], png_path):
+        print(f"wrote {onnx_path}, {report_path} and {png_path}")
+    else:
+        print(f"wrote {onnx_path} and {report_path} (summary.png skipped: pip install 'fxabstract[bench]' for matplotlib)")
 
 
 def _pct(v: float) -> str:
