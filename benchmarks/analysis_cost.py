@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,7 +37,9 @@ import fxabstract as fxa  # noqa: E402
 from fxabstract.demo import DigitsMLP, demo_model, digits_data, train  # noqa: E402
 from fxabstract.passes.scores import unit_scores  # noqa: E402
 from fxabstract.report import write_atomic  # noqa: E402
+from fxabstract.zoo import cifar_resnet  # noqa: E402
 
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}  # no heap reuse in RSS
 
 def log(*args):
     print(*args, flush=True)
@@ -143,13 +146,18 @@ def brute_force(n: int) -> tuple[str, dict]:
                                         scores[name][1], z) for name in scores}
     t_brute = time.perf_counter() - t
     rows, pooled_s, pooled_r = [], [], []
+
+    def row(name, s, r):
+        alive = r > 0                          # dead units: exact risk 0 and score 0, a tie in both rankings
+        rho, rho_alive = spearmanr(s.numpy(), r.numpy()).statistic, spearmanr(s[alive].numpy(), r[alive].numpy()).statistic
+        return [name, len(s), f"{rho:.4f}", int(alive.sum()), f"{rho_alive:.4f}"], rho
+
     for name, (s, _) in scores.items():
-        rho = spearmanr(s.numpy(), exact[name].numpy()).statistic
-        rows.append([name, len(s), f"{rho:.3f}"])
+        rows.append(row(name, s, exact[name])[0])
         pooled_s.append(s)
         pooled_r.append(exact[name])
-    rho_all = spearmanr(torch.cat(pooled_s).numpy(), torch.cat(pooled_r).numpy()).statistic
-    rows.append(["both (one global ranking)", sum(len(s) for s in pooled_s), f"{rho_all:.3f}"])
+    last, rho_all = row("both (one global ranking)", torch.cat(pooled_s), torch.cat(pooled_r))
+    rows.append(last)
     units = sum(len(s) for s in pooled_s)
     text = (f"A 64-1024-1024-10 ReLU MLP trained on digits ({units} units), calibration set N = {n}. "
             f"Brute force: {units} forward passes over the N samples, each with one unit held at its constant "
@@ -157,7 +165,7 @@ def brute_force(n: int) -> tuple[str, dict]:
             f"`fxa.analyse(matrices=False)` (capture, one pass, exact curvature) plus the logit-mse scores.\n\n"
             f"- analysis {t_analysis:.2f} s, brute force {t_brute:.1f} s: **{t_brute / t_analysis:.0f}x faster** "
             f"(target >= 50x)\n- Spearman of the scores against the exact ablation risk:\n\n"
-            + md_table(["site", "units", "Spearman"], rows))
+            + md_table(["site", "units", "Spearman", "units with risk > 0", "Spearman on them"], rows))
     return text, {"analysis_s": t_analysis, "brute_s": t_brute, "spearman": rho_all}
 
 
@@ -200,7 +208,7 @@ def memory(ns) -> tuple[str, list]:
     for matrices in (False, True):
         for n in ns:
             out = subprocess.run([sys.executable, __file__, "--memory-child", str(n), str(int(matrices))],
-                                 capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                 capture_output=True, text=True, check=True, env=CHILD_ENV)
             r = json.loads(out.stdout.strip().splitlines()[-1])
             raw.append({**r, "matrices": matrices})
             log(f"  memory N={n} matrices={matrices}: {r}")
@@ -210,10 +218,52 @@ def memory(ns) -> tuple[str, list]:
     text = ("Digits MLP (sites of d = 256 units), calibration streamed from a generator in batches of 256 "
             "(digits samples with Gaussian jitter), each run in a fresh process after a warm-up. "
             "`peak above base` is the peak RSS during `fxa.analyse` minus the RSS before it (Linux "
-            "VmHWM after resetting it); the 512-sample reservoir is part of it.\n\n"
+            "VmHWM after resetting it; glibc's mmap threshold is fixed at 128 KiB so freed tensors leave the "
+            "RSS); the 512-sample reservoir is part of it.\n\n"
             + md_table(["statistics", "N", "state per model (KiB)", "peak above base (MiB)", "base RSS (MiB)",
                         "seconds"], rows))
     return text, raw
+
+
+SEQUENTIAL_MODELS = {   # name -> (factory, input shape), batch 256, Hutchinson with 1 probe
+    "MLP 256-(1024 x 8)-10, GELU": (lambda: nn.Sequential(*[m for i in range(8) for m in (
+        nn.Linear(256 if i == 0 else 1024, 1024), nn.GELU())], nn.Linear(1024, 10)), (256,)),
+    "ResNet-20-style (CIFAR 32x32)": (cifar_resnet, (3, 32, 32)),
+}
+
+
+def sequential_child(name: str, sequential: bool) -> dict:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    factory, shape = SEQUENTIAL_MODELS[name]
+    model = factory().eval()
+    x = torch.randn(256, *shape)
+    options = dict(matrices=False, curvature="hutchinson", probes=1, sequential=sequential)
+    fxa.analyse(model, [x[:8]], **options)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kb("VmRSS")
+    t = time.perf_counter()
+    fxa.analyse(model, [x], **options)
+    return {"peak_above_base_mb": (_rss_kb("VmHWM") - base) / 1024, "seconds": time.perf_counter() - t}
+
+
+def sequential_memory() -> str:
+    rows = []
+    for name in SEQUENTIAL_MODELS:
+        r = {}
+        for mode in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--sequential-child", name, str(int(mode))],
+                                 capture_output=True, text=True, check=True, env=CHILD_ENV)
+            r[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append([name, f"{r[False]['peak_above_base_mb']:.0f}", f"{r[True]['peak_above_base_mb']:.0f}",
+                     f"{r[False]['seconds']:.1f}", f"{r[True]['seconds']:.1f}"])
+        log("  " + " | ".join(rows[-1]))
+    return ("`fxa.analyse(sequential=True)` (one block per site, passes/sequential.py) against the whole-model "
+            "pass, on one batch of 256 samples with Hutchinson curvature (1 probe), each in a fresh process as in "
+            "section 3. Both give the same statistics (tests/test_sequential.py).\n\n"
+            + md_table(["model", "whole: peak above base (MiB)", "sequential: peak above base (MiB)",
+                        "whole: s", "sequential: s"], rows))
 
 
 def main():
@@ -224,9 +274,13 @@ def main():
     parser.add_argument("--ns", default="1000,10000,100000")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     parser.add_argument("--memory-child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sequential-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], bool(args.memory_child[1]))))
+        return
+    if args.sequential_child:
+        print(json.dumps(sequential_child(args.sequential_child[0], args.sequential_child[1] == "1")))
         return
     torch.set_num_threads(1)
     started = time.time()
@@ -239,11 +293,15 @@ def main():
     log("3. memory")
     t3, _ = memory([int(v) for v in args.ns.split(",")])
     log(t3)
+    log("4. sequential mode")
+    t4 = sequential_memory()
+    log(t4)
     head = (f"# Analysis cost\n\nWritten by `python benchmarks/analysis_cost.py` in {time.time() - started:.0f} s "
             f"on {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), one torch thread, "
             f"torch {torch.__version__}.\n")
     text = "\n\n".join([head, "## 1. Analysis against one forward+backward pass", t1,
-                        "## 2. Against brute-force ablation", t2, "## 3. Memory as N grows", t3]) + "\n"
+                        "## 2. Against brute-force ablation", t2, "## 3. Memory as N grows", t3,
+                        "## 4. Sequential mode", t4]) + "\n"
     os.makedirs(args.out, exist_ok=True)
     write_atomic(os.path.join(args.out, "analysis_cost.md"), text.encode())
     log(f"wrote {os.path.join(args.out, 'analysis_cost.md')}")

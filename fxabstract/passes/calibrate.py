@@ -135,10 +135,12 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
 
         if sequential:  # the same VJP, one block of the graph at a time (passes/sequential.py)
             z, vjp_fn, acts = blockwise_vjp(runner, blocks_at_sites(gm, sites), inputs, eps0)
+            vmapped = lambda V: vjp_fn(V, batched=True)  # noqa: E731
         else:
             z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
+            vmapped = torch.func.vmap(vjp_fn)
         V = output_vectors(z.detach(), divergence, chosen, probes, generator)      # [r, B, o]
-        (U_all,) = torch.func.vmap(vjp_fn)(V)                # site -> ([r, B, d] sum J, [r, B, d] sum J a)
+        (U_all,) = vmapped(V)                                # site -> ([r, B, d] sum J, [r, B, d] sum J a)
         g_all = None
         if divergence == "ce":
             if targets.numel() != B or targets.min() < 0 or targets.max() >= z.shape[1]:

@@ -9,7 +9,7 @@ outputs back to its inputs and to the perturbations of its sites, and frees the 
 rule that is the whole-model VJP, so calibration gives the same statistics (up to float rounding).
 
     >>> z, vjp_fn, acts = blockwise_vjp(runner, blocks_at_sites(gm, sites), inputs, eps0)
-    >>> (cotangents,) = torch.func.vmap(vjp_fn)(V)       # as with torch.func.vjp of the whole graph
+    >>> (cotangents,) = vjp_fn(V, batched=True)   # = torch.func.vmap(vjp_fn)(V) of the whole-graph VJP
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def blockwise_vjp(runner, blocks: list[list[fx.Node]], inputs: list, eps0: dict)
     runner.env = {}
     acts = dict(runner.acts)
 
-    def vjp_fn(V):
+    def vjp_fn(V, batched: bool = False):
+        """Cotangents of the site perturbations for V: [B, o], or [r, B, o] when batched (vmapped per block)."""
         cotangents, site_grads = {}, {}
         for k in reversed(range(len(blocks))):
             block = blocks[k]
@@ -68,7 +69,7 @@ def blockwise_vjp(runner, blocks: list[list[fx.Node]], inputs: list, eps0: dict)
             eps_k = {n.name: eps0[n.name] for n in block if n.name in eps0}
 
             def run(eps, xs, k=k, block=block, diff_in=diff_in, outs=outs):
-                runner.eps = eps
+                runner.eps, runner.acts = eps, {}          # the activations were recorded in the forward sweep
                 runner.env = {**{a: saved[a] for a in reads[k]}, **dict(zip(diff_in, xs))}
                 for node in block:
                     runner.env[node] = runner.run_node(node)
@@ -76,14 +77,17 @@ def blockwise_vjp(runner, blocks: list[list[fx.Node]], inputs: list, eps0: dict)
                 return result + ((logits(runner.env[block[-1]]),) if block[-1].op == "output" else ())
 
             primals, pull = torch.func.vjp(run, eps_k, tuple(saved[a] for a in diff_in))
-            wanted = tuple(cotangents.pop(n) if n in cotangents else torch.zeros_like(p) for n, p in zip(outs, primals))
+            zero = (lambda p: p.new_zeros(()).expand(V.shape[0], *p.shape)) if batched else torch.zeros_like
+            wanted = tuple(cotangents.pop(n) if n in cotangents else zero(p) for n, p in zip(outs, primals))
             if block[-1].op == "output":
                 wanted = wanted + (V,)
-            g_eps, g_in = pull(wanted)
+            g_eps, g_in = torch.func.vmap(pull)(wanted) if batched else pull(wanted)
             site_grads.update(g_eps)
             for a, g in zip(diff_in, g_in):
                 cotangents[a] = cotangents[a] + g if a in cotangents else g
-        runner.eps, runner.env = {}, {}
+            del primals, pull, wanted, g_in                   # free this block before re-running the next
+            runner.env = {}
+        runner.eps = {}
         return (site_grads,)
 
     return z, vjp_fn, acts
