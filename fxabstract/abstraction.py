@@ -17,14 +17,15 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import capture
-from .errors import ConfigError, FxAbstractError, NoSiteError
+from .checks import check_options, check_ridge, checked_batches, tiny_calibration_ridge
+from .errors import ConfigError, FxAbstractError, NoSiteError, OutputError
 from .passes.calibrate import Statistics, calibrate
 from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
 from .passes.select import allocate, allowed_removals, curves, fit
-from .report import dumps, site_entry, summary, write_atomic
+from .report import check_new, dumps, site_entry, summary, write_atomic
 from .sites import Site, find_sites
 
 REPLACEMENTS = ("constant", "affine")
@@ -52,13 +53,19 @@ class Abstraction:
     def summary(self) -> str:
         return summary(self.report)
 
-    def save(self, folder: str) -> None:
-        """Write report.json and module.pt (the pickled GraphModule) into folder, atomically."""
-        os.makedirs(folder, exist_ok=True)
+    def save(self, folder: str, force: bool = False) -> None:
+        """Write report.json and module.pt (the pickled GraphModule) into folder, atomically; an existing
+        file there is an OutputError unless force=True."""
+        paths = [os.path.join(folder, name) for name in ("module.pt", "report.json")]
+        check_new(paths, force)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create folder {folder}: {exc.strerror}; choose another folder") from None
         buf = io.BytesIO()
         torch.save(self.module, buf)
-        write_atomic(os.path.join(folder, "module.pt"), buf.getvalue())
-        write_atomic(os.path.join(folder, "report.json"), dumps(self.report))
+        write_atomic(paths[0], buf.getvalue())
+        write_atomic(paths[1], dumps(self.report))
 
     def __repr__(self) -> str:
         return f"Abstraction(\n{self.summary()}\n)"
@@ -85,6 +92,9 @@ class Analysis:
         _choose(allocation, ALLOCATIONS, "allocation")
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
+        check_ridge(ridge)
+        ridge = tiny_calibration_ridge({s.name: self.stats.moments[s.name].n for s in self.sites},
+                                       {s.name: s.n_units for s in self.sites}, ridge)
         if self.score not in OUTPUT_UNITS:
             selection = "diagonal"  # heuristic scores have no cross terms: they rank diagonally
         needs_matrices = selection == "joint" or replacement == "affine"
@@ -154,6 +164,7 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     """Capture `model` (a copy) and stream `calibration` once through every selected site."""
     _choose(score, SCORES, "score")
     _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
+    check_options(probes=probes, seed=seed, sites=sites)
     gm = capture(model)
     found, ineligible = find_sites(gm)
     if not found:
@@ -162,7 +173,7 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
                           "fxabstract needs hidden units between Linear layers")
     chosen = _select_sites(found, sites)
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
-    stats = calibrate(gm, chosen, calibration, divergence, curvature, probes, matrices, seed, progress)
+    stats = calibrate(gm, chosen, checked_batches(calibration), divergence, curvature, probes, matrices, seed, progress)
     return Analysis(gm, chosen, ineligible, stats, score, seed)
 
 

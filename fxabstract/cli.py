@@ -12,7 +12,9 @@ import argparse
 import importlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 from torch import nn
@@ -108,13 +110,8 @@ def _load(path: str, what: str):
                          f"({type(exc).__name__}: {_one_line(exc, 160)}); write it with torch.save") from None
 
 
-def load_model(spec: str, checkpoint: str | None) -> nn.Module:
-    """`module:factory` -> factory(), with the checkpoint's state dict loaded into it."""
-    module_name, _, factory_name = spec.partition(":")
-    if not module_name or not factory_name or ":" in factory_name:
-        raise UsageError(f"--model must be module:factory (for example mynet:build), got {spec!r}")
-    if os.getcwd() not in sys.path:  # a console script does not see the user's folder by default
-        sys.path.insert(0, os.getcwd())
+def _build(spec: str, module_name: str, factory_name: str):
+    """Import `module_name` (and nothing else) and call its `factory_name()`."""
     importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
@@ -128,9 +125,25 @@ def load_model(spec: str, checkpoint: str | None) -> nn.Module:
         raise UsageError(f"{spec} is a {type(factory).__name__}, not callable; name a function or class "
                          "that returns the nn.Module")
     try:
-        model = factory()
+        return factory()
     except Exception as exc:  # the user's factory
         raise UsageError(f"{spec}() failed ({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def load_model(spec: str, checkpoint: str | None) -> nn.Module:
+    """`module:factory` -> factory(), with the checkpoint's state dict loaded into it."""
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name or ":" in factory_name:
+        raise UsageError(f"--model must be module:factory (for example mynet:build), got {spec!r}")
+    folder = os.getcwd()
+    added = folder not in sys.path  # a console script does not see the user's folder by default;
+    if added:                       # it is on the path only while the named module loads and builds,
+        sys.path.insert(0, folder)  # so no later import (onnx, sklearn, ...) can pick up a file from it
+    try:
+        model = _build(spec, module_name, factory_name)
+    finally:
+        if added:
+            sys.path.remove(folder)
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint:
@@ -189,13 +202,34 @@ def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str) -
     _note("exporting ONNX...")
     onnx_path, report_path = (os.path.join(args.out, name) for name in OUTPUTS)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not "torchvision is not installed"
-    ev["onnx"] = fxa.to_onnx(result.module, x[:4], onnx_path)
-    try:
-        write_atomic(report_path, dumps({**result.report, "evaluation": ev}))
-    except OSError as exc:
-        raise UsageError(f"cannot write {report_path}: {exc.strerror}; choose another --out") from None
+    publish(args.out, lambda staging: _write_outputs(result, ev, x, staging))
     print_table(result, ev, where)
     print(f"wrote {onnx_path} and {report_path}")
+
+
+def _write_outputs(result, ev: dict, x: torch.Tensor, folder: str) -> None:
+    """model.onnx and report.json into `folder`; the report names the ONNX file relative to itself,
+    so the same compile gives the same bytes whatever --out is."""
+    ev["onnx"] = {**fxa.to_onnx(result.module, x[:4], os.path.join(folder, OUTPUTS[0])), "path": OUTPUTS[0]}
+    write_atomic(os.path.join(folder, OUTPUTS[1]), dumps({**result.report, "evaluation": ev}))
+
+
+def publish(out: str, write) -> None:
+    """Run write(staging) in a hidden folder inside `out`, then rename its outputs into `out`: an
+    error or Ctrl-C before that leaves no output behind, new or half-written."""
+    try:
+        staging = tempfile.mkdtemp(prefix=".fxabstract-", dir=out)
+    except OSError as exc:
+        raise UsageError(f"cannot write into {out}: {exc.strerror}; choose another --out") from None
+    try:
+        write(staging)
+        for name in OUTPUTS:
+            try:
+                os.replace(os.path.join(staging, name), os.path.join(out, name))
+            except OSError as exc:
+                raise UsageError(f"cannot write {os.path.join(out, name)}: {exc.strerror}; choose another --out") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _pct(v: float) -> str:

@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 
+from .errors import OutputError
 from .passes.select import SitePlan
 
 
@@ -42,17 +43,31 @@ def summary(report: dict) -> str:
     return "\n".join(rows)
 
 
+def check_new(paths: list[str], force: bool) -> None:
+    """OutputError if any of `paths` exists and force is not set: nothing is overwritten unasked."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not force:
+        raise OutputError(f"{' and '.join(existing)} already exists; pass force=True (--force) to overwrite, "
+                          "or choose another path")
+
+
 def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    """Write to a temporary file in the same folder, then rename: never a half-written file.
+    An OSError (missing or read-only folder, disk full) is an OutputError; the temporary file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fxabstract-", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fxabstract-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable folder") from None
         raise
 
 

@@ -86,6 +86,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node, table: dict):
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     """Every eligible site in graph order, and the reason each other producer is not one."""
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    tied = tied_modules(gm)
     sites: list[Site] = []
     ineligible: dict[str, str] = {}
     for node in gm.graph.nodes:
@@ -96,6 +97,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
         if calls[name] > 1:
             ineligible[name] = f"module is called {calls[name]} times (shared weights cannot be sliced for one call)"
             continue
+        if name in tied:
+            ineligible[name] = f"it shares a weight with `{tied[name]}` (tied weights cannot be sliced for one layer)"
+            continue
         site, chain = node, []
         while len(site.users) == 1:
             (user,) = site.users
@@ -103,7 +107,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
                 break
             chain.append(user.name)
             site = user
-        reason = _consumer_problem(gm, site, calls, PRODUCERS[type(producer)](producer))
+        reason = _consumer_problem(gm, site, calls, tied, PRODUCERS[type(producer)](producer))
         if reason:
             ineligible[name] = reason
             continue
@@ -112,7 +116,20 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     return sites, ineligible
 
 
-def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int) -> str | None:
+def tied_modules(gm: fx.GraphModule) -> dict[str, str]:
+    """{module path: another module path} for modules that share a parameter object (tied weights)."""
+    owners: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for path, module in gm.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            first = owners.setdefault(id(p), path)
+            if first != path:
+                tied.setdefault(path, first)
+                tied.setdefault(first, path)
+    return tied
+
+
+def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, tied: dict, d: int) -> str | None:
     """Why `site` is not read only by unshared affine consumers of width d (None if it is)."""
     if not site.users:
         return "its output is never read"
@@ -126,6 +143,8 @@ def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int)
             return f"consumer `{user.target}` reads it in an unsupported way"
         if calls[user.target] > 1:
             return f"consumer `{user.target}` is called {calls[user.target]} times (shared weights)"
+        if user.target in tied:
+            return f"consumer `{user.target}` shares a weight with `{tied[user.target]}` (tied weights)"
         if CONSUMERS[type(layer)](layer) != d:
             return f"consumer `{user.target}` reads {CONSUMERS[type(layer)](layer)} features, not the {d} units produced"
     return None
