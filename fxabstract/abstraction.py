@@ -25,12 +25,13 @@ from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
 from .passes.select import allocate, allowed_removals, curves, fit
-from .report import check_new, dumps, site_entry, summary, write_atomic
+from .report import check_new, dumps, site_entry, staged, summary, write_atomic
 from .sites import Site, find_sites
 
 REPLACEMENTS = ("constant", "affine")
 ALLOCATIONS = ("measured", "predicted")
 SELECTIONS = ("joint", "diagonal")
+SAVED = ("module.pt", "report.json")
 
 
 def _count(gm: nn.Module) -> int:
@@ -56,16 +57,16 @@ class Abstraction:
     def save(self, folder: str, force: bool = False) -> None:
         """Write report.json and module.pt (the pickled GraphModule) into folder, atomically; an existing
         file there is an OutputError unless force=True."""
-        paths = [os.path.join(folder, name) for name in ("module.pt", "report.json")]
-        check_new(paths, force)
+        check_new([os.path.join(folder, name) for name in SAVED], force)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create folder {folder}: {exc.strerror}; choose another folder") from None
         buf = io.BytesIO()
         torch.save(self.module, buf)
-        write_atomic(paths[0], buf.getvalue())
-        write_atomic(paths[1], dumps(self.report))
+        with staged(folder, SAVED) as staging:  # both files or neither
+            write_atomic(os.path.join(staging, SAVED[0]), buf.getvalue())
+            write_atomic(os.path.join(staging, SAVED[1]), dumps(self.report))
 
     def __repr__(self) -> str:
         return f"Abstraction(\n{self.summary()}\n)"

@@ -12,9 +12,7 @@ import argparse
 import importlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
 from torch import nn
@@ -25,7 +23,7 @@ from .abstraction import REPLACEMENTS, SELECTIONS
 from .data import logits
 from .errors import FxAbstractError
 from .passes.scores import SCORES
-from .report import dumps, write_atomic
+from .report import dumps, staged, write_atomic
 
 OUTPUTS = ("model.onnx", "report.json")
 
@@ -202,7 +200,8 @@ def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str) -
     _note("exporting ONNX...")
     onnx_path, report_path = (os.path.join(args.out, name) for name in OUTPUTS)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not "torchvision is not installed"
-    publish(args.out, lambda staging: _write_outputs(result, ev, x, staging))
+    with staged(args.out, OUTPUTS) as staging:  # both files or neither, even on Ctrl-C
+        _write_outputs(result, ev, x, staging)
     print_table(result, ev, where)
     print(f"wrote {onnx_path} and {report_path}")
 
@@ -212,24 +211,6 @@ def _write_outputs(result, ev: dict, x: torch.Tensor, folder: str) -> None:
     so the same compile gives the same bytes whatever --out is."""
     ev["onnx"] = {**fxa.to_onnx(result.module, x[:4], os.path.join(folder, OUTPUTS[0])), "path": OUTPUTS[0]}
     write_atomic(os.path.join(folder, OUTPUTS[1]), dumps({**result.report, "evaluation": ev}))
-
-
-def publish(out: str, write) -> None:
-    """Run write(staging) in a hidden folder inside `out`, then rename its outputs into `out`: an
-    error or Ctrl-C before that leaves no output behind, new or half-written."""
-    try:
-        staging = tempfile.mkdtemp(prefix=".fxabstract-", dir=out)
-    except OSError as exc:
-        raise UsageError(f"cannot write into {out}: {exc.strerror}; choose another --out") from None
-    try:
-        write(staging)
-        for name in OUTPUTS:
-            try:
-                os.replace(os.path.join(staging, name), os.path.join(out, name))
-            except OSError as exc:
-                raise UsageError(f"cannot write {os.path.join(out, name)}: {exc.strerror}; choose another --out") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _pct(v: float) -> str:

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
@@ -41,10 +42,12 @@ def to_onnx(module: nn.Module, example_inputs, path: str, opset: int = 18, check
     The parity check runs a batch of `check_batch` samples (a size other than the example's), so the
     dynamic axis is exercised too. Nothing is written if export or onnxruntime fails, and an existing
     file is an OutputError unless force=True. Returns the path, the max abs and relative differences,
-    and the shapes of the ONNX weights. The module is not modified (it is exported as it is)."""
+    and the shapes of the ONNX weights. An eval-mode copy is exported (ONNX is for deployment), so
+    the module itself, in whatever mode, is never run or modified."""
     import onnx
     import onnxruntime as ort
 
+    module = copy.deepcopy(module).eval()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     if not args or not all(isinstance(a, torch.Tensor) and a.dim() > 0 and len(a) > 0 for a in args):
         raise ExportError("example_inputs must be a non-empty Tensor (or a tuple of them) with a batch axis; "

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 
 from .errors import OutputError
 from .passes.select import SitePlan
@@ -69,6 +71,27 @@ def write_atomic(path: str, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable folder") from None
         raise
+
+
+@contextmanager
+def staged(folder: str, names: tuple[str, ...]):
+    """Yield a hidden staging folder inside `folder`; when the block ends without error, rename each of
+    `names` from it into `folder`. An error or Ctrl-C in the block leaves no output, new or partial;
+    the staging folder is always removed."""
+    try:
+        staging = tempfile.mkdtemp(prefix=".fxabstract-", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write into {folder}: {exc.strerror or exc}; choose a writable folder") from None
+    try:
+        yield staging
+        for name in names:
+            try:
+                os.replace(os.path.join(staging, name), os.path.join(folder, name))
+            except OSError as exc:
+                raise OutputError(f"cannot write {os.path.join(folder, name)}: {exc.strerror or exc}; "
+                                  "choose a writable folder") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def dumps(report: dict) -> bytes:
