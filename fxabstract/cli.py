@@ -12,7 +12,10 @@ import argparse
 import importlib
 import logging
 import os
+import pickle
+import re
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -21,7 +24,7 @@ import fxabstract as fxa
 
 from .abstraction import REPLACEMENTS, SELECTIONS
 from .data import logits
-from .errors import FxAbstractError
+from .errors import FxAbstractError, FxAbstractWarning
 from .passes.scores import SCORES
 from .report import dumps, staged, write_atomic
 
@@ -38,7 +41,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split()) or type(exc).__name__  # no terminal colours
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -84,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_out(out: str, force: bool) -> None:
-    """Create --out, check it is writable, and refuse to overwrite earlier outputs without --force."""
+def prepare_out(out: str, force: bool) -> bool:
+    """Create --out, check it is writable, and refuse to overwrite earlier outputs without --force.
+    Returns whether the folder was created (main removes it again if the compile then fails)."""
+    created = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -96,6 +101,7 @@ def prepare_out(out: str, force: bool) -> None:
     if existing and not force:
         raise UsageError(f"{' and '.join(existing)} already in {out}; pass --force to overwrite or choose "
                          "another --out")
+    return created
 
 
 def _load(path: str, what: str):
@@ -103,6 +109,10 @@ def _load(path: str, what: str):
         raise UsageError(f"{what} file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a pickled object other than tensors: it could run code, so it is not loaded
+        raise UsageError(f"{what} file {path} holds Python objects that torch.load(weights_only=True) refuses to "
+                         "unpickle; save tensors only: torch.save(model.state_dict(), path) or "
+                         "torch.save({'x': x, 'y': y}, path)") from None
     except Exception as exc:  # unpickling raises many types
         raise UsageError(f"cannot read {what} file {path} with torch.load(weights_only=True) "
                          f"({type(exc).__name__}: {_one_line(exc, 160)}); write it with torch.save") from None
@@ -172,6 +182,10 @@ def load_data(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise UsageError(f"data file {path} holds no samples; the first axis of its inputs is the batch axis")
     if y is not None and (not isinstance(y, torch.Tensor) or y.dim() == 0 or len(y) != len(x)):
         raise UsageError(f"data file {path}: 'y' must be a Tensor with one label per input ({len(x)})")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).reshape(len(x), -1).any(1).nonzero()[0])
+        raise UsageError(f"data file {path}: the inputs contain NaN or inf (first at sample {bad}); "
+                         "clean or drop those samples")
     return x, y
 
 
@@ -264,8 +278,24 @@ def compile_user(args) -> None:
     compile_and_write(model, batches, x, y, (0.5,), 2_000, args, args.data)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """FxAbstractWarning as one `fxabstract: warning: ...` line; other warnings as Python shows them."""
+    if issubclass(category, FxAbstractWarning):
+        print(f"fxabstract: warning: {_one_line(message, 1000)}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+
+
 def main(argv=None) -> int:
     """Entry point of the `fxabstract` console script; returns the exit status."""
+    with warnings.catch_warnings():  # restores warnings.showwarning afterwards
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", FxAbstractWarning)
+        return _main(argv)
+
+
+def _main(argv) -> int:
+    out, created = None, False
     try:
         args = build_parser().parse_args(argv)
         if args.batch_size < 1:
@@ -274,7 +304,8 @@ def main(argv=None) -> int:
             raise UsageError("--model needs --data: a file of calibration inputs saved with torch.save")
         if not args.model and (args.data or args.checkpoint):
             raise UsageError("--data and --checkpoint need --model module:factory (the demo brings its own)")
-        prepare_out(args.out, args.force)
+        out = args.out
+        created = prepare_out(out, args.force)
         if args.model:
             compile_user(args)
         else:
@@ -282,10 +313,13 @@ def main(argv=None) -> int:
         return 0
     except (UsageError, FxAbstractError) as exc:
         print(f"fxabstract: error: {_one_line(exc, 1000)}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("fxabstract: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    if created and not os.listdir(out):  # a failed compile leaves nothing behind, not even its --out
+        os.rmdir(out)
+    return status
 
 
 if __name__ == "__main__":

@@ -123,4 +123,5 @@ def test_interrupted_cli_compile_leaves_no_output(user_files, monkeypatch, capsy
     monkeypatch.undo()
     assert code == status, f"an interrupted compile exits with {status}, got {code}: {err}"
     assert "Traceback" not in err, err
-    assert os.listdir(folder / "build") == [], f"no output, new or partial: {os.listdir(folder / 'build')}"
+    assert not (folder / "build").exists(), \
+        f"no output, new or partial, not even the --out folder it created: {list((folder / 'build').rglob('*'))}"
