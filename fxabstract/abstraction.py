@@ -18,20 +18,22 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import capture
+from .checks import check_options, check_ridge, checked_batches, tiny_calibration_ridge
 from .data import bind, split_batch
-from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError
+from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError, OutputError
 from .passes.calibrate import Statistics, calibrate
 from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
 from .passes.select import allocate, allowed_removals, curves, fit
-from .report import dumps, site_entry, summary, write_atomic
+from .report import check_new, dumps, site_entry, staged, summary, write_atomic
 from .sites import Site, annotate_shapes, find_sites
 
 REPLACEMENTS = ("constant", "affine")
 ALLOCATIONS = ("measured", "predicted")
 SELECTIONS = ("joint", "diagonal")
+SAVED = ("module.pt", "report.json")
 
 
 def _count(gm: nn.Module) -> int:
@@ -54,13 +56,19 @@ class Abstraction:
     def summary(self) -> str:
         return summary(self.report)
 
-    def save(self, folder: str) -> None:
-        """Write report.json and module.pt (the pickled GraphModule) into folder, atomically."""
-        os.makedirs(folder, exist_ok=True)
+    def save(self, folder: str, force: bool = False) -> None:
+        """Write report.json and module.pt (the pickled GraphModule) into folder, atomically; an existing
+        file there is an OutputError unless force=True."""
+        check_new([os.path.join(folder, name) for name in SAVED], force)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create folder {folder}: {exc.strerror}; choose another folder") from None
         buf = io.BytesIO()
         torch.save(self.module, buf)
-        write_atomic(os.path.join(folder, "module.pt"), buf.getvalue())
-        write_atomic(os.path.join(folder, "report.json"), dumps(self.report))
+        with staged(folder, SAVED) as staging:  # both files or neither
+            write_atomic(os.path.join(staging, SAVED[0]), buf.getvalue())
+            write_atomic(os.path.join(staging, SAVED[1]), dumps(self.report))
 
     def __repr__(self) -> str:
         return f"Abstraction(\n{self.summary()}\n)"
@@ -87,6 +95,9 @@ class Analysis:
         _choose(allocation, ALLOCATIONS, "allocation")
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
+        check_ridge(ridge)
+        ridge = tiny_calibration_ridge({s.name: self.stats.moments[s.name].n for s in self.sites},
+                                       {s.name: s.n_units for s in self.sites}, ridge)
         if self.score not in OUTPUT_UNITS:
             selection = "diagonal"  # heuristic scores have no cross terms: they rank diagonally
         needs_matrices = selection == "joint" or replacement == "affine"
@@ -156,7 +167,8 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     """Capture `model` (a copy) and stream `calibration` once through every selected site."""
     _choose(score, SCORES, "score")
     _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
-    batches = iter(calibration)
+    check_options(probes=probes, seed=seed, sites=sites)
+    batches = checked_batches(calibration)
     first = next(batches, None)
     if first is None:
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
