@@ -26,7 +26,7 @@ from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
-from .passes.select import allocate, allowed_removals, curves, fit
+from .passes.select import allocate, allowed_removals, curves, fit, granularity
 from .report import check_new, dumps, site_entry, staged, summary, write_atomic
 from .sites import Site, annotate_shapes, find_sites
 
@@ -137,7 +137,7 @@ class Analysis:
         """The site's measured risk curve, cached per setting."""
         key = (site.name, replacement, selection, ridge, round_to)
         if key not in self._measured_cache:
-            steps = allowed_removals(site.n_units, round_to)
+            steps = allowed_removals(site.n_units, granularity(site, round_to))
             self._measured_cache[key] = measured_curve(
                 self.gm, site, steps,
                 lambda k: fit(site, cv, k, self.stats, self.score, replacement, selection, ridge),

@@ -29,7 +29,7 @@ def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
             "consumers": s.consumers, "units": s.n_units, "axis": s.axis, "shape": list(s.shape),
             "reads": s.reads, "producers": [{"module": q.module, "units": [q.lo, q.hi]} for q in s.pieces],
             "channel_ops": [{"module": q.module, "units": [q.lo, q.hi]} for q in s.channel_ops],
-            "bias_maps": s.bias_maps, "kept": p.kept, "replaced": replaced,
+            "bias_maps": s.bias_maps, "group": s.group, "kept": p.kept, "replaced": replaced,
             "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk,
             "measured_risk": measured_risk}
 

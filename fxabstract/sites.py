@@ -118,6 +118,8 @@ class Site:
     channel_ops: list[Piece] = field(default_factory=list)     # per-channel layers and their unit ranges
     reads: dict[str, str] = field(default_factory=dict)        # consumer -> features | channels | flattened
     bias_maps: list[str] = field(default_factory=list)         # zero-padded conv consumers: spatial bias maps
+    group: int = 1            # units are removed in groups of this many (an attention head's width)
+    head_shapes: list[str] = field(default_factory=list)       # nodes whose literal head count fold rewrites
 
     @property
     def producer(self) -> str:
@@ -234,14 +236,17 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     """Every eligible site in graph order, and the reason each other producer is not one.
 
     Needs `annotate_shapes` to have run (shapes decide the unit axis, flatten blocks and bias maps)."""
+    from .heads import find_head_sites  # heads.py builds on this module's Site
+
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     tied = tied_modules(gm)
+    head_sites, claimed = find_head_sites(gm, calls, set(tied))
     ineligible: dict[str, str] = {}
     paths: dict[str, list[fx.Node]] = {}      # producer module -> [producer node, ..., site node]
     axes: dict[str, int] = {}
     for node in gm.graph.nodes:
         mod = _module(gm, node)
-        if mod is None or type(mod) not in PRODUCERS:
+        if mod is None or type(mod) not in PRODUCERS or node.target in claimed:
             continue
         name = node.target
         d = _width(PRODUCERS, mod)
@@ -275,7 +280,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     groups: dict[str, list[str]] = {}
     for name, path in paths.items():
         groups.setdefault(path[-1].name, []).append(name)
-    sites = []
+    sites = list(head_sites)
     for end_name, members in groups.items():
         site, reason = _build_site(gm, calls, [paths[m] for m in members], axes[members[0]])
         if reason:

@@ -184,7 +184,8 @@ def test_gpt_is_captured_with_torch_export_and_compiles_exactly():
         torch.fx.symbolic_trace(zt.GPT())
     idx = torch.randint(0, 64, (16, 32))
     result = _compile(model, idx, "affine")
-    assert [s["name"] for s in result.report["sites"]] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert [s["name"] for s in result.report["sites"]] == ["blocks.0.attn.heads", "blocks.0.mlp.fc1",
+                                                           "blocks.1.attn.heads", "blocks.1.mlp.fc1"]
     assert _check_exact(model, result, idx) <= TOL, "exported GPT: compiled vs hooks"
     assert _check_exact(model, result, idx[:3]) <= TOL, "a batch size other than the traced one"
 
@@ -200,7 +201,8 @@ def test_hugging_face_bert_compiles_exactly_through_torch_export(tmp_path):
     batches = [{"input_ids": ids[i:i + 8], "attention_mask": mask[i:i + 8]} for i in (0, 8)]
     result = fxa.abstract(model, batches, keep=0.5, round_to=1, allocation="predicted")
     names = [s["name"] for s in result.report["sites"]]
-    assert names == ["encoder.layer.0.intermediate.dense", "encoder.layer.1.intermediate.dense"], names
+    assert names == ["encoder.layer.0.attention.heads", "encoder.layer.0.intermediate.dense",
+                     "encoder.layer.1.attention.heads", "encoder.layer.1.intermediate.dense"], names
     assert _check_exact(model, result, input_ids=ids, attention_mask=mask) <= TOL, "BERT: compiled vs hooks"
 
 
@@ -237,3 +239,47 @@ def test_real_mobilenet_v2_compiles_exactly_and_exports(replacement, tmp_path):
     assert _check_exact(model, result, x) <= TOL, "real MobileNetV2: compiled vs hooks"
     info = fxa.to_onnx(result.module, x[:2], str(tmp_path / "m.onnx"))
     assert info["relative_diff"] <= 1e-4, f"ONNX parity {info['relative_diff']:.2e}"
+
+
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+@pytest.mark.parametrize("name", ["vit", "gpt"])
+def test_attention_heads_are_removed_whole_and_fold_exactly(name, replacement):
+    """A head's output slice is a site of `group` units; removing 2 of 4 heads deletes their q, k, v
+    rows, rewrites the head count of the views, and folds the replacement into the output projection."""
+    torch.manual_seed(0)
+    model, x = (zt.ViT().eval(), torch.randn(24, 3, 32, 32)) if name == "vit" else \
+        (zt.GPT().eval(), torch.randint(0, 64, (24, 32)))
+    result = fxa.abstract(model, x.split(8), keep={"blocks.0.attn.heads": 32}, replacement=replacement,
+                          sites=["blocks.0.attn.heads"], allocation="predicted")
+    site = result.report["sites"][0]
+    assert site["group"] == 16 and site["consumers"] == ["blocks.0.attn.proj"], site
+    assert {p["module"] for p in site["producers"]} == {f"blocks.0.attn.{p}" for p in "qkv"}
+    kept_heads = sorted({u // 16 for u in site["kept"]})
+    assert site["kept"] == [u for h in kept_heads for u in range(16 * h, 16 * h + 16)], "heads must be kept whole"
+    for p in "qkv":
+        assert result.module.get_submodule(f"blocks.0.attn.{p}").out_features == 32, f"{p} must keep 2 heads' rows"
+    assert _check_exact(model, result, x) <= TOL, f"{name}: head removal compiled vs hooks"
+    assert _check_exact(model, result, x[:5]) <= TOL, f"{name}: another batch size"
+
+
+def test_head_site_budget_must_be_whole_heads():
+    model = zt.ViT().eval()
+    with pytest.raises(fxa.errors.ConfigError, match="multiple of 16"):
+        fxa.abstract(model, [torch.randn(8, 3, 32, 32)], keep={"blocks.0.attn.heads": 20})
+
+
+def test_bert_attention_heads_compile_exactly():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids, mask = torch.randint(0, 100, (16, 12)), torch.ones(16, 12, dtype=torch.long)
+    mask[:4, 8:] = 0                                                   # padding: the mask broadcasts over heads
+    batches = [{"input_ids": ids[i:i + 8], "attention_mask": mask[i:i + 8]} for i in (0, 8)]
+    keep = {"encoder.layer.0.attention.heads": 16, "encoder.layer.1.attention.heads": 24}
+    result = fxa.abstract(model, batches, keep=keep, replacement="affine", sites=list(keep),
+                          allocation="predicted")
+    assert [len(s["kept"]) for s in result.report["sites"]] == [16, 24]
+    assert result.module.get_submodule("encoder.layer.0.attention.self.query").out_features == 16
+    assert _check_exact(model, result, input_ids=ids, attention_mask=mask) <= TOL, "BERT heads: compiled vs hooks"
