@@ -1,0 +1,148 @@
+"""Compact proofs (THEORY §5): a certified lower bound on a group-operation network's accuracy over
+its whole finite domain, from its compiled abstraction plus a rigorous bound on the deviation of the
+dense model from the abstraction.
+
+    >>> table = symmetric_table(5)
+    >>> model = train_group_model(table)                      # groups.GroupMLP: left/right embeddings
+    >>> result = fxa.abstract(model, calibration, keep=32)    # keeps 32 hidden units
+    >>> fxa.certify(model, result, table)["bound"]            # <= brute_force_accuracy(model, table)
+
+The proof. The hidden pre-activation of input (x, y) is additive: pre(x, y) = L[x] + R[y] with
+L = E_left W_left^T + b, R = E_right W_right^T (computed once, |G| x width each). The abstraction keeps
+units K and replaces units P by phi = beta + Theta h_K; the dense model differs from it by
+Delta(x, y) = U_P r(x, y) + E h_K + e, with r = relu(pre_P) - phi the replacement residual, U the
+unembedding, and E, e the rounding residues of the fold (computed, tiny). So per input, in real
+arithmetic, ||Delta||_inf <= D(x, y) + |E| hmax + |e| with D = min(sum_j max_o |U_oj| |r_j|, max_o ||U_oP||_2 ||r||_2),
+which costs |G|^2 |P| operations, against the |G|^2 width |G| of running the unembedding. An input is
+certified when the abstraction's margin for its label t exceeds 2 (D + rounding), or the tighter
+label-specific sum_j max_o |U_tj - U_oj| |r_j| + 2 rounding: then the dense model's label logit beats
+every other logit. The abstraction's logits, relu(L_K[x] + R_K[y]) U'^T + b',
+cost |G|^2 |K| |G| in float32, like brute force but with |K| in place of width; the rounding
+allowances are standard gamma_n = n u / (1 - n u) bounds for float32 dot products (u = 2^-24), so the
+bound holds for the float32 model as it runs on CPU (any summation order; no TF32).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+
+
+def _gamma(n: int) -> float:
+    """gamma_n = n u / (1 - n u): relative error bound of an n-term float32 dot product."""
+    return n * U32 / (1 - n * U32)
+
+
+def _structure(model: nn.Module, abstraction) -> tuple:
+    """Check the model is a left/right-embedding network with one site `hidden` read by `unembed`."""
+    names = ("left", "right", "hidden", "unembed")
+    types = (nn.Embedding, nn.Embedding, nn.Linear, nn.Linear)
+    if not all(isinstance(getattr(model, a, None), t) for a, t in zip(names, types)):
+        raise ConfigError("certify needs a groups.GroupMLP-shaped model (left/right nn.Embedding, nn.Linear "
+                          "hidden and unembed); build it with fxabstract.groups.GroupMLP")
+    sites = abstraction.report["sites"]
+    if len(sites) != 1 or sites[0]["producer"] != "hidden" or sites[0]["consumers"] != ["unembed"]:
+        raise ConfigError("certify needs an abstraction of the single site `hidden`; compile with sites=['hidden']")
+    return sites[0]
+
+
+def _tables(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """L [n, width], R [n, width] in float64 with pre(x, y) = L[x] + R[y] (the bias is in L)."""
+    d = model.left.embedding_dim
+    W = model.hidden.weight.detach().double()
+    b = model.hidden.bias.detach().double() if model.hidden.bias is not None else 0.0
+    L = model.left.weight.detach().double() @ W[:, :d].T + b
+    R = model.right.weight.detach().double() @ W[:, d:].T
+    return L, R
+
+
+def _dense_rounding(model: nn.Module, hmax: torch.Tensor) -> float:
+    """Bound on |float32 logits - exact logits|_inf of the dense model over the domain (gamma_n bounds)."""
+    d = model.left.embedding_dim
+    W = model.hidden.weight.detach().double().abs()
+    e = torch.cat([model.left.weight.detach().double().abs().amax(0), model.right.weight.detach().double().abs().amax(0)])
+    bh = model.hidden.bias.detach().double().abs() if model.hidden.bias is not None else 0.0
+    eps_h = _gamma(2 * d + 1) * (W @ e + bh)                             # hidden pre-activation error per unit
+    U = model.unembed.weight.detach().double().abs()
+    bu = model.unembed.bias.detach().double().abs() if model.unembed.bias is not None else 0.0
+    width = U.shape[1]
+    return float((_gamma(width + 1) * (U @ (hmax + eps_h) + bu) + U @ eps_h).max())
+
+
+def _margins(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Label logit minus the largest other logit: z [m, n], labels [m] -> [m]."""
+    true = z.gather(1, labels[:, None]).squeeze(1)
+    return true - z.scatter(1, labels[:, None], float("-inf")).amax(1)
+
+
+def certify(model: nn.Module, abstraction, domain: torch.Tensor, chunk: int = 16) -> dict:
+    """A sound lower bound on `model`'s accuracy over every (x, y) of the group whose multiplication
+    table is `domain` ([n, n] long, groups.cyclic_table / symmetric_table), from `abstraction` (an
+    fxa.abstract result on the site `hidden`) and a per-input bound on the deviation (THEORY §5).
+
+    Returns {"bound", "certified" (count), "inputs", "mask" ([n, n] bool: the inputs (x, y) proven
+    correct), "abstraction_accuracy", "deviation_max",
+    "deviation_mean", "rounding", "kept", "seconds"}."""
+    start = time.perf_counter()
+    site = _structure(model, abstraction)
+    n = model.left.num_embeddings
+    if not (isinstance(domain, torch.Tensor) and domain.shape == (n, n) and not domain.is_floating_point()):
+        raise ConfigError(f"domain must be the group's [{n}, {n}] integer multiplication table "
+                          "(fxabstract.groups.cyclic_table or symmetric_table)")
+    K = torch.tensor(site["kept"], dtype=torch.long)
+    P = torch.tensor([r["unit"] for r in site["replaced"]], dtype=torch.long)
+    beta = torch.tensor([r.get("constant", r.get("beta")) for r in site["replaced"]], dtype=torch.float64)
+    theta = torch.tensor([r["theta"] if r["kind"] == "affine" else [0.0] * len(K) for r in site["replaced"]],
+                         dtype=torch.float64).reshape(len(P), len(K))
+    affine = bool(theta.abs().max() > 0) if theta.numel() else False
+    compiled = abstraction.module
+    U1 = compiled.get_submodule("unembed").weight.detach().cpu()                 # [n, |K|] float32, folded
+    b1 = compiled.get_submodule("unembed").bias.detach().cpu()
+    U = model.unembed.weight.detach().cpu().double()                              # [n, width]
+    bu = model.unembed.bias.detach().cpu().double() if model.unembed.bias is not None else torch.zeros(n)
+    L, R = (t.cpu() for t in _tables(model))
+    hmax = torch.relu(L.amax(0) + R.amax(0))                                      # [width] bound on h over the domain
+    # Fold residues: Delta = U_P r + E h_K + e with E = U_K + U_P theta - U', e = b + U_P beta - b' (§5).
+    E = U[:, K] + U[:, P] @ theta - U1.double()
+    e = bu + U[:, P] @ beta - b1.double()
+    fold_residue = float((E.abs() @ hmax[K]).max() + e.abs().max())
+    UP = U[:, P]
+    u_inf = UP.abs().amax(0)                                                      # [|P|] max_o |U_oj|
+    u_two = UP.norm(dim=1).max()                                                  # max_o ||U_oP||_2
+    # Label-specific: |Delta_t - Delta_o| <= sum_j max_o |U_tj - U_oj| |r_j| (THEORY §5), per label t.
+    v = torch.stack([(UP[t] - UP).abs().amax(0) for t in range(n)]) if len(P) else torch.zeros(n, 0)
+    # Rounding of the float32 abstraction logits computed below (conversion + add, then a |K|-term dot).
+    delta = 3 * U32 * (L[:, K].abs().amax(0) + R[:, K].abs().amax(0))
+    e_c = float((_gamma(len(K) + 1) * (U1.double().abs() @ (hmax[K] + delta) + b1.double().abs())
+                 + U1.double().abs() @ delta).max())
+    rounding = e_c + _dense_rounding(model, hmax)
+    LK, RK = L[:, K].float(), R[:, K].float()
+    LP, RP = L[:, P], R[:, P]
+    certified = torch.zeros(n * n, dtype=torch.bool)
+    correct = 0
+    dev_max, dev_sum = 0.0, 0.0
+    for i in range(0, n, chunk):
+        rows = slice(i, min(n, i + chunk))
+        labels = domain[rows].reshape(-1)
+        h_k = torch.relu(LK[rows, None, :] + RK[None, :, :]).reshape(-1, len(K))     # [m, |K|]
+        z_c = torch.addmm(b1, h_k, U1.T)                                          # abstraction logits [m, n]
+        margin = _margins(z_c, labels).double()
+        correct += int((z_c.argmax(1) == labels).sum())
+        r = torch.relu(LP[rows, None, :] + RP[None, :, :]).reshape(len(labels), len(P)) - beta  # residual (§5)
+        if affine:
+            r = r - torch.relu(L[rows, None, K] + R[None, :, K]).reshape(len(labels), len(K)) @ theta.T
+        ra = r.abs()
+        D = torch.minimum(ra @ u_inf, r.norm(dim=1) * u_two)                     # ||Delta||_inf bound (§5)
+        gap = torch.minimum(2 * D, (ra * v[labels]).sum(1))                       # max_o |Delta_t - Delta_o|
+        certified[i * n:i * n + len(labels)] = margin > gap * (1 + 1e-6) + 2 * (fold_residue + rounding)
+        dev_max, dev_sum = max(dev_max, float(D.max()) + fold_residue), dev_sum + float(D.sum()) + fold_residue * len(D)
+    total = n * n
+    return {"bound": int(certified.sum()) / total, "certified": int(certified.sum()), "inputs": total,
+            "mask": certified.reshape(n, n),
+            "abstraction_accuracy": correct / total, "deviation_max": dev_max, "deviation_mean": dev_sum / total,
+            "rounding": rounding, "kept": len(K), "seconds": time.perf_counter() - start}
