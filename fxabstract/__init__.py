@@ -2,8 +2,10 @@
 from . import errors
 from .abstraction import Abstraction, Analysis, abstract, analyse
 from .certify import certify
+from .combine import combine
+from .explain import explain
 from .export import to_onnx
 from .verify import certificate, iia, intervene
 
 __version__ = "0.1.0"
-__all__ = ["abstract", "analyse", "Abstraction", "Analysis", "iia", "certificate", "intervene", "to_onnx", "certify", "errors"]
+__all__ = ["abstract", "analyse", "Abstraction", "Analysis", "iia", "certificate", "intervene", "to_onnx", "certify", "combine", "explain", "errors"]

@@ -14,9 +14,9 @@ Delta(x, y) = U_P r(x, y) + E h_K + e, with r = relu(pre_P) - phi the replacemen
 unembedding, and E, e the rounding residues of the fold (computed, tiny). So per input, in real
 arithmetic, ||Delta||_inf <= D(x, y) + |E| hmax + |e| with D = min(sum_j max_o |U_oj| |r_j|, max_o ||U_oP||_2 ||r||_2),
 which costs |G|^2 |P| operations, against the |G|^2 width |G| of running the unembedding. An input is
-certified when the abstraction's margin for its label t exceeds 2 (D + rounding), or the tighter
-label-specific sum_j max_o |U_tj - U_oj| |r_j| + 2 rounding: then the dense model's label logit beats
-every other logit. The abstraction's logits, relu(L_K[x] + R_K[y]) U'^T + b',
+certified when the abstraction's margin for its label t exceeds 2 D (or the tighter label-specific
+bound sum_j max_o |U_tj - U_oj| |r_j| on every Delta_t - Delta_o), plus rounding: then the dense
+model's label logit beats every other logit. The abstraction's logits, relu(L_K[x] + R_K[y]) U'^T + b',
 cost |G|^2 |K| |G| in float32, like brute force but with |K| in place of width; the rounding
 allowances are standard gamma_n = n u / (1 - n u) bounds for float32 dot products (u = 2^-24), so the
 bound holds for the float32 model as it runs on CPU (any summation order; no TF32).
@@ -80,69 +80,80 @@ def _margins(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return true - z.scatter(1, labels[:, None], float("-inf")).amax(1)
 
 
-def certify(model: nn.Module, abstraction, domain: torch.Tensor, chunk: int = 16) -> dict:
+def _replacement(site: dict) -> tuple:
+    """Kept K, replaced P, and phi = beta + Theta h_K from the report (float64)."""
+    K = torch.tensor(site["kept"], dtype=torch.long)
+    P = torch.tensor([r["unit"] for r in site["replaced"]], dtype=torch.long)
+    beta = torch.tensor([r.get("constant", r.get("beta")) for r in site["replaced"]], dtype=torch.float64)
+    theta = torch.tensor([r["theta"] if r["kind"] == "affine" else [0.0] * len(K) for r in site["replaced"]],
+                         dtype=torch.float64).reshape(len(P), len(K))
+    return K, P, beta, theta
+
+
+def certify(model: nn.Module, abstraction, domain: torch.Tensor, batch_size: int = 2048) -> dict:
     """A sound lower bound on `model`'s accuracy over every (x, y) of the group whose multiplication
     table is `domain` ([n, n] long, groups.cyclic_table / symmetric_table), from `abstraction` (an
     fxa.abstract result on the site `hidden`) and a per-input bound on the deviation (THEORY §5).
 
     Returns {"bound", "certified" (count), "inputs", "mask" ([n, n] bool: the inputs (x, y) proven
-    correct), "abstraction_accuracy", "deviation_max",
-    "deviation_mean", "rounding", "kept", "seconds"}."""
+    correct), "abstraction_accuracy", "deviation_max", "deviation_mean", "rounding", "kept", "seconds"}."""
     start = time.perf_counter()
     site = _structure(model, abstraction)
     n = model.left.num_embeddings
     if not (isinstance(domain, torch.Tensor) and domain.shape == (n, n) and not domain.is_floating_point()):
         raise ConfigError(f"domain must be the group's [{n}, {n}] integer multiplication table "
                           "(fxabstract.groups.cyclic_table or symmetric_table)")
-    K = torch.tensor(site["kept"], dtype=torch.long)
-    P = torch.tensor([r["unit"] for r in site["replaced"]], dtype=torch.long)
-    beta = torch.tensor([r.get("constant", r.get("beta")) for r in site["replaced"]], dtype=torch.float64)
-    theta = torch.tensor([r["theta"] if r["kind"] == "affine" else [0.0] * len(K) for r in site["replaced"]],
-                         dtype=torch.float64).reshape(len(P), len(K))
-    affine = bool(theta.abs().max() > 0) if theta.numel() else False
-    compiled = abstraction.module
-    U1 = compiled.get_submodule("unembed").weight.detach().cpu()                 # [n, |K|] float32, folded
-    b1 = compiled.get_submodule("unembed").bias.detach().cpu()
-    U = model.unembed.weight.detach().cpu().double()                              # [n, width]
+    K, P, beta, theta = _replacement(site)
+    k, p = len(K), len(P)
+    affine = p > 0 and bool(theta.abs().max() > 0)
+    U1 = abstraction.module.get_submodule("unembed").weight.detach().cpu().float()  # [n, k] folded U'
+    b1 = abstraction.module.get_submodule("unembed").bias.detach().cpu().float()
+    U = model.unembed.weight.detach().cpu().double()                                # [n, width]
     bu = model.unembed.bias.detach().cpu().double() if model.unembed.bias is not None else torch.zeros(n)
-    L, R = (t.cpu() for t in _tables(model))
-    hmax = torch.relu(L.amax(0) + R.amax(0))                                      # [width] bound on h over the domain
-    # Fold residues: Delta = U_P r + E h_K + e with E = U_K + U_P theta - U', e = b + U_P beta - b' (§5).
+    L, R = (t.cpu() for t in _tables(model))                                        # pre(x, y) = L[x] + R[y]
+    hmax = torch.relu(L.amax(0) + R.amax(0))                                        # [width] bound on h
+    # Fold residues: Delta = U_P r + E h_K + e with E = U_K + U_P Theta - U', e = b + U_P beta - b' (§5).
     E = U[:, K] + U[:, P] @ theta - U1.double()
     e = bu + U[:, P] @ beta - b1.double()
     fold_residue = float((E.abs() @ hmax[K]).max() + e.abs().max())
     UP = U[:, P]
-    u_inf = UP.abs().amax(0)                                                      # [|P|] max_o |U_oj|
-    u_two = UP.norm(dim=1).max()                                                  # max_o ||U_oP||_2
-    # Label-specific: |Delta_t - Delta_o| <= sum_j max_o |U_tj - U_oj| |r_j| (THEORY §5), per label t.
-    v = torch.stack([(UP[t] - UP).abs().amax(0) for t in range(n)]) if len(P) else torch.zeros(n, 0)
-    # Rounding of the float32 abstraction logits computed below (conversion + add, then a |K|-term dot).
-    delta = 3 * U32 * (L[:, K].abs().amax(0) + R[:, K].abs().amax(0))
-    e_c = float((_gamma(len(K) + 1) * (U1.double().abs() @ (hmax[K] + delta) + b1.double().abs())
-                 + U1.double().abs() @ delta).max())
-    rounding = e_c + _dense_rounding(model, hmax)
-    LK, RK = L[:, K].float(), R[:, K].float()
-    LP, RP = L[:, P], R[:, P]
+    u_inf = UP.abs().amax(0)                                                        # [p] max_o |U_oj|
+    u_two = float(UP.norm(dim=1).max()) if p else 0.0                               # max_o ||U_oP||_2
+    v = torch.maximum(UP - UP.amin(0), UP.amax(0) - UP)                            # [n, p] max_o |U_tj - U_oj|
+    # Float32 allowances (gamma_n bounds): hidden units, residual r, abstraction logits, dense logits.
+    order = torch.cat([K, P])
+    d_h = 3 * U32 * (L.abs().amax(0) + R.abs().amax(0))[order]                      # |h_hat - h| per unit
+    d_hK, d_hP, hK, hP = d_h[:k], d_h[k:], hmax[K], hmax[P]
+    phi_size = theta.abs() @ (hK + d_hK)
+    d_r = (d_hP + 2 * U32 * (beta.abs() + hP + d_hP + phi_size) + _gamma(k + 2) * phi_size
+           + theta.abs() @ d_hK)                                                    # [p] |r_hat - r|
+    zmax = float((U1.double().abs() @ hK + b1.double().abs()).max())
+    e_c = float((_gamma(k + 1) * (U1.double().abs() @ (hK + d_hK) + b1.double().abs())
+                 + U1.double().abs() @ d_hK).max())
+    rounding = 2 * (e_c + _dense_rounding(model, hmax) + fold_residue) + 4 * U32 * zmax
+    sum_err = 1 + 4 * _gamma(p + 2)                                                 # float32 sums of p terms
+    d_inf, d_two, d_gap = float(u_inf @ d_r), u_two * float(d_r.norm()), float((v @ d_r).max())
+    Lf, Rf = L[:, order].float(), R[:, order].float()
+    bf, thf, u_inf_f, vf = beta.float(), theta.float().T, u_inf.float(), v.float()
     certified = torch.zeros(n * n, dtype=torch.bool)
-    correct = 0
-    dev_max, dev_sum = 0.0, 0.0
+    correct, dev_max, dev_sum = 0, 0.0, 0.0
+    chunk = max(1, batch_size // n)                                                 # rows x per step
     for i in range(0, n, chunk):
         rows = slice(i, min(n, i + chunk))
         labels = domain[rows].reshape(-1)
-        h_k = torch.relu(LK[rows, None, :] + RK[None, :, :]).reshape(-1, len(K))     # [m, |K|]
-        z_c = torch.addmm(b1, h_k, U1.T)                                          # abstraction logits [m, n]
-        margin = _margins(z_c, labels).double()
-        correct += int((z_c.argmax(1) == labels).sum())
-        r = torch.relu(LP[rows, None, :] + RP[None, :, :]).reshape(len(labels), len(P)) - beta  # residual (§5)
+        h = torch.relu(Lf[rows, None, :] + Rf[None, :, :]).reshape(len(labels), k + p)   # [m, k + p]
+        z_c = torch.addmm(b1, h[:, :k], U1.T)                                        # abstraction logits [m, n]
+        margin = _margins(z_c, labels)
+        correct += int((margin > 0).sum())
+        r = h[:, k:] - bf                                                            # residual of phi (§5)
         if affine:
-            r = r - torch.relu(L[rows, None, K] + R[None, :, K]).reshape(len(labels), len(K)) @ theta.T
-        ra = r.abs()
-        D = torch.minimum(ra @ u_inf, r.norm(dim=1) * u_two)                     # ||Delta||_inf bound (§5)
-        gap = torch.minimum(2 * D, (ra * v[labels]).sum(1))                       # max_o |Delta_t - Delta_o|
-        certified[i * n:i * n + len(labels)] = margin > gap * (1 + 1e-6) + 2 * (fold_residue + rounding)
+            r = r - h[:, :k] @ thf
+        ra = r.abs_()
+        D = torch.minimum(ra @ u_inf_f * sum_err + d_inf, ra.norm(dim=1) * u_two * sum_err + d_two)  # ||Delta||_inf
+        gap = torch.minimum(2 * D, (ra * vf[labels]).sum(1) * sum_err + d_gap)       # max_o |Delta_t - Delta_o|
+        certified[i * n:i * n + len(labels)] = margin.double() > gap.double() + rounding  # margin beats the gap
         dev_max, dev_sum = max(dev_max, float(D.max()) + fold_residue), dev_sum + float(D.sum()) + fold_residue * len(D)
     total = n * n
     return {"bound": int(certified.sum()) / total, "certified": int(certified.sum()), "inputs": total,
-            "mask": certified.reshape(n, n),
-            "abstraction_accuracy": correct / total, "deviation_max": dev_max, "deviation_mean": dev_sum / total,
-            "rounding": rounding, "kept": len(K), "seconds": time.perf_counter() - start}
+            "mask": certified.reshape(n, n), "abstraction_accuracy": correct / total, "deviation_max": dev_max,
+            "deviation_mean": dev_sum / total, "rounding": rounding, "kept": k, "seconds": time.perf_counter() - start}

@@ -80,3 +80,161 @@ def test_symmetric_table_is_a_group():
     assert (assoc == table[:, table]).all(), "composition is associative"
     assert all(sorted(row.tolist()) == list(range(24)) for row in table), "each row is a permutation (Latin square)"
     assert not (table == table.T).all(), "S_4 is not abelian"
+
+
+# ------------------------------------------------------------------------------------------- combine
+
+@pytest.fixture(scope="module")
+def digits():
+    """A small trained digits MLP (width 64) and its data: a couple of seconds."""
+    from fxabstract.demo import DigitsMLP, digits_data, train
+    x_train, y_train, x_test, y_test = digits_data()
+    torch.manual_seed(0)
+    model = train(DigitsMLP(width=64), x_train, y_train, epochs=20)
+    return model, x_train, x_test
+
+
+@pytest.fixture(scope="module")
+def combination(digits):
+    model, x_train, x_test = digits
+    analysis = fxa.analyse(model, list(x_train.split(256)))
+    candidates = [analysis.compile(k, replacement="affine") for k in (0.5, 0.25, 0.125)]
+    return candidates, fxa.combine(model, candidates, x_test, lambdas=(1.0, 0.9, 0.7, 0.0), samples=40)
+
+
+def test_combine_keeps_every_candidate_set_above_lambda(combination):
+    _, combo = combination
+    for lam, a in combo.assignments.items():
+        assert a.shape == (40,) and int(a.min()) >= -1 and int(a.max()) < 3, "one candidate index (or -1) per input"
+        for c, g in enumerate(combo.graphs):
+            S = a == c
+            if S.any():
+                assert float(g[S][:, S].mean()) >= lam - 1e-12, f"candidate {c}'s set IIA fell below lambda {lam}"
+
+
+def test_combine_at_lambda_zero_gives_everything_to_the_strongest(combination):
+    candidates, combo = combination
+    strongest = max(range(3), key=lambda c: combo.strengths[c])
+    assert (combo.assignments[0.0] == strongest).all(), "lambda = 0 accepts any set: the strongest takes all"
+    point = combo.curve[-1]
+    assert point["coverage"] == 1.0 and abs(point["strength"] - combo.strengths[strongest]) < 1e-12
+    fewer = [1 - c.report["parameters"]["after"] / c.report["parameters"]["before"] for c in candidates]
+    assert combo.strengths == fewer and fewer[0] < fewer[1] < fewer[2], "strength = fraction of parameters removed"
+
+
+def test_combine_curve_points_are_consistent(combination):
+    _, combo = combination
+    for point, a in zip(combo.curve, combo.assignments.values()):
+        assert 0.0 <= point["strength"] <= max(combo.strengths) and 0.0 <= point["faithfulness"] <= 1.0
+        assert point["dense"] == int((a == -1).sum()), "dense counts the inputs left to the dense model"
+        assert abs(point["coverage"] - (1 - point["dense"] / 40)) < 1e-12
+    assert combo.curve[0]["faithfulness"] >= combo.curve[-1]["faithfulness"], "lambda 1 is at least as faithful as 0"
+
+
+def test_combine_of_one_candidate_is_its_single_curve(digits, combination):
+    model, _, x_test = digits
+    candidates, _ = combination
+    alone = fxa.combine(model, candidates[1:2], x_test, lambdas=(0.9, 0.5), samples=30, seed=3)
+    assert alone.curve == alone.single_curves[0], "combining one candidate is that candidate alone"
+
+
+def test_combine_rejects_bad_arguments(digits):
+    model, _, x_test = digits
+    with pytest.raises(ConfigError, match="at least one candidate"):
+        fxa.combine(model, [], x_test)
+    with pytest.raises(ConfigError, match="lambdas"):
+        fxa.combine(model, [object()], x_test, lambdas=(1.5,))
+
+
+# ------------------------------------------------------------------------------------------- explain
+
+def test_node_effects_at_the_last_site_are_exact_for_a_linear_readout(digits):
+    """At the penultimate site z_t = W_t a + b, so the effect of unit j is W_tj E[a_j - c*_j]."""
+    model, x_train, _ = digits
+    g = fxa.explain(model, x_train, target=4, top=4)
+    with torch.no_grad():
+        xt = x_train[model(x_train).argmax(1) == 4]
+        a = torch.relu(model.fc2(torch.relu(model.fc1(xt))))
+        grad = model.fc3.weight[4].expand(len(x_train), -1)
+        from fxabstract.explain import optimal_constants
+        a_all = torch.relu(model.fc2(torch.relu(model.fc1(x_train))))
+        c = optimal_constants(a_all, grad)
+    expected = model.fc3.weight[4].detach() * (a - c).mean(0)
+    assert torch.allclose(g.effects("relu_1").float(), expected, atol=1e-4), "node effects = W_tj E[a_j - c*_j]"
+
+
+def test_deleting_the_top_units_hurts_the_class_more_than_the_bottom_units(digits):
+    model, x_train, x_test = digits
+    from fxabstract.explain import UnitProbe
+    probe = UnitProbe(model)
+    for target in (0, 7):
+        g = fxa.explain(model, x_train, target=target)
+        xt = x_test[model(x_test).argmax(1) == target]
+        base = probe.run(xt)[:, target].mean()
+        probe.run(x_train, record=True)
+        mean = probe.seen("relu_1").mean(0)                              # mean ablation: neutral between methods
+        order = g.effects("relu_1").argsort(descending=True)
+
+        def drop(units):
+            return float(base - probe.run(xt, {"relu_1": (units, mean[units][None])})[:, target].mean())
+        assert drop(order[:8]) > drop(order[-8:]) + 1.0, f"class {target}: top-8 deletion must hurt more than bottom-8"
+
+
+def test_explanation_exports_json_and_dot(digits, tmp_path):
+    model, x_train, _ = digits
+    g = fxa.explain(model, x_train, target=2, top=3)
+    g.save_json(str(tmp_path / "g.json"))
+    g.save_dot(str(tmp_path / "g.dot"))
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert data["target"] == 2 and [s["name"] for s in data["sites"]] == ["relu", "relu_1"]
+    assert all(len(s["effects"]) == s["units"] == 64 and len(s["top"]) == 3 for s in data["sites"])
+    assert len(data["edges"]) == 9 and {tuple(e["source"][:1]) for e in data["edges"]} == {("relu",)}
+    dot = (tmp_path / "g.dot").read_text()
+    assert dot.startswith("digraph") and dot.count("->") == 9 + 3, "9 path edges and 3 edges into the class node"
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(6 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act1(self.conv1(x))))
+        return self.fc(nn.functional.avg_pool2d(x, 2).flatten(1))
+
+
+def test_explain_on_a_cnn_matches_a_forward_hook_intervention():
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    x = torch.randn(64, 1, 8, 8)
+    target = int(model(x).argmax(1).mode().values)
+    g = fxa.explain(model, x, target=target, top=2)
+    assert [s["units"] for s in g.graph["sites"]] == [4, 6], "units are the conv channels"
+    from fxabstract.explain import UnitProbe, optimal_constants
+    a, grad = UnitProbe(model).gradients(x, target)
+    c = optimal_constants(a["act1"], grad["act1"])                     # [4, 8, 8] constant maps
+    xt = x[model(x).argmax(1) == target]
+
+    def set_channel(module, inputs, out):
+        out = out.clone()
+        out[:, 1] = c[1]
+        return out
+    with torch.no_grad():
+        handle = model.act1.register_forward_hook(set_channel)
+        z_hook = model(xt)[:, target]
+        handle.remove()
+        expected = float((model(xt)[:, target] - z_hook).mean())
+    assert abs(g.graph["sites"][0]["effects"][1] - expected) < 1e-5, "the node effect is a channel intervention"
+    assert len(g.graph["edges"]) == 4
+
+
+def test_explain_rejects_a_class_the_model_never_predicts(digits):
+    model, x_train, _ = digits
+    with pytest.raises(ConfigError, match="not a class"):
+        fxa.explain(model, x_train, target=10)
+    with pytest.raises(ConfigError, match="not nodes"):
+        fxa.explain(model, x_train, target=1, sites=["nope"])
