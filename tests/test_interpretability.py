@@ -53,7 +53,7 @@ def test_certify_is_tight_when_nothing_is_removed(group_model):
     result = fxa.abstract(model, _calibration(table), keep=48, sites=["hidden"])
     cert = fxa.certify(model, result, table)
     acc = brute_force_accuracy(model, table)
-    assert cert["deviation_max"] < 1e-3, f"deviation bound {cert['deviation_max']} should be rounding-sized"
+    assert cert["gap_max"] <= cert["rounding"] * (1 + 1e-6) < 0.01, f"gap {cert['gap_max']} should be rounding only"
     assert cert["bound"] >= acc - 0.01, f"bound {cert['bound']} should match accuracy {acc} at keep = all"
 
 
