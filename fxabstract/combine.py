@@ -9,10 +9,13 @@ subset of the inputs; inputs no candidate explains fall back to the dense model.
 Per candidate c, a graph over the n evaluation inputs: the weight w_c[b, s] of the ordered pair
 (base b, source s) is the interchange agreement of THEORY §4 (mask over the kept units with
 probability swap_p, averaged over c's sites). A candidate's *strength* is the fraction of the
-model's parameters it removes. For each lambda, inputs are taken in order of how well the
-candidates explain them, and each goes to the strongest candidate whose IIA on its set (the mean
-of w_c over the set's ordered pairs) stays >= lambda, or else to the dense model (strength 0, IIA 1).
-Faithfulness is measured on a second graph drawn with fresh masks over the same pairs, so the
+model's parameters it removes. The IIA of a set S of base inputs under c is the mean of w_c over
+S x (all inputs): a combined model must accept a swap from any source, so splitting inputs between
+copies of one candidate gains nothing (restricting sources to the set would reward splitting: small
+sets agree with themselves). For each lambda, each input goes to the strongest candidate whose IIA on
+its set stays >= lambda, or else to the dense model (strength 0, IIA 1): the strongest candidate takes
+the inputs it explains best while its set's IIA stays >= lambda, then the next strongest takes from
+the rest. Faithfulness is measured on a second graph drawn with fresh masks over the same pairs, so the
 assignment is not scored on the coin flips that chose it.
 """
 from __future__ import annotations
@@ -50,19 +53,14 @@ def interchange_graph(original: nn.Module, candidate, x: torch.Tensor, swap_p: f
 def assign(graphs: list[torch.Tensor], strengths: list[float], lam: float) -> torch.Tensor:
     """Greedy assignment [n] (candidate index or -1 = dense) keeping each candidate's set IIA >= lam."""
     n = graphs[0].shape[0]
-    order = sorted(range(len(graphs)), key=lambda c: -strengths[c])
-    explained = torch.stack([g.mean(0) + g.mean(1) for g in graphs]).amax(0)   # [n] best mean weight
-    members = {c: torch.zeros(n, dtype=torch.bool) for c in order}
-    total = {c: 0.0 for c in order}                                             # sum of w_c over the set's pairs
     out = torch.full((n,), -1, dtype=torch.long)
-    for i in explained.argsort(descending=True).tolist():
-        for c in order:
-            g, S = graphs[c], members[c]
-            new_total = total[c] + float(g[i, S].sum() + g[S, i].sum() + g[i, i])
-            size = int(S.sum()) + 1
-            if new_total / size**2 >= lam:                                      # set IIA stays >= lambda
-                members[c][i], total[c], out[i] = True, new_total, c
-                break
+    for c in sorted(range(len(graphs)), key=lambda c: -strengths[c]):          # strongest first
+        free = (out == -1).nonzero().squeeze(1)
+        rows = graphs[c][free].mean(1)                                          # IIA of each free base input
+        rows, idx = rows.sort(descending=True)
+        mean = rows.cumsum(0) / torch.arange(1, len(rows) + 1)                  # set IIA of each prefix
+        take = int((mean >= lam).long().cumprod(0).sum())                       # longest prefix >= lambda
+        out[free[idx[:take]]] = c
     return out
 
 
@@ -75,7 +73,7 @@ def score(assignment: torch.Tensor, graphs: list[torch.Tensor], strengths: list[
         m = int(S.sum())
         sizes[c] = m
         if m:
-            faithful += m * float(g[S][:, S].mean())                             # IIA of the set (§5)
+            faithful += m * float(g[S].mean())                                   # IIA of the set (§5)
             strength += m * strengths[c]
     dense = int((assignment == -1).sum())
     return {"strength": strength / n, "coverage": 1 - dense / n, "faithfulness": (faithful + dense) / n,
@@ -108,8 +106,11 @@ def combine(model: nn.Module, candidates: list, data, lambdas=(0.95, 0.9, 0.8, 0
     x = gather(data)[:samples].to(next(original.parameters()).device)
     strengths = [1 - c.report["parameters"]["after"] / c.report["parameters"]["before"] for c in candidates]
     gen = torch.Generator().manual_seed(seed)
-    fit = [interchange_graph(original, c, x, swap_p, gen, batch_size) for c in candidates]
-    held = [interchange_graph(original, c, x, swap_p, gen, batch_size) for c in candidates]
+    graphs: dict = {}                                                           # one pair of graphs per distinct candidate
+    for c in candidates:
+        if id(c) not in graphs:
+            graphs[id(c)] = [interchange_graph(original, c, x, swap_p, gen, batch_size) for _ in range(2)]
+    fit, held = [graphs[id(c)][0] for c in candidates], [graphs[id(c)][1] for c in candidates]
     assignments, curve = {}, []
     singles: list[list[dict]] = [[] for _ in candidates]
     for lam in lambdas:
