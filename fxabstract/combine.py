@@ -44,8 +44,8 @@ def interchange_graph(original: nn.Module, candidate, x: torch.Tensor, swap_p: f
         for i in range(0, n * n, batch_size):
             b, s = base[i:i + batch_size], src[i:i + batch_size]
             mask = (torch.rand(len(b), len(K), generator=gen) < swap_p).to(x.device)
-            z = _swap_run(original, site["consumers"], K, x[b], x[s], mask)
-            zc = _swap_run(candidate.module, site["consumers"], None, x[b], x[s], mask)
+            z = _swap_run(original, site, K, x[b], x[s], mask)
+            zc = _swap_run(candidate.module, site, None, x[b], x[s], mask)
             w[i:i + batch_size] += (z.argmax(-1) == zc.argmax(-1)).double().cpu() / len(sites)
     return w.reshape(n, n)
 
