@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import saving
 from .capture import capture
+from .checks import check_options, check_ridge, checked_batches, tiny_calibration_ridge
 from .data import bind, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError
 from .passes.calibrate import Statistics, calibrate
@@ -26,7 +27,7 @@ from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
-from .passes.select import allocate, allowed_removals, curves, fit
+from .passes.select import allocate, allowed_removals, curves, fit, granularity
 from .report import site_entry, summary
 from .sites import Site, annotate_shapes, find_sites
 
@@ -56,13 +57,14 @@ class Abstraction:
     def summary(self) -> str:
         return summary(self.report)
 
-    def save(self, folder: str, example_inputs=None) -> None:
-        """Write module.pt2 (torch.export: no pickled code; `fxa.load` reads it), report.json and
-        module.pt (the pickled GraphModule, as before) into folder, atomically. The export runs on
-        example_inputs, or by default on two calibration samples."""
+    def save(self, folder: str, force: bool = False, example_inputs=None) -> None:
+        """Write module.pt2 (torch.export: no pickled code; `fxa.load` reads it), module.pt (the
+        pickled GraphModule, as before) and report.json into folder: all three or none; an existing
+        file there is an OutputError unless force=True. The export runs on example_inputs, or by
+        default on two calibration samples."""
         example = self.example if example_inputs is None else (
             example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
-        saving.save(self.module, self.report, example, folder)
+        saving.save(self.module, self.report, example, folder, force)
 
     def __repr__(self) -> str:
         return f"Abstraction(\n{self.summary()}\n)"
@@ -90,6 +92,9 @@ class Analysis:
         _choose(allocation, ALLOCATIONS, "allocation")
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
+        check_ridge(ridge)
+        ridge = tiny_calibration_ridge({s.name: self.stats.moments[s.name].n for s in self.sites},
+                                       {s.name: s.n_units for s in self.sites}, ridge)
         if self.score not in OUTPUT_UNITS:
             selection = "diagonal"  # heuristic scores have no cross terms: they rank diagonally
         needs_matrices = selection == "joint" or replacement == "affine"
@@ -131,7 +136,7 @@ class Analysis:
         """The site's measured risk curve, cached per setting."""
         key = (site.name, replacement, selection, ridge, round_to)
         if key not in self._measured_cache:
-            steps = allowed_removals(site.n_units, round_to)
+            steps = allowed_removals(site.n_units, granularity(site, round_to))
             self._measured_cache[key] = measured_curve(
                 self.gm, site, steps,
                 lambda k: fit(site, cv, k, self.stats, self.score, replacement, selection, ridge),
@@ -167,7 +172,8 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
       instead of the whole graph's; the statistics are the same."""
     _choose(score, SCORES, "score")
     _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
-    batches = iter(calibration)
+    check_options(probes=probes, seed=seed, sites=sites)
+    batches = checked_batches(calibration)
     first = next(batches, None)
     if first is None:
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")

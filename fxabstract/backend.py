@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .abstraction import SELECTIONS, REPLACEMENTS, Abstraction, _choose, abstract
-from .errors import CalibrationError, ConfigError, NoSiteError
+from .errors import CalibrationError, ConfigError, FxAbstractWarning, NoSiteError
 from .passes.scores import SCORES
 
 RESUME_PREFIX = "torch_dynamo_resume_in_"
@@ -46,12 +46,14 @@ class Backend:
         self.then = _lookup(then_backend)
         self.abstractions: list[Abstraction] = []    # one per analysed graph, in compile order
         self.passed_through: list[str] = []          # why each other graph went on untouched
-        self._cache: dict[str, Abstraction] = {}     # lifted graph code -> abstraction (recompiles)
+        self._cache: dict[tuple, Abstraction] = {}   # (lifted graph code, weights) -> abstraction
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list):
         lifted, inputs, problem = lift(gm, example_inputs)
         if problem is None:
-            key = lifted.code
+            constants = tuple(id(v) for i, v in enumerate(example_inputs)
+                              if isinstance(v, torch.Tensor) and i not in inputs)
+            key = (lifted.code, constants)     # the same graph over the same weights: a recompile
             if key not in self._cache:
                 try:
                     self._cache[key] = abstract(lifted, self.calibration, keep=self.keep, **self.abstract_kwargs)
@@ -66,7 +68,8 @@ class Backend:
                     self.abstractions.append(self._cache[key])
         if problem is not None:
             self.passed_through.append(problem)
-            warnings.warn(f"fxabstract.backend: graph handed on unabstracted: {problem}", stacklevel=2)
+            warnings.warn(f"fxabstract.backend: graph handed on unabstracted: {problem}", FxAbstractWarning,
+                          stacklevel=2)
             return self.then(gm, example_inputs)
         module = self._cache[key].module
         for p in module.parameters():

@@ -16,6 +16,7 @@ of the matching nn layer holding the same tensors, so one set of passes serves b
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import traceback
 
@@ -50,6 +51,7 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself")
     model_copy = copy.deepcopy(model).eval()
+    exported = False
     try:
         gm = fx.symbolic_trace(model_copy)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... for untraceable code
@@ -57,12 +59,13 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
         if example is None:
             raise CaptureError(f"{fx_error}; pass calibration data so that fxabstract can try torch.export, "
                                "or make that line free of data-dependent Python control flow") from None
-        gm = _export(model_copy, example, fx_error)
+        gm, exported = _export(model_copy, example, fx_error), True
     for node in gm.graph.nodes:  # `from __future__ import annotations` leaves types as strings,
         if isinstance(node.type, str):  # which GraphModule cannot pickle
             node.type = None
     modularize(gm)
-    gm.eval()
+    if not exported:  # torch.export's module is already in eval form and refuses .eval()
+        gm.eval()
     return gm
 
 
@@ -73,8 +76,9 @@ def _export(model: nn.Module, example: tuple[tuple, dict], fx_error: str) -> fx.
         try:
             batch = torch.export.Dim("batch", min=1)
             spec = lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() else None  # noqa: E731
-            program = torch.export.export(model, args, kwargs, strict=False,
-                                          dynamic_shapes=torch.utils._pytree.tree_map(spec, (args, kwargs)))
+            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+            dynamic = {k: torch.utils._pytree.tree_map(spec, v) for k, v in bound.items()}
+            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception:  # a model that specialises the batch size: export it static
             program = torch.export.export(model, args, kwargs, strict=False)
     except Exception as exc:

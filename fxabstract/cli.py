@@ -13,7 +13,10 @@ import argparse
 import importlib
 import logging
 import os
+import pickle
+import re
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -23,9 +26,9 @@ import fxabstract as fxa
 
 from .abstraction import REPLACEMENTS, SELECTIONS, needs_matrices
 from .data import logits
-from .errors import FxAbstractError
+from .errors import FxAbstractError, FxAbstractWarning
 from .passes.scores import SCORES
-from .report import dumps, summary_png, write_atomic
+from .report import dumps, staged, summary_png, write_atomic
 
 OUTPUTS = ("model.onnx", "report.json", "summary.png")
 SWEEP = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)     # keeps of the fidelity sweep in summary.png
@@ -41,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split()) or type(exc).__name__  # no terminal colours
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -87,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_out(out: str, force: bool) -> None:
-    """Create --out, check it is writable, and refuse to overwrite earlier outputs without --force."""
+def prepare_out(out: str, force: bool) -> bool:
+    """Create --out, check it is writable, and refuse to overwrite earlier outputs without --force.
+    Returns whether the folder was created (main removes it again if the compile then fails)."""
+    created = not os.path.exists(out)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
@@ -99,6 +104,7 @@ def prepare_out(out: str, force: bool) -> None:
     if existing and not force:
         raise UsageError(f"{' and '.join(existing)} already in {out}; pass --force to overwrite or choose "
                          "another --out")
+    return created
 
 
 def _load(path: str, what: str):
@@ -106,18 +112,17 @@ def _load(path: str, what: str):
         raise UsageError(f"{what} file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a pickled object other than tensors: it could run code, so it is not loaded
+        raise UsageError(f"{what} file {path} holds Python objects that torch.load(weights_only=True) refuses to "
+                         "unpickle; save tensors only: torch.save(model.state_dict(), path) or "
+                         "torch.save({'x': x, 'y': y}, path)") from None
     except Exception as exc:  # unpickling raises many types
         raise UsageError(f"cannot read {what} file {path} with torch.load(weights_only=True) "
                          f"({type(exc).__name__}: {_one_line(exc, 160)}); write it with torch.save") from None
 
 
-def load_model(spec: str, checkpoint: str | None) -> nn.Module:
-    """`module:factory` -> factory(), with the checkpoint's state dict loaded into it."""
-    module_name, _, factory_name = spec.partition(":")
-    if not module_name or not factory_name or ":" in factory_name:
-        raise UsageError(f"--model must be module:factory (for example mynet:build), got {spec!r}")
-    if os.getcwd() not in sys.path:  # a console script does not see the user's folder by default
-        sys.path.insert(0, os.getcwd())
+def _build(spec: str, module_name: str, factory_name: str):
+    """Import `module_name` (and nothing else) and call its `factory_name()`."""
     importlib.invalidate_caches()
     try:
         module = importlib.import_module(module_name)
@@ -131,9 +136,25 @@ def load_model(spec: str, checkpoint: str | None) -> nn.Module:
         raise UsageError(f"{spec} is a {type(factory).__name__}, not callable; name a function or class "
                          "that returns the nn.Module")
     try:
-        model = factory()
+        return factory()
     except Exception as exc:  # the user's factory
         raise UsageError(f"{spec}() failed ({type(exc).__name__}: {_one_line(exc)})") from None
+
+
+def load_model(spec: str, checkpoint: str | None) -> nn.Module:
+    """`module:factory` -> factory(), with the checkpoint's state dict loaded into it."""
+    module_name, _, factory_name = spec.partition(":")
+    if not module_name or not factory_name or ":" in factory_name:
+        raise UsageError(f"--model must be module:factory (for example mynet:build), got {spec!r}")
+    folder = os.getcwd()
+    added = folder not in sys.path  # a console script does not see the user's folder by default;
+    if added:                       # it is on the path only while the named module loads and builds,
+        sys.path.insert(0, folder)  # so no later import (onnx, sklearn, ...) can pick up a file from it
+    try:
+        model = _build(spec, module_name, factory_name)
+    finally:
+        if added:
+            sys.path.remove(folder)
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint:
@@ -164,6 +185,10 @@ def load_data(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise UsageError(f"data file {path} holds no samples; the first axis of its inputs is the batch axis")
     if y is not None and (not isinstance(y, torch.Tensor) or y.dim() == 0 or len(y) != len(x)):
         raise UsageError(f"data file {path}: 'y' must be a Tensor with one label per input ({len(x)})")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).reshape(len(x), -1).any(1).nonzero()[0])
+        raise UsageError(f"data file {path}: the inputs contain NaN or inf (first at sample {bad}); "
+                         "clean or drop those samples")
     return x, y
 
 
@@ -211,16 +236,31 @@ def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str) -
     _note("exporting ONNX...")
     onnx_path, report_path, png_path = (os.path.join(args.out, name) for name in OUTPUTS)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not "torchvision is not installed"
-    ev["onnx"] = fxa.to_onnx(result.module, x[:4], onnx_path)
-    try:
-        write_atomic(report_path, dumps({**result.report, "evaluation": ev}))
-    except OSError as exc:
-        raise UsageError(f"cannot write {report_path}: {exc.strerror}; choose another --out") from None
+    png = _has_matplotlib()
+    with staged(args.out, OUTPUTS if png else OUTPUTS[:2]) as staging:  # all files or none, even on Ctrl-C
+        _write_outputs(result, ev, x, staging, png)
     print_table(result, ev, where)
-    if summary_png(result.report, ev["sweep"], png_path):
+    if png:
         print(f"wrote {onnx_path}, {report_path} and {png_path}")
     else:
         print(f"wrote {onnx_path} and {report_path} (summary.png skipped: pip install 'fxabstract[bench]' for matplotlib)")
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _write_outputs(result, ev: dict, x: torch.Tensor, folder: str, png: bool) -> None:
+    """model.onnx, report.json and (with matplotlib) summary.png into `folder`; the report names the ONNX
+    file relative to itself, so the same compile gives the same bytes whatever --out is."""
+    ev["onnx"] = {**fxa.to_onnx(result.module, x[:4], os.path.join(folder, OUTPUTS[0])), "path": OUTPUTS[0]}
+    write_atomic(os.path.join(folder, OUTPUTS[1]), dumps({**result.report, "evaluation": ev}))
+    if png:
+        summary_png(result.report, ev["sweep"], os.path.join(folder, OUTPUTS[2]))
 
 
 def _pct(v: float) -> str:
@@ -274,8 +314,24 @@ def compile_user(args) -> None:
     compile_and_write(model, batches, x, y, (0.5,), 2_000, args, args.data)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """FxAbstractWarning as one `fxabstract: warning: ...` line; other warnings as Python shows them."""
+    if issubclass(category, FxAbstractWarning):
+        print(f"fxabstract: warning: {_one_line(message, 1000)}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line), file=sys.stderr, end="")
+
+
 def main(argv=None) -> int:
     """Entry point of the `fxabstract` console script; returns the exit status."""
+    with warnings.catch_warnings():  # restores warnings.showwarning afterwards
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", FxAbstractWarning)
+        return _main(argv)
+
+
+def _main(argv) -> int:
+    out, created = None, False
     try:
         args = build_parser().parse_args(argv)
         if args.batch_size < 1:
@@ -284,7 +340,8 @@ def main(argv=None) -> int:
             raise UsageError("--model needs --data: a file of calibration inputs saved with torch.save")
         if not args.model and (args.data or args.checkpoint):
             raise UsageError("--data and --checkpoint need --model module:factory (the demo brings its own)")
-        prepare_out(args.out, args.force)
+        out = args.out
+        created = prepare_out(out, args.force)
         if args.model:
             compile_user(args)
         else:
@@ -292,10 +349,13 @@ def main(argv=None) -> int:
         return 0
     except (UsageError, FxAbstractError) as exc:
         print(f"fxabstract: error: {_one_line(exc, 1000)}", file=sys.stderr)
-        return 2
+        status = 2
     except KeyboardInterrupt:
         print("fxabstract: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    if created and not os.listdir(out):  # a failed compile leaves nothing behind, not even its --out
+        os.rmdir(out)
+    return status
 
 
 if __name__ == "__main__":

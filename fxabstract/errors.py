@@ -23,3 +23,11 @@ class ConfigError(FxAbstractError):
 
 class ExportError(FxAbstractError):
     """Export to ONNX failed or does not match the module."""
+
+
+class OutputError(FxAbstractError):
+    """An output file cannot be written, or exists and overwriting was not asked for."""
+
+
+class FxAbstractWarning(UserWarning):
+    """Something the user should know that does not stop compilation (e.g. a tiny calibration set)."""

@@ -2,30 +2,48 @@
 
     >>> info = to_onnx(result.module, x[:4], "model.onnx")
     >>> info["max_abs_diff"], info["weights"]["fc1.weight"]      # parity, reduced shapes
-    >>> to_onnx(module, x, "big.onnx", exporter="torchscript", opset=13, dynamic_batch=False)
+    >>> to_onnx(module, x, "m.onnx", exporter="torchscript", opset=13, dynamic_batch=False)
 
 Two exporters: "dynamo" (torch.export, the default) and "torchscript" (the legacy tracer); when the
 chosen one fails, the other is tried (`fallback=True`) and the result says which one ran and why.
 Weights larger than `external_threshold` bytes (ONNX's protobuf limit is 2 GB) go to a side file
-`<path>.data`, written atomically with the model.
+`<path>.data`. The files are written into a staging folder, checked there (onnx.checker, onnxruntime
+parity) and only then moved into place: a failed export leaves nothing behind.
 """
 from __future__ import annotations
 
+import copy
 import io
 import os
-import shutil
-import tempfile
+import re
 import warnings
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, ExportError
-from .report import write_atomic
+from .errors import ConfigError, ExportError, OutputError
+from .report import check_new, staged, write_atomic
 
 EXPORTERS = ("dynamo", "torchscript")
 TWO_GB = 2**31
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _strip_stack_traces(model_proto) -> None:
+    """Drop the exporter's per-node Python stack traces: they name install paths, so the same module
+    would give different bytes on different machines (reproducibility), and they hold no semantics."""
+    graphs = [model_proto.graph] + list(model_proto.functions)
+    for graph in graphs:
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
 
 
 def _export_dynamo(module, args, opset, dynamic_batch):
@@ -60,74 +78,92 @@ def _export(module, args, opset, dynamic_batch, exporter, fallback):
                 proto = EXPORT[name](module, args, opset, dynamic_batch)
             return proto, name, (f"{exporter}: {errors[0]}" if errors else None)
         except Exception as exc:  # the exporters raise many types
-            errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            errors.append(_first_line(exc))
     tried = "; ".join(f"{n}: {e}" for n, e in zip(order, errors))
     raise ExportError(f"ONNX export failed ({tried}); try another exporter= or opset=")
 
 
-def _save(proto, path: str, external: bool) -> str | None:
-    """Write the model atomically; with external data, the weights go to <path>.data beside it."""
+def _save(proto, path: str, external: bool) -> None:
+    """Write the model; with external data, every weight goes to <path>.data beside it."""
     import onnx
 
-    if not external:
+    if external:
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data", size_threshold=0)
+    else:
         write_atomic(path, proto.SerializeToString())
-        return None
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(dir=folder, prefix=".fxabstract-")
-    try:
-        onnx.save_model(proto, os.path.join(tmp, name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=name + ".data", size_threshold=0)
-        os.replace(os.path.join(tmp, name + ".data"), path + ".data")
-        os.replace(os.path.join(tmp, name), path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path + ".data"
 
 
-def to_onnx(module: nn.Module, example_inputs, path: str, opset: int = 18, check_batch: int = 3, *,
-            dynamic_batch: bool = True, exporter: str = "dynamo", fallback: bool = True,
+def to_onnx(module: nn.Module, example_inputs, path: str, opset: int = 18, check_batch: int = 3,
+            force: bool = False, *, dynamic_batch: bool = True, exporter: str = "dynamo", fallback: bool = True,
             external_threshold: int = TWO_GB) -> dict:
-    """Export, write atomically, run `onnx.checker`, and compare onnxruntime to torch.
+    """Export, run `onnx.checker`, compare onnxruntime to torch, then move the files into place.
 
     dynamic_batch: the batch axis of every input and the output is dynamic; the parity check then runs
       a batch of `check_batch` samples (a size other than the example's), so the axis is exercised.
     exporter: "dynamo" or "torchscript"; fallback: try the other one if it fails.
     external_threshold: weights of more bytes than this are stored in <path>.data (default 2 GB).
-    Returns the path, the parity (max abs and relative differences), the exporter that ran, the
-    opset, the external data file (or None) and the shapes of the ONNX weights."""
+    Nothing is written if export, the checker or onnxruntime fails, and an existing file is an
+    OutputError unless force=True. An eval-mode copy is exported (ONNX is for deployment), so the
+    module itself is never run or modified. Returns the path, the parity (max abs and relative
+    differences), the exporter that ran, the opset, the external data file (or None) and the shapes
+    of the ONNX weights."""
     import onnx
     import onnxruntime as ort
 
     if exporter not in EXPORTERS:
         raise ConfigError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
-    if not isinstance(opset, int) or not 7 <= opset <= onnx.defs.onnx_opset_version():
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 7 <= opset <= onnx.defs.onnx_opset_version():
         raise ConfigError(f"opset = {opset!r} is out of range; give an int in 7..{onnx.defs.onnx_opset_version()}")
+    module = copy.deepcopy(module).eval()
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    folder = os.path.dirname(os.path.abspath(path))
+    if not args or not all(isinstance(a, torch.Tensor) and a.dim() > 0 and len(a) > 0 for a in args):
+        raise ExportError("example_inputs must be a non-empty Tensor (or a tuple of them) with a batch axis; "
+                          "pass a few samples, e.g. x[:4]")
+    folder, name = os.path.split(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise ExportError(f"cannot write {path}: folder {folder} does not exist or is not writable; choose another --out")
-    proto, used, fallback_reason = _export(module, args, opset, dynamic_batch, exporter, fallback)
-    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    external = _save(proto, path, weight_bytes > external_threshold)
+        raise OutputError(f"cannot write {path}: folder {folder} does not exist or is not writable; "
+                          "choose another path")
+    external = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > external_threshold
+    names = (name, name + ".data") if external else (name,)
+    check_new([os.path.join(folder, n) for n in names], force)
     try:
-        onnx.checker.check_model(path)        # by path: works with external data and past 2 GB
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"the exported ONNX model fails onnx.checker: {str(exc).strip().splitlines()[0]}") from None
+        with torch.no_grad():
+            module(*args)
+    except Exception as exc:  # whatever the module raises on inputs it cannot take
+        raise ExportError(f"the module cannot run on example_inputs (shape {list(args[0].shape)}, {args[0].dtype}): "
+                          f"{_first_line(exc)}; pass inputs of the shape and dtype it takes") from None
+    proto, used, fallback_reason = _export(module, args, opset, dynamic_batch, exporter, fallback)
+    _strip_stack_traces(proto)
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
     size = check_batch if dynamic_batch else len(args[0])
     check = tuple(torch.cat([a] * (size // len(a) + 1))[:size] for a in args)
     with torch.no_grad():
         expected = module(*check)
     expected = expected if isinstance(expected, torch.Tensor) else expected[0]
-    got = session.run(None, {n: a.detach().cpu().numpy() for n, a in zip(names, check)})[0]
+    with staged(folder, names) as staging:   # checked in the staging folder, then moved into place
+        staged_path = os.path.join(staging, name)
+        _save(proto, staged_path, external)
+        try:
+            onnx.checker.check_model(staged_path)   # by path: works with external data and past 2 GB
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"the exported ONNX model fails onnx.checker: {_first_line(exc)}") from None
+        try:
+            session = ort.InferenceSession(staged_path, providers=["CPUExecutionProvider"])
+            inputs = [i.name for i in session.get_inputs()]
+            got = session.run(None, {n: a.detach().cpu().numpy() for n, a in zip(inputs, check)})[0]
+        except Exception as exc:  # onnxruntime raises its own types (NotImplemented for missing kernels)
+            dtype = next((p.dtype for p in module.parameters()), None)
+            raise ExportError(f"onnxruntime cannot run the exported model ({_first_line(exc)}); "
+                              f"nothing written. For a {dtype} module, export a float32 copy: "
+                              "copy.deepcopy(module).float() with float32 inputs") from None
+        written = onnx.load(staged_path, load_external_data=False)
+        size_bytes = sum(os.path.getsize(os.path.join(staging, n)) for n in names)
     diff = float(np.abs(got - expected.detach().cpu().numpy()).max())
     scale = max(1.0, float(expected.abs().max()))
-    written = onnx.load(path, load_external_data=False)
     weights = {init.name: list(init.dims) for init in written.graph.initializer}
     opsets = {o.domain: o.version for o in written.opset_import}
     return {"path": path, "max_abs_diff": diff, "relative_diff": diff / scale, "exporter": used,
             "fallback": fallback_reason, "opset": opsets.get("", opsets.get("ai.onnx", opset)),
-            "dynamic_batch": dynamic_batch, "external_data": external, "weights": weights,
-            "bytes": os.path.getsize(path) + (os.path.getsize(external) if external else 0)}
+            "dynamic_batch": dynamic_batch, "external_data": path + ".data" if external else None,
+            "weights": weights, "bytes": size_bytes}

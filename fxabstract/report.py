@@ -10,8 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 
+from .errors import OutputError
 from .passes.select import SitePlan
 
 
@@ -28,7 +31,7 @@ def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
             "consumers": s.consumers, "units": s.n_units, "axis": s.axis, "shape": list(s.shape),
             "reads": s.reads, "producers": [{"module": q.module, "units": [q.lo, q.hi]} for q in s.pieces],
             "channel_ops": [{"module": q.module, "units": [q.lo, q.hi]} for q in s.channel_ops],
-            "bias_maps": s.bias_maps, "kept": p.kept, "replaced": replaced,
+            "bias_maps": s.bias_maps, "group": s.group, "kept": p.kept, "replaced": replaced,
             "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk,
             "measured_risk": measured_risk}
 
@@ -47,18 +50,53 @@ def summary(report: dict) -> str:
     return "\n".join(rows)
 
 
+def check_new(paths: list[str], force: bool) -> None:
+    """OutputError if any of `paths` exists and force is not set: nothing is overwritten unasked."""
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not force:
+        raise OutputError(f"{' and '.join(existing)} already exists; pass force=True (--force) to overwrite, "
+                          "or choose another path")
+
+
 def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
+    """Write to a temporary file in the same folder, then rename: never a half-written file.
+    An OSError (missing or read-only folder, disk full) is an OutputError; the temporary file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fxabstract-", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fxabstract-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable folder") from None
         raise
+
+
+@contextmanager
+def staged(folder: str, names: tuple[str, ...]):
+    """Yield a hidden staging folder inside `folder`; when the block ends without error, rename each of
+    `names` from it into `folder`. An error or Ctrl-C in the block leaves no output, new or partial;
+    the staging folder is always removed."""
+    try:
+        staging = tempfile.mkdtemp(prefix=".fxabstract-", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write into {folder}: {exc.strerror or exc}; choose a writable folder") from None
+    try:
+        yield staging
+        for name in names:
+            try:
+                os.replace(os.path.join(staging, name), os.path.join(folder, name))
+            except OSError as exc:
+                raise OutputError(f"cannot write {os.path.join(folder, name)}: {exc.strerror or exc}; "
+                                  "choose a writable folder") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def dumps(report: dict) -> bytes:

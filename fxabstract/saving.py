@@ -18,10 +18,11 @@ import os
 import torch
 import torch.fx as fx
 
-from .errors import ConfigError, ExportError
-from .report import dumps, write_atomic
+from .errors import ConfigError, ExportError, OutputError
+from .report import check_new, dumps, staged, write_atomic
 
 PROGRAM, REPORT, PICKLED = "module.pt2", "report.json", "module.pt"
+SAVED = (PROGRAM, PICKLED, REPORT)
 
 
 def export_program(module: fx.GraphModule, example: tuple) -> torch.export.ExportedProgram:
@@ -38,18 +39,24 @@ def export_program(module: fx.GraphModule, example: tuple) -> torch.export.Expor
                           f"({str(exc).strip().splitlines()[0]}); save() cannot write {PROGRAM}") from None
 
 
-def save(module: fx.GraphModule, report: dict, example: tuple | None, folder: str) -> None:
-    """Write module.pt2, report.json and module.pt into folder, each atomically."""
+def save(module: fx.GraphModule, report: dict, example: tuple | None, folder: str, force: bool = False) -> None:
+    """Write module.pt2, module.pt and report.json into folder: all three or none. An existing file
+    there is an OutputError unless force=True."""
     if example is None:
         raise ConfigError("save() needs example inputs to export the module: pass save(folder, example_inputs=x)")
-    os.makedirs(folder, exist_ok=True)
-    buf = io.BytesIO()
-    torch.export.save(export_program(module, tuple(example)), buf)
-    write_atomic(os.path.join(folder, PROGRAM), buf.getvalue())
-    buf = io.BytesIO()
-    torch.save(module, buf)
-    write_atomic(os.path.join(folder, PICKLED), buf.getvalue())
-    write_atomic(os.path.join(folder, REPORT), dumps(report))
+    check_new([os.path.join(folder, name) for name in SAVED], force)
+    program = io.BytesIO()
+    torch.export.save(export_program(module, tuple(example)), program)
+    pickled = io.BytesIO()
+    torch.save(module, pickled)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create folder {folder}: {exc.strerror}; choose another folder") from None
+    with staged(folder, SAVED) as staging:
+        write_atomic(os.path.join(staging, PROGRAM), program.getvalue())
+        write_atomic(os.path.join(staging, PICKLED), pickled.getvalue())
+        write_atomic(os.path.join(staging, REPORT), dumps(report))
 
 
 def load(folder: str):

@@ -118,6 +118,8 @@ class Site:
     channel_ops: list[Piece] = field(default_factory=list)     # per-channel layers and their unit ranges
     reads: dict[str, str] = field(default_factory=dict)        # consumer -> features | channels | flattened
     bias_maps: list[str] = field(default_factory=list)         # zero-padded conv consumers: spatial bias maps
+    group: int = 1            # units are removed in groups of this many (an attention head's width)
+    head_shapes: list[str] = field(default_factory=list)       # nodes whose literal head count fold rewrites
 
     @property
     def producer(self) -> str:
@@ -234,13 +236,17 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     """Every eligible site in graph order, and the reason each other producer is not one.
 
     Needs `annotate_shapes` to have run (shapes decide the unit axis, flatten blocks and bias maps)."""
+    from .heads import find_head_sites  # heads.py builds on this module's Site
+
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    tied = tied_modules(gm)
+    head_sites, claimed = find_head_sites(gm, calls, set(tied))
     ineligible: dict[str, str] = {}
     paths: dict[str, list[fx.Node]] = {}      # producer module -> [producer node, ..., site node]
     axes: dict[str, int] = {}
     for node in gm.graph.nodes:
         mod = _module(gm, node)
-        if mod is None or type(mod) not in PRODUCERS:
+        if mod is None or type(mod) not in PRODUCERS or node.target in claimed:
             continue
         name = node.target
         d = _width(PRODUCERS, mod)
@@ -250,6 +256,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
             continue
         if calls[name] > 1:
             ineligible[name] = f"module is called {calls[name]} times (shared weights cannot be sliced for one call)"
+            continue
+        if name in tied:
+            ineligible[name] = f"it shares a weight with `{tied[name]}` (tied weights cannot be sliced for one layer)"
             continue
         shape = _shape(node)
         if shape is None:
@@ -271,7 +280,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     groups: dict[str, list[str]] = {}
     for name, path in paths.items():
         groups.setdefault(path[-1].name, []).append(name)
-    sites = []
+    sites = list(head_sites)
     for end_name, members in groups.items():
         site, reason = _build_site(gm, calls, [paths[m] for m in members], axes[members[0]])
         if reason:
@@ -304,7 +313,7 @@ def _build_site(gm: fx.GraphModule, calls: Counter, paths: list[list[fx.Node]], 
                                       "which is not the output of an eligible producer")
                 off += sum(_shape(t)[axis] for t in tensors[:tensors.index(prev)])
             offset[prev.name] = off
-    reason = _consumer_problem(gm, end, calls, d, axis)
+    reason = _consumer_problem(gm, end, calls, d, axis, tied_modules(gm))
     if isinstance(reason, str):
         return None, reason
     reads = reason
@@ -324,7 +333,20 @@ def _zero_padded(m: nn.Module) -> bool:
     return isinstance(m, CONVS) and (m.padding == "same" or (m.padding != "valid" and any(m.padding)))
 
 
-def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, axis: int):
+def tied_modules(gm: fx.GraphModule) -> dict[str, str]:
+    """{module path: another module path} for modules that share a parameter object (tied weights)."""
+    owners: dict[int, str] = {}
+    tied: dict[str, str] = {}
+    for path, module in gm.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            first = owners.setdefault(id(p), path)
+            if first != path:
+                tied.setdefault(path, first)
+                tied.setdefault(first, path)
+    return tied
+
+
+def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, axis: int, tied: dict):
     """{consumer: how it reads} if `site` is read only by unshared affine consumers, else why not."""
     readers = _readers(site)
     if not readers:
@@ -352,6 +374,8 @@ def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int,
             return f"consumer `{user.target}` reads it in an unsupported way"
         if calls[user.target] > 1:
             return f"consumer `{user.target}` is called {calls[user.target]} times (shared weights)"
+        if user.target in tied:
+            return f"consumer `{user.target}` shares a weight with `{tied[user.target]}` (tied weights)"
         if isinstance(layer, nn.Linear) and how == "channels":
             return f"consumer `{user.target}` is a Linear over an axis that is not the units' axis"
         if isinstance(layer, CONVS) and how != "channels":

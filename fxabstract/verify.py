@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .checks import check_eval_inputs, check_interventions, check_report
 from .data import logits, split_batch
 from .errors import CalibrationError
 
@@ -53,6 +54,7 @@ def intervene(model: nn.Module, report: dict):
     """Apply the report's replacements to `model` with forward pre-hooks on every consumer.
 
     This reads the report alone (JSON-safe), so anyone can check a compiled module against it."""
+    check_report(model, report)
     like = next(model.parameters())
     handles = []
     try:
@@ -140,9 +142,11 @@ def iia(model: nn.Module, result, data, swap_p: float = 0.5, trials: int = 10_00
     Each trial draws a base and a source input and a Bernoulli(swap_p) mask over the kept units K;
     a_K := mask ? a_K(source) : a_K(base) in the original (removed units keep their base values) and in
     the compiled abstraction (removed units follow their replacement). IIA = P[argmax agrees]."""
+    check_interventions(swap_p, trials, batch_size)
     original = copy.deepcopy(model).eval()
     compiled = result.module
     x = gather(data).to(next(original.parameters()).device)
+    check_eval_inputs(original, x)
     out = {}
     for index, site in enumerate(result.report["sites"]):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
@@ -169,6 +173,7 @@ def certificate(model: nn.Module, result, data) -> dict:
     m is the dense model's top-1 margin, D2 = E||z_c - z||^2; the bound is minimised over eps."""
     original = copy.deepcopy(model).eval()
     x = gather(data).to(next(original.parameters()).device)
+    check_eval_inputs(original, x)
     with torch.no_grad():
         z = logits(original(x)).double()
         zc = logits(result.module(x)).double()

@@ -99,10 +99,10 @@ class MobileNetV2(nn.Module):
     SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
                 (6, 320, 1, 1))
 
-    def __init__(self, classes: int = 1000, width_mult: float = 1.0):
+    def __init__(self, classes: int = 1000, width_mult: float = 1.0, last_channel: int = 1280):
         super().__init__()
         cin = int(32 * width_mult)
-        last = max(1280, int(1280 * width_mult))
+        last = max(last_channel, int(last_channel * width_mult))
         features = [conv_bn(3, cin, 3, 2)]
         for t, c, n, s in self.SETTINGS:
             cout = int(c * width_mult)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import ChannelBatchNorm
+from ..heads import set_head_count
 from .replace import Replacement
 
 
@@ -167,6 +168,8 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         for op in site.channel_ops:
             layer = gm.get_submodule(op.module)
             _set_module(gm, op.module, KEEP_CHANNELS[type(layer)](layer, _local(kept, op.lo, op.hi)))
+        if site.head_shapes:                                  # attention heads: fewer heads in the views
+            set_head_count(gm, site, len(kept) // site.group)
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)

@@ -1,0 +1,359 @@
+"""The bad-input table (issue 5): every mistake a user can make, tried through the Python API and
+through the `fxabstract compile` command, with what the user sees, the exit status, and whether a
+traceback or a partial output file results.
+
+    python benchmarks/bad_inputs.py              # the CLI in a subprocess per case (what a user runs)
+    python benchmarks/bad_inputs.py --in-process # the CLI through fxabstract.cli.main (faster)
+
+Writes benchmarks/results/bad_inputs.md. tests/test_bad_inputs.py runs the same CASES in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import fxabstract as fxa  # noqa: E402
+from fxabstract.errors import FxAbstractError, FxAbstractWarning  # noqa: E402
+
+NETS = '''
+import torch
+from torch import nn
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+
+def wide():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 3))
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if h.sum() > 0:
+            h = h * 2
+        return self.fc2(h)
+
+class AllTied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.fc2.weight = self.fc1.weight
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+def untraceable():
+    return Untraceable()
+
+def no_site():
+    return nn.Sequential(nn.Linear(6, 3), nn.ReLU())
+
+def tied():
+    return AllTied()
+
+def training():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).train()
+
+def half():
+    return build().half()
+
+def bfloat16():
+    return build().bfloat16()
+'''
+
+
+class Payload:
+    """Unpickling this calls open(<marker>, "w"): it would show that a file ran code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class Workspace:
+    """A folder with the user's module (`badnets`), data files and checkpoints, as a user would have."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        (folder / "badnets.py").write_text(NETS)
+        (folder / "afile").write_text("a file where a folder is expected")
+        sys.path.insert(0, str(folder))
+        try:
+            self.nets = importlib.import_module("badnets")
+        finally:
+            sys.path.remove(str(folder))
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(200, 6, generator=gen)
+        self.y = self.nets.build()(self.x).argmax(-1).detach()
+        nan, inf = self.x.clone(), self.x.clone()
+        nan[5, 2], inf[7, 1] = float("nan"), float("inf")
+        files = {"data.pt": {"x": self.x, "y": self.y}, "unlabelled.pt": self.x, "nan.pt": nan, "inf.pt": inf,
+                 "empty.pt": self.x[:0], "narrow.pt": self.x[:, :5], "double.pt": self.x.double(),
+                 "ints.pt": self.x.long(), "tiny.pt": self.x[:20], "half.pt": self.x.half(),
+                 "bfloat16.pt": self.x.bfloat16(), "weights.pt": self.nets.build().state_dict(),
+                 "list.pt": [1, 2, 3], "module.pt": self.nets.build(), "other.pt": self.nets.wide().state_dict(),
+                 "evil.pt": {"x": Payload(str(folder / "EXECUTED"))}}
+        for name, obj in files.items():
+            torch.save(obj, folder / name)
+        (folder / "existing").mkdir()
+        for name in ("model.onnx", "report.json", "module.pt"):
+            (folder / "existing" / name).write_text("an earlier output")
+
+    def result(self):
+        return fxa.abstract(self.nets.build(), [self.x[:100], self.x[100:]], keep=0.5)
+
+
+@dataclass
+class Case:
+    name: str                                   # what the user did
+    api: Callable[[Workspace], object] | None   # the same mistake through the Python API
+    cli: list[str] | None                       # arguments after `compile` ({m} = --model badnets:...)
+    expect: str = "error"                       # "error", "warning" or "ok" (a documented policy)
+
+
+def batches(ws: Workspace, x=None):
+    x = ws.x if x is None else x
+    return [x[:100], x[100:]]
+
+
+def nan_batches(ws, bad):
+    x = ws.x.clone()
+    x[150, 0] = bad
+    return batches(ws, x)
+
+
+B = "badnets:build"
+CASES = [
+    Case("model with data-dependent control flow", lambda ws: fxa.abstract(ws.nets.untraceable(), batches(ws)),
+         ["--model", "badnets:untraceable", "--data", "data.pt"]),
+    Case("model with no eligible site", lambda ws: fxa.abstract(ws.nets.no_site(), batches(ws)),
+         ["--model", "badnets:no_site", "--data", "data.pt"]),
+    Case("tied weights between its only Linear layers", lambda ws: fxa.abstract(ws.nets.tied(), batches(ws)),
+         ["--model", "badnets:tied", "--data", "data.pt"]),
+    Case("empty calibration data", lambda ws: fxa.abstract(ws.nets.build(), []),
+         ["--model", B, "--data", "empty.pt"]),
+    Case("NaN in calibration data", lambda ws: fxa.abstract(ws.nets.build(), nan_batches(ws, float("nan"))),
+         ["--model", B, "--data", "nan.pt"]),
+    Case("inf in calibration data", lambda ws: fxa.abstract(ws.nets.build(), nan_batches(ws, float("inf"))),
+         ["--model", B, "--data", "inf.pt"]),
+    Case("inputs of the wrong shape", lambda ws: fxa.abstract(ws.nets.build(), batches(ws, ws.x[:, :5])),
+         ["--model", B, "--data", "narrow.pt"]),
+    Case("float64 inputs to a float32 model", lambda ws: fxa.abstract(ws.nets.build(), batches(ws, ws.x.double())),
+         ["--model", B, "--data", "double.pt"]),
+    Case("integer inputs", lambda ws: fxa.abstract(ws.nets.build(), batches(ws, ws.x.long())),
+         ["--model", B, "--data", "ints.pt"]),
+    Case("batches whose shape changes", lambda ws: fxa.abstract(ws.nets.build(), [ws.x, ws.x[:, :5]]), None),
+    Case("one Tensor instead of a list of batches", lambda ws: fxa.abstract(ws.nets.build(), ws.x), None),
+    Case("keep = 0", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), keep=0.0),
+         ["--model", B, "--data", "data.pt", "--keep", "0.0"]),
+    Case("keep = 1.5 (fraction > 1)", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), keep=1.5),
+         ["--model", B, "--data", "data.pt", "--keep", "1.5"]),
+    Case("keep = -1", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), keep=-1),
+         ["--model", B, "--data", "data.pt", "--keep=-1"]),
+    Case("keep more units than exist", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), keep=1000),
+         ["--model", B, "--data", "data.pt", "--keep", "1000"]),
+    Case("keep dict naming an unknown site", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), keep={"fc9": 4}),
+         ["--model", B, "--data", "data.pt", "--keep", "fc9=4"]),
+    Case("keep dict with a negative count", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), keep={"0": -1}),
+         ["--model", B, "--data", "data.pt", "--keep", "0=-1"]),
+    Case("unknown score", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), score="fisher"),
+         ["--model", B, "--data", "data.pt", "--score", "fisher"]),
+    Case("unknown replacement", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), replacement="linear"),
+         ["--model", B, "--data", "data.pt", "--replacement", "linear"]),
+    Case("score 'ce' without labels", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), score="ce"),
+         ["--model", B, "--data", "unlabelled.pt", "--score", "ce"]),
+    Case("'ce' labels out of range", lambda ws: fxa.abstract(ws.nets.build(), [(ws.x, ws.y + 5)], score="ce"), None),
+    Case("invalid sites regex", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), sites="fc["), None),
+    Case("zero Hutchinson probes", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), curvature="hutchinson",
+                                                           probes=0), None),
+    Case("checkpoint that is a list", None, ["--model", B, "--checkpoint", "list.pt", "--data", "data.pt"]),
+    Case("checkpoint that is a pickled module", None, ["--model", B, "--checkpoint", "module.pt", "--data", "data.pt"]),
+    Case("checkpoint of another architecture", None, ["--model", B, "--checkpoint", "other.pt", "--data", "data.pt"]),
+    Case("data file with code in its pickle", None, ["--model", B, "--data", "evil.pt"]),
+    Case("missing data file", None, ["--model", B, "--data", "nowhere.pt"]),
+    Case("--model without module:factory", None, ["--model", "badnets", "--data", "data.pt"]),
+    Case("--model naming a module that does not exist", None, ["--model", "nosuchmodule:build", "--data", "data.pt"]),
+    Case("output folder that cannot be created", lambda ws: ws.result().save(str(ws.folder / "afile" / "out")),
+         ["--model", B, "--data", "data.pt", "--out", "afile/out"]),
+    Case("ONNX path in a folder that does not exist", lambda ws: fxa.to_onnx(ws.result().module, ws.x[:4],
+                                                                                str(ws.folder / "no" / "m.onnx")), None),
+    Case("outputs already there, no force", lambda ws: ws.result().save(str(ws.folder / "existing")),
+         ["--model", B, "--data", "data.pt", "--out", "existing"]),
+    Case("IIA swap probability 1.5", lambda ws: fxa.iia(ws.nets.build(), ws.result(), ws.x, swap_p=1.5), None),
+    Case("IIA on inputs of the wrong shape", lambda ws: fxa.iia(ws.nets.build(), ws.result(), ws.x[:, :5]), None),
+    Case("intervene with another model's report", lambda ws: fxa.intervene(ws.nets.wide(), ws.result().report)
+         .__enter__(), None),
+    Case("bfloat16 model exported to ONNX", lambda ws: fxa.to_onnx(ws.nets.bfloat16(), ws.x[:4].bfloat16(),
+                                                                     str(ws.folder / "bf16.onnx")),
+         ["--model", "badnets:bfloat16", "--data", "bfloat16.pt"]),
+    Case("fewer calibration samples than units", lambda ws: fxa.abstract(ws.nets.build(), [ws.x[:20]],
+                                                                         replacement="affine"),
+         ["--model", B, "--data", "tiny.pt"], expect="warning"),
+    Case("model in training mode (BatchNorm, Dropout)", lambda ws: fxa.abstract(ws.nets.training(), batches(ws)),
+         ["--model", "badnets:training", "--data", "data.pt"], expect="ok"),
+    Case("float16 model", lambda ws: fxa.abstract(ws.nets.half(), batches(ws, ws.x.half())),
+         ["--model", "badnets:half", "--data", "half.pt"], expect="ok"),
+]
+
+
+@dataclass
+class Outcome:
+    sees: str             # what the user sees: the exception, or the CLI's last stderr line
+    kind: str             # "error", "warning", "ok", or "crash" (an exception that is not ours)
+    status: int | None    # the CLI's exit status
+    traceback: bool
+    partial: list[str]    # files left behind that must not be there
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def _partial(folder: Path, before: set[str], failed: bool) -> list[str]:
+    """New files after a failure, staging/temporary files, and new outputs that do not load."""
+    import json
+
+    import onnx
+
+    bad = []
+    for name in sorted(_files(folder) - before):
+        path = folder / name
+        if failed or any(part.startswith(".fxabstract-") for part in Path(name).parts):
+            bad.append(name)
+        elif path.suffix == ".json":
+            try:
+                json.loads(path.read_text())
+            except ValueError:
+                bad.append(name)
+        elif path.suffix == ".onnx":
+            try:
+                onnx.checker.check_model(onnx.load(str(path)))
+            except Exception:  # a truncated or corrupt file
+                bad.append(name)
+    return bad
+
+
+def run_api(case: Case, ws: Workspace) -> Outcome:
+    before, kind, tb = _files(ws.folder), "ok", False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            case.api(ws)
+            sees = "no error"
+        except FxAbstractError as exc:
+            kind, sees = "error", f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - that is what this table is looking for
+            kind, sees, tb = "crash", f"{type(exc).__name__}: {exc}", True
+    ours = [w for w in caught if issubclass(w.category, FxAbstractWarning)]
+    if kind == "ok" and ours:
+        kind, sees = "warning", f"FxAbstractWarning: {ours[0].message}"
+    return Outcome(" ".join(sees.split()), kind, None, tb, _partial(ws.folder, before, kind in ("error", "crash")))
+
+
+def run_cli(case: Case, ws: Workspace, index: int, in_process: bool) -> Outcome:
+    args = ["compile", *case.cli]
+    if "--out" not in args:
+        args += ["--out", f"out{index}"]
+    before = _files(ws.folder)
+    if in_process:
+        from fxabstract.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.chdir(ws.folder), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main(args)
+                tb = False
+            except BaseException as exc:  # noqa: BLE001 - an exception escaping main is a traceback
+                status, tb = 1, True
+                print(f"Traceback: {type(exc).__name__}: {exc}", file=err)
+        stdout, stderr = out.getvalue(), err.getvalue()
+    else:
+        script = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from fxabstract.cli import main; sys.exit(main())"
+        run = subprocess.run([sys.executable, "-c", script, *args], cwd=ws.folder, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        status, stdout, stderr = run.returncode, run.stdout, run.stderr
+        tb = "Traceback" in stderr
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    said = [line for line in lines if line.startswith(("fxabstract: error:", "fxabstract: warning:"))]
+    kind = {0: "ok", 2: "error"}.get(status, "crash")
+    if kind == "ok" and any(line.startswith("fxabstract: warning:") for line in said):
+        kind = "warning"
+    sees = said[-1] if said else (stdout.strip().splitlines() or ["(nothing)"])[-1]
+    return Outcome(sees, kind, status, tb, _partial(ws.folder, before, status != 0))
+
+
+def run_all(folder: Path, in_process: bool) -> list[tuple[Case, Outcome | None, Outcome | None]]:
+    ws = Workspace(folder)
+    rows = []
+    for i, case in enumerate(CASES):
+        api = run_api(case, ws) if case.api else None
+        cli = run_cli(case, ws, i, in_process) if case.cli else None
+        rows.append((case, api, cli))
+    if (folder / "EXECUTED").exists():
+        raise AssertionError("a data file ran code on load")
+    return rows
+
+
+def _cell(text: str, limit: int = 240) -> str:
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return text.replace("|", "\\|")
+
+
+def table(rows, in_process: bool, seconds: float) -> str:
+    lines = ["# Bad inputs: what the user sees", "",
+             f"`python benchmarks/bad_inputs.py{' --in-process' if in_process else ''}`: {len(rows)} cases, "
+             f"each through the Python API and/or the `fxabstract compile` command "
+             f"({'in-process' if in_process else 'one subprocess per case'}); {seconds:.0f} s. "
+             "Expected: an `fxabstract.errors` exception (API) and exit status 2 with one "
+             "`fxabstract: error:` line (CLI); the policy cases (expect ok or warning) compile.", "",
+             "| # | case | expect | API: what the user sees | CLI: what the user sees | exit | traceback | partial file |",
+             "|---|------|--------|-------------------------|-------------------------|------|-----------|--------------|"]
+    for i, (case, api, cli) in enumerate(rows, 1):
+        tb = "yes" if (api and api.traceback) or (cli and cli.traceback) else "no"
+        partial = ", ".join((api.partial if api else []) + (cli.partial if cli else [])) or "none"
+        lines.append(f"| {i} | {case.name} | {case.expect} | {_cell(api.sees) if api else '(CLI only)'} | "
+                     f"{_cell(cli.sees) if cli else '(API only)'} | {cli.status if cli else ''} | {tb} | {partial} |")
+    bad = [case.name for case, api, cli in rows
+           if any(o and (o.kind != case.expect or o.traceback or o.partial) for o in (api, cli))]
+    lines += ["", f"Cases not as expected: {', '.join(bad) if bad else 'none'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in-process", action="store_true", help="run the CLI through main() (faster)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bad_inputs.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        rows = run_all(Path(folder), args.in_process)
+    text = table(rows, args.in_process, time.perf_counter() - start)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

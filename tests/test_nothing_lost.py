@@ -1,0 +1,127 @@
+"""Issue 5, nothing lost: the user's model is bitwise unchanged by every public call, and every file
+fxabstract writes lands whole or not at all (failures injected at the worst moment)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fxabstract as fxa
+import fxabstract.cli
+import fxabstract.report
+import fxabstract.saving
+from fxabstract.cli import main
+from fxabstract.errors import OutputError
+from test_cli import user_files  # noqa: F401  (fixture)
+from test_robustness import TrainingNet
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything a call could change: values (bitwise), Parameter objects, modes, flags and hooks."""
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "objects": {k: id(v) for k, v in model.named_parameters()},
+        "training": {k: m.training for k, m in model.named_modules()},
+        "requires_grad": {k: v.requires_grad for k, v in model.named_parameters()},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    }
+
+
+def assert_unchanged(model, before: dict, call: str) -> None:
+    after = snapshot(model)
+    assert after["state"].keys() == before["state"].keys(), f"{call} changed the model's parameters/buffers"
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k], v), f"{call} changed {k} of the user's model"
+    for key in ("objects", "training", "requires_grad", "hooks"):
+        assert after[key] == before[key], f"{call} changed the model's {key}"
+
+
+def test_every_public_call_leaves_the_model_and_the_result_bitwise_unchanged(tmp_path):
+    model = TrainingNet().train()          # training mode: BatchNorm would update its running stats
+    calibration, x = [torch.randn(32, 6) for _ in range(3)], torch.randn(40, 6)
+    before = snapshot(model)
+    calls = {
+        "analyse": lambda: fxa.analyse(model, calibration),
+        "abstract": lambda: fxa.abstract(model, calibration, keep=0.5, replacement="affine", round_to=1),
+    }
+    results = {name: call() for name, call in calls.items()}
+    for name in calls:
+        assert_unchanged(model, before, name)
+    result = results["analyse"].compile(0.5, replacement="affine")
+    assert_unchanged(model, before, "Analysis.compile")
+    compiled = snapshot(result.module)
+    def intervene():
+        with fxa.intervene(model, result.report):
+            pass
+
+    later = {
+        "iia": lambda: fxa.iia(model, result, x, trials=100),
+        "certificate": lambda: fxa.certificate(model, result, x),
+        "intervene": intervene,
+        "to_onnx (user's model)": lambda: fxa.to_onnx(model, x[:4], str(tmp_path / "user.onnx")),
+        "to_onnx": lambda: fxa.to_onnx(result.module, x[:4], str(tmp_path / "m.onnx")),
+        "save": lambda: result.save(str(tmp_path / "saved")),
+    }
+    for name, call in later.items():
+        call()
+        assert_unchanged(model, before, name)
+        assert_unchanged(result.module, compiled, f"{name} (on the compiled module)")
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def leftovers(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.startswith(".fxabstract-"))
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "ctrl-c"])
+@pytest.mark.parametrize("where", ["fsync", "replace"])
+def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, failure, where):
+    path = tmp_path / "report.json"
+    path.write_bytes(b"old")
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(fxabstract.report.os, where, fail)
+    expected = OutputError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected):
+        fxabstract.report.write_atomic(str(path), b"new" * 1000)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old", "an interrupted write must leave the previous file intact"
+    assert leftovers(tmp_path) == [], "an interrupted write must remove its temporary file"
+
+
+def test_interrupted_save_writes_neither_file(tmp_path, monkeypatch):
+    model = TrainingNet().eval()
+    result = fxa.abstract(model, [torch.randn(32, 6)], keep=0.5)
+
+    def interrupt(report):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fxabstract.saving, "dumps", interrupt)       # after module.pt2 and module.pt are staged
+    with pytest.raises(KeyboardInterrupt):
+        result.save(str(tmp_path))
+    assert os.listdir(tmp_path) == [], f"save must write both files or neither, found {os.listdir(tmp_path)}"
+
+
+@pytest.mark.parametrize("target, failure, status", [
+    (fxabstract.cli, KeyboardInterrupt(), 130),             # Ctrl-C after model.onnx, before report.json
+    (fxabstract.report.os, OSError(28, "No space left on device"), 2),   # disk full at the first write
+], ids=["ctrl-c", "disk-full"])
+def test_interrupted_cli_compile_leaves_no_output(user_files, monkeypatch, capsys, target, failure, status):  # noqa: F811
+    folder, module = user_files
+
+    def fail(*args):
+        raise failure
+
+    monkeypatch.setattr(target, "dumps" if target is fxabstract.cli else "fsync", fail)
+    code = main(["compile", "--model", f"{module}:build", "--data", "data.pt", "--out", "build"])
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert code == status, f"an interrupted compile exits with {status}, got {code}: {err}"
+    assert "Traceback" not in err, err
+    assert not (folder / "build").exists(), \
+        f"no output, new or partial, not even the --out folder it created: {list((folder / 'build').rglob('*'))}"

@@ -1,0 +1,178 @@
+"""Issue 5, numerical robustness and dtypes: dead, constant, collinear and huge units, tiny calibration
+sets, float16/bfloat16/float64 models, and models handed over in training mode."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxabstract as fxa
+import fxabstract.abstraction
+from fxabstract.errors import FxAbstractWarning
+from fxabstract.verify import relative_error
+from test_exactness import ARCHITECTURES, build, hooked_vs_compiled
+
+# Compiled module vs the hook-intervened original: max |dz| / max(1, max |z|). The fold runs in
+# float64 and casts once; the hooks compute in the model's dtype, so the gap is a few roundings.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5,
+       torch.float16: 8 * torch.finfo(torch.float16).eps, torch.bfloat16: 8 * torch.finfo(torch.bfloat16).eps}
+
+
+def mlp(d: int = 16, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, d), nn.ReLU(), nn.Linear(d, 10), nn.ReLU(), nn.Linear(10, 3)).eval()
+
+
+def holdout_mse(model, module, x) -> float:
+    """E 1/2 ||z - z_c||^2 on held-out inputs: the measured Interventional Risk (THEORY §2)."""
+    with torch.no_grad():
+        return float(0.5 * (model(x).double() - module(x).double()).pow(2).sum(-1).mean())
+
+
+def assert_finite_and_exact(model, result, x, dtype=torch.float32):
+    json.dumps(result.report, allow_nan=False)  # raises on NaN/inf anywhere in the report
+    bad = [n for n, p in result.module.named_parameters() if not torch.isfinite(p).all()]
+    assert not bad, f"the compiled module must have finite parameters, not in {bad}"
+    z_hooks, z_compiled = hooked_vs_compiled(model, result, x)
+    err = relative_error(z_hooks.double(), z_compiled.double())
+    assert err <= TOL[dtype], f"the compiled module must equal the intervened original: relative error {err:.3g}"
+
+
+# ----------------------------------------------------------------------------- degenerate units
+
+def dead_half(m):
+    m[0].bias[:8] = -1e3                               # ReLU(-1000 + ...) = 0: dead units
+
+
+def constant_half(m):
+    m[0].weight[:8] = 0                                # a_j = ReLU(b_j): constant units
+
+
+def duplicated_half(m):
+    m[0].weight[8:], m[0].bias[8:] = m[0].weight[:8], m[0].bias[:8]   # perfectly collinear pairs
+
+
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+@pytest.mark.parametrize("degenerate", [dead_half, constant_half, duplicated_half], ids=lambda f: f.__name__)
+def test_redundant_units_are_removed_at_no_cost(degenerate, replacement):
+    """Half of fc1's 16 units carry no information (dead, constant, or copies of the other half):
+    keeping the 8 others must leave the function unchanged, with a finite fit and no warning."""
+    if degenerate is duplicated_half and replacement == "constant":
+        pytest.skip("a constant cannot stand in for a copy of a varying unit")
+    model = mlp()
+    with torch.no_grad():
+        degenerate(model)
+    calibration, x = [torch.randn(64, 6) for _ in range(2)], torch.randn(200, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxAbstractWarning)
+        result = fxa.abstract(model, calibration, keep={"0": 8, "2": 10}, replacement=replacement, round_to=1)
+    assert_finite_and_exact(model, result, x)
+    scale = holdout_mse(model, lambda v: torch.zeros_like(model(v)), x)
+    risk = holdout_mse(model, result.module, x)
+    assert risk <= 1e-5 * scale, f"removing {degenerate.__name__} units must cost nothing: risk {risk:.3g}"
+
+
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+@pytest.mark.parametrize("scale", ["weights", "inputs"])
+def test_huge_activations_give_a_finite_exact_compile(scale, replacement):
+    """Activations around 1e5-1e6 (float32): statistics in float64 stay finite and the fold exact."""
+    model = mlp()
+    calibration, x = [torch.randn(64, 6) for _ in range(2)], torch.randn(100, 6)
+    if scale == "weights":
+        with torch.no_grad():
+            model[0].weight.mul_(1e4)
+            model[0].bias.add_(1e5)
+    else:
+        calibration, x = [c * 1e6 for c in calibration], x * 1e6
+    result = fxa.abstract(model, calibration, keep=0.5, replacement=replacement, round_to=1)
+    assert_finite_and_exact(model, result, x)
+
+
+def test_fewer_samples_than_units_warns_and_regularises(monkeypatch):
+    """n = 32 samples, d = 64 units: the affine fit warns (FxAbstractWarning), raises the ridge to d/n,
+    and generalises better than the unregularised fit (summed over three seeds)."""
+    regularised, plain = 0.0, 0.0
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)).eval()
+        calibration, x = [torch.randn(32, 10)], torch.randn(1000, 10)
+        with pytest.warns(FxAbstractWarning, match="32 samples"):
+            result = fxa.abstract(model, calibration, keep=0.5, replacement="affine", round_to=1)
+        assert result.report["ridge"] == 64 / 32, "the ridge used must be reported"
+        regularised += holdout_mse(model, result.module, x)
+        with monkeypatch.context() as mp:
+            mp.setattr(fxabstract.abstraction, "tiny_calibration_ridge", lambda samples, units, ridge: ridge)
+            plain += holdout_mse(model, fxa.abstract(model, calibration, keep=0.5, replacement="affine",
+                                                     round_to=1).module, x)
+    assert regularised < 0.5 * plain, \
+        f"the regularised fit must generalise better: held-out risk {regularised:.3g} vs {plain:.3g}"
+
+
+def test_enough_samples_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxAbstractWarning)
+        result = fxa.abstract(mlp(), [torch.randn(64, 6)], keep=0.5, replacement="affine")
+    assert result.report["ridge"] == 1e-3, "with n >= d the requested ridge is used"
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
+def test_every_float_dtype_compiles_exactly_within_its_tolerance(cls, replacement, dtype):
+    model, calibration, x = build(cls, dtype)
+    result = fxa.abstract(model, calibration, keep=0.5, replacement=replacement, round_to=1)
+    assert all(p.dtype == dtype for p in result.module.parameters()), "the compiled module keeps the model's dtype"
+    assert_finite_and_exact(model, result, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_compile_is_as_faithful_as_float32(dtype):
+    """Statistics accumulate in float64, so a half-precision model is compiled about as well as its
+    float32 twin: the held-out risk (against each dense model) is within 25% plus rounding noise."""
+    model32 = mlp(32)
+    calibration, x = [torch.randn(256, 6) for _ in range(2)], torch.randn(500, 6)
+    model16 = mlp(32).to(dtype)
+    r32 = fxa.abstract(model32, calibration, keep=0.5, replacement="affine", round_to=1)
+    r16 = fxa.abstract(model16, [c.to(dtype) for c in calibration], keep=0.5, replacement="affine", round_to=1)
+    noise = holdout_mse(model32, lambda v: model16(v.to(dtype)), x)        # rounding of the dense model alone
+    risk32, risk16 = holdout_mse(model32, r32.module, x), holdout_mse(model16, r16.module, x.to(dtype))
+    assert risk16 <= 1.25 * risk32 + 4 * noise, f"{dtype} compile risk {risk16:.3g} vs float32 {risk32:.3g}"
+
+
+# ----------------------------------------------------------------------------- training mode
+
+class TrainingNet(nn.Module):
+    """BatchNorm on the inputs and Dropout in a site's chain: both behave differently in training."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.BatchNorm1d(6)
+        self.fc1, self.drop, self.fc2, self.out = nn.Linear(6, 16), nn.Dropout(0.5), nn.Linear(16, 12), nn.Linear(12, 3)
+        with torch.no_grad():
+            self.norm.running_mean.uniform_(-1, 1)
+            self.norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc2(self.drop(torch.relu(self.fc1(self.norm(x)))))))
+
+
+def test_a_model_in_training_mode_is_compiled_as_its_eval_copy():
+    """Policy: fxabstract abstracts the deployed function, so it compiles an eval-mode copy; the user's
+    model keeps its mode and its BatchNorm running statistics."""
+    model = TrainingNet().train()
+    running = model.norm.running_mean.clone()
+    calibration, x = [torch.randn(32, 6) for _ in range(3)], torch.randn(40, 6)
+    result = fxa.abstract(model, calibration, keep=0.5, replacement="affine", round_to=1)
+    assert model.training and all(m.training for m in model.modules()), "the user's model stays in training mode"
+    assert torch.equal(model.norm.running_mean, running), "calibration must not update the running statistics"
+    assert not result.module.training, "the compiled module is in eval mode"
+    model.eval()
+    assert_finite_and_exact(model, result, x)   # equal to the eval model under the report's interventions
+    with torch.no_grad():
+        assert torch.equal(result.module(x), result.module(x)), "the compiled module is deterministic (no dropout)"
