@@ -225,19 +225,19 @@ def memory(ns) -> tuple[str, list]:
     return text, raw
 
 
-SEQUENTIAL_MODELS = {   # name -> (factory, input shape), batch 256, Hutchinson with 1 probe
+SEQUENTIAL_MODELS = {   # name -> (factory, input shape, batch); Hutchinson with 1 probe
     "MLP 256-(1024 x 8)-10, GELU": (lambda: nn.Sequential(*[m for i in range(8) for m in (
-        nn.Linear(256 if i == 0 else 1024, 1024), nn.GELU())], nn.Linear(1024, 10)), (256,)),
-    "ResNet-20-style (CIFAR 32x32)": (cifar_resnet, (3, 32, 32)),
+        nn.Linear(256 if i == 0 else 1024, 1024), nn.GELU())], nn.Linear(1024, 10)), (256,), 2048),
+    "ResNet-20-style (CIFAR 32x32)": (cifar_resnet, (3, 32, 32), 256),
 }
 
 
 def sequential_child(name: str, sequential: bool) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    factory, shape = SEQUENTIAL_MODELS[name]
+    factory, shape, batch = SEQUENTIAL_MODELS[name]
     model = factory().eval()
-    x = torch.randn(256, *shape)
+    x = torch.randn(batch, *shape)
     options = dict(matrices=False, curvature="hutchinson", probes=1, sequential=sequential)
     fxa.analyse(model, [x[:8]], **options)
     with open("/proc/self/clear_refs", "w") as f:
@@ -256,13 +256,13 @@ def sequential_memory() -> str:
             out = subprocess.run([sys.executable, __file__, "--sequential-child", name, str(int(mode))],
                                  capture_output=True, text=True, check=True, env=CHILD_ENV)
             r[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append([name, f"{r[False]['peak_above_base_mb']:.0f}", f"{r[True]['peak_above_base_mb']:.0f}",
+        rows.append([name, SEQUENTIAL_MODELS[name][2], f"{r[False]['peak_above_base_mb']:.0f}", f"{r[True]['peak_above_base_mb']:.0f}",
                      f"{r[False]['seconds']:.1f}", f"{r[True]['seconds']:.1f}"])
-        log("  " + " | ".join(rows[-1]))
+        log("  " + " | ".join(str(c) for c in rows[-1]))
     return ("`fxa.analyse(sequential=True)` (one block per site, passes/sequential.py) against the whole-model "
-            "pass, on one batch of 256 samples with Hutchinson curvature (1 probe), each in a fresh process as in "
+            "pass, on one batch with Hutchinson curvature (1 probe), each in a fresh process as in "
             "section 3. Both give the same statistics (tests/test_sequential.py).\n\n"
-            + md_table(["model", "whole: peak above base (MiB)", "sequential: peak above base (MiB)",
+            + md_table(["model", "batch", "whole: peak above base (MiB)", "sequential: peak above base (MiB)",
                         "whole: s", "sequential: s"], rows))
 
 

@@ -82,9 +82,9 @@ def blockwise_vjp(runner, blocks: list[list[fx.Node]], inputs: list, eps0: dict)
             if block[-1].op == "output":
                 wanted = wanted + (V,)
             g_eps, g_in = torch.func.vmap(pull)(wanted) if batched else pull(wanted)
-            site_grads.update(g_eps)
-            for a, g in zip(diff_in, g_in):
-                cotangents[a] = cotangents[a] + g if a in cotangents else g
+            site_grads.update({name: tuple(t.detach() for t in v) for name, v in g_eps.items()})
+            for a, g in zip(diff_in, g_in):   # detached: a cotangent's history would keep its block alive
+                cotangents[a] = cotangents[a] + g.detach() if a in cotangents else g.detach()
             del primals, pull, wanted, g_in                   # free this block before re-running the next
             runner.env = {}
         runner.eps = {}
