@@ -126,13 +126,13 @@ def bench_model(name: str, factory, shape, n_cal: int, repeats: int, folder: str
     analysis = fxa.analyse(model, list(x_cal.split(32)), matrices=False)
     log(f"  analysed in {time.perf_counter() - t:.1f} s")
     dense_path = os.path.join(folder, "dense.onnx")
-    fxa.to_onnx(model, x_cal[:2], dense_path)
+    fxa.to_onnx(model, x_cal[:2], dense_path, force=True)
     dense, dense_macs = session(dense_path), macs(model, x_cal)
     rows = []
     for keep in KEEPS:
         result = analysis.compile(keep, selection="diagonal", allocation="predicted", round_to=8)
         path = os.path.join(folder, f"keep{keep}.onnx")
-        fxa.to_onnx(result.module, x_cal[:2], path)
+        fxa.to_onnx(result.module, x_cal[:2], path, force=True)
         compiled, ratio = session(path), dense_macs / macs(result.module, x_cal)
         for batch in BATCHES:
             xb = torch.randn(batch, *shape, generator=gen).numpy()
