@@ -175,7 +175,7 @@ def brute_force(n: int) -> tuple[str, dict]:
             f"- analysis {t_analysis:.2f} s, brute force {t_brute:.1f} s: **{t_brute / t_analysis:.0f}x faster** "
             f"(target >= 50x)\n- Spearman of the scores against the exact ablation risk:\n\n"
             + md_table(["site", "units", "Spearman", "units with risk > 0", "Spearman on them",
-                        "median |score - risk| / risk"], rows))
+                        "median abs(score - risk) / risk"], rows))
     return text, {"analysis_s": t_analysis, "brute_s": t_brute, "spearman": rho_all}
 
 
