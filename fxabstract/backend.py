@@ -192,10 +192,16 @@ def lift(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule | Non
         elif (isinstance(source, TensorPropertySource) and source.prop == TensorProperty.SIZE
               and source.base in arguments):      # a dynamic size of an input: x.size(i)
             env[node] = graph.call_method("size", (env[arguments[source.base]], source.idx))
+        elif source is not None and (isinstance(value, (bool, int, float)) or
+                                     isinstance(value, torch.Tensor) and value.dim() == 0):
+            # a module's number attribute (BatchNorm's momentum under dynamic=True): a constant
+            env[node] = value.item() if isinstance(value, torch.Tensor) else value
         else:
             return None, [], f"input `{node.name}` ({source.name if source is not None else 'no source'}) is neither an argument, a parameter nor a buffer"
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is F.batch_norm:
+        if node.op == "call_method" and node.target == "item" and isinstance(env.get(node.args[0]), (int, float)):
+            env[node] = env[node.args[0]]             # .item() of a number attribute made constant above
+        elif node.op == "call_function" and node.target is F.batch_norm:
             env[node] = graph.call_function(torch.batch_norm, _batch_norm_args(node, env))
         elif node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])

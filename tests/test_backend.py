@@ -9,7 +9,7 @@ from torch import nn
 
 import fxabstract as fxa
 from fxabstract.errors import ConfigError
-from fxabstract.zoo import LeNet
+from fxabstract.zoo import LeNet, ResNet
 
 
 class BnMLP(nn.Module):
@@ -90,6 +90,21 @@ def test_conv_model_through_dynamo_equals_the_abstract_module():
         expected = fxa.abstract(model, calibration, keep=0.5).module(x)
     assert be.abstractions and not be.passed_through, f"LeNet must be abstracted: {be.passed_through}"
     assert torch.allclose(got, expected, rtol=0, atol=1e-5), "conv sites through Dynamo must match fxa.abstract"
+
+
+def test_resnet_with_batchnorm_under_dynamic_shapes_equals_the_abstract_module():
+    """dynamic=True lifts BatchNorm's momentum as an input (a 0-d tensor read with .item()): a constant."""
+    torch.manual_seed(0)
+    model = ResNet((1, 1), (8, 16), classes=10, cifar=True).eval()
+    calibration = list(torch.randn(64, 3, 8, 8).split(32))
+    be = fxa.backend(calibration, keep=0.5, then_backend="eager")
+    x = torch.randn(5, 3, 8, 8)
+    reference = fxa.abstract(model, calibration, keep=0.5)
+    with torch.no_grad():
+        got, expected = torch.compile(model, backend=be, dynamic=True)(x), reference.module(x)
+    assert not be.passed_through, f"the ResNet must be abstracted: {be.passed_through}"
+    assert be.abstractions[0].report["sites"] == reference.report["sites"], "the same abstraction as fxa.abstract"
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5), "residual conv sites through Dynamo must match"
 
 
 def test_a_graph_specialised_to_the_batch_size_asks_for_dynamic_shapes():
