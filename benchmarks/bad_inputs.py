@@ -193,6 +193,7 @@ CASES = [
     Case("checkpoint of another architecture", None, ["--model", B, "--checkpoint", "other.pt", "--data", "data.pt"]),
     Case("data file with code in its pickle", None, ["--model", B, "--data", "evil.pt"]),
     Case("missing data file", None, ["--model", B, "--data", "nowhere.pt"]),
+    Case("data file that is not a torch.save file", None, ["--model", B, "--data", "badnets.py"]),
     Case("--model without module:factory", None, ["--model", "badnets", "--data", "data.pt"]),
     Case("--model naming a module that does not exist", None, ["--model", "nosuchmodule:build", "--data", "data.pt"]),
     Case("output folder that cannot be created", lambda ws: ws.result().save(str(ws.folder / "afile" / "out")),

@@ -47,9 +47,11 @@ def checked_batches(calibration):
                 raise CalibrationError(f"calibration batch {i}: {name} has no samples (shape {list(t.shape)}); "
                                        "the first axis is the batch axis, drop empty batches")
             if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
-                raise CalibrationError(f"calibration batch {i}: {name} contains NaN or inf; clean or drop those samples")
+                raise CalibrationError(f"calibration batch {i}: {name} contains NaN or inf; "
+                                       "clean or drop those samples")
         if isinstance(targets, torch.Tensor) and targets.is_floating_point() and not torch.isfinite(targets).all():
-            raise CalibrationError(f"calibration batch {i}: the targets contain NaN or inf; clean or drop those samples")
+            raise CalibrationError(f"calibration batch {i}: the targets contain NaN or inf; "
+                                   "clean or drop those samples")
         if len({t.shape[0] for _, t in tensors}) > 1:
             raise CalibrationError(f"calibration batch {i}: its inputs have different batch sizes "
                                    f"{[t.shape[0] for _, t in tensors]}; give every input the same first axis")
@@ -58,7 +60,8 @@ def checked_batches(calibration):
             first = signature
         elif signature != first:
             raise CalibrationError(f"calibration batch {i} has {_describe(signature)} but batch 0 had "
-                                   f"{_describe(first)}; give every batch the same shapes (but the batch axis) and dtypes")
+                                   f"{_describe(first)}; give every batch the same shapes (but the batch axis) "
+                                   "and dtypes")
         yield batch
 
 
@@ -80,7 +83,8 @@ def check_options(*, probes: int, seed: int, sites) -> None:
         try:
             re.compile(sites)
         except re.error as exc:
-            raise ConfigError(f"sites = {sites!r} is not a valid regex ({exc}); pass a regex or a list of site names") from None
+            raise ConfigError(f"sites = {sites!r} is not a valid regex ({exc}); "
+                              "pass a regex or a list of site names") from None
     elif not isinstance(sites, (list, tuple, set)) or not all(isinstance(s, str) for s in sites):
         raise ConfigError(f"sites = {sites!r} must be None, a regex string or a list of site names")
 
