@@ -12,7 +12,7 @@ import fxabstract.abstraction
 import fxabstract.cli
 import fxabstract.report
 from fxabstract.cli import main
-from fxabstract.errors import OutputError
+from fxabstract.errors import FxAbstractWarning, OutputError
 from test_cli import user_files  # noqa: F401  (fixture)
 from test_robustness import TrainingNet
 
@@ -125,3 +125,14 @@ def test_interrupted_cli_compile_leaves_no_output(user_files, monkeypatch, capsy
     assert "Traceback" not in err, err
     assert not (folder / "build").exists(), \
         f"no output, new or partial, not even the --out folder it created: {list((folder / 'build').rglob('*'))}"
+
+
+def test_an_unwritable_demo_cache_warns_and_the_demo_still_trains(tmp_path, monkeypatch):
+    from fxabstract import demo
+
+    (tmp_path / "afile").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "afile"))
+    monkeypatch.setattr(demo, "train", lambda model, x, y: model.eval())   # the cache is what is tested
+    with pytest.warns(FxAbstractWarning, match="cannot cache the demo model"):
+        model = demo.demo_model()
+    assert isinstance(model, demo.DigitsMLP), "the demo model is returned even when it cannot be cached"
