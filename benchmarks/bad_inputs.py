@@ -79,6 +79,12 @@ def half():
 
 def bfloat16():
     return build().bfloat16()
+
+def overflow():
+    model = build().half()
+    with torch.no_grad():
+        model[0].weight.mul_(1e5)
+    return model
 '''
 
 
@@ -212,6 +218,8 @@ CASES = [
     Case("fewer calibration samples than units", lambda ws: fxa.abstract(ws.nets.build(), [ws.x[:20]],
                                                                          replacement="affine"),
          ["--model", B, "--data", "tiny.pt"], expect="warning"),
+    Case("float16 model whose activations overflow", lambda ws: fxa.abstract(ws.nets.overflow(), batches(ws, ws.x.half())),
+         ["--model", "badnets:overflow", "--data", "half.pt"]),
     Case("model in training mode (BatchNorm, Dropout)", lambda ws: fxa.abstract(ws.nets.training(), batches(ws)),
          ["--model", "badnets:training", "--data", "data.pt"], expect="ok"),
     Case("float16 model", lambda ws: fxa.abstract(ws.nets.half(), batches(ws, ws.x.half())),

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import capture
-from .checks import check_options, check_ridge, checked_batches, tiny_calibration_ridge
+from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
 from .errors import ConfigError, FxAbstractError, NoSiteError, OutputError
 from .passes.calibrate import Statistics, calibrate
 from .passes.fold import fold
@@ -174,7 +174,9 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
                           "fxabstract needs hidden units between Linear layers")
     chosen = _select_sites(found, sites)
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
-    stats = calibrate(gm, chosen, checked_batches(calibration), divergence, curvature, probes, matrices, seed, progress)
+    stats = calibrate(gm, chosen, checked_batches(calibration), divergence, curvature, probes, matrices, seed,
+                      progress)
+    check_statistics(gm, stats)
     return Analysis(gm, chosen, ineligible, stats, score, seed)
 
 

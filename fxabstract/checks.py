@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import nn
 
-from .data import split_batch
+from .data import logits, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractWarning
 
 
@@ -149,3 +149,21 @@ def tiny_calibration_ridge(samples: dict[str, int], units: dict[str, int], ridge
                   f"selection and the affine fit would overfit; fitting with ridge {raised:.3g} "
                   "(pass more calibration data than units)", FxAbstractWarning, stacklevel=3)
     return raised
+
+
+def check_statistics(gm: nn.Module, stats) -> None:
+    """CalibrationError if the model overflowed or made NaN on the calibration data: in the statistics
+    of a site, or in the outputs on the calibration reservoir (the first samples). A compile from such
+    statistics would be silently wrong."""
+    dtype = next(gm.parameters()).dtype
+    fix = (f"({dtype} overflow, or NaN from the model itself); compile a wider copy (model.float()) or "
+           "rescale the inputs")
+    for name, moments in stats.moments.items():
+        curvature = [v for v in vars(stats.curvature[name]).values() if isinstance(v, torch.Tensor)]
+        if not all(bool(torch.isfinite(t).all()) for t in [moments.s1, moments.s2, *curvature]):
+            at_site = not (torch.isfinite(moments.s1).all() and torch.isfinite(moments.s2).all())
+            where = f"at site {name!r}" if at_site else f"after site {name!r}"
+            raise CalibrationError(f"the model computes NaN or inf {where} on the calibration data {fix}")
+    with torch.no_grad():
+        if not all(bool(torch.isfinite(logits(gm(*inputs))).all()) for inputs, _ in stats.reservoir):
+            raise CalibrationError(f"the model's outputs are NaN or inf on the calibration data {fix}")
