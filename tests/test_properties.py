@@ -2,8 +2,9 @@
 input, keep = 1.0 is the identity (bitwise), the compiled module equals the original under the
 report's interventions, and the report round-trips through JSON.
 
-An architecture is a list of blocks between an optional Flatten and a Linear head. Supporting a new
-layer family (conv, residual, attention) in the property tests is one more entry in `BLOCKS`.
+An architecture is a list of blocks (dense with dropout, a site with two consumers, a residual MLP
+block) between an optional Flatten and a Linear head. Supporting a new layer family (conv,
+attention) in the property tests is one more entry in `BLOCKS`.
 """
 from __future__ import annotations
 
@@ -53,11 +54,24 @@ class Fork(nn.Module):
         return self.head_a(h) + torch.tanh(self.head_b(h))
 
 
+class Residual(nn.Module):
+    """x + W2 act(W1 x): the hidden units are a site; W2's output, read by the add, is not."""
+
+    def __init__(self, d_in: int, width: int, activation: str):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d_in, width), ACTIVATIONS[activation](), nn.Linear(width, d_in)
+        self.out_features = d_in
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(x)))
+
+
 # block kind -> (strategy for its arguments after d_in, constructor)
 BLOCKS = {
     "dense": (st.tuples(st.integers(3, 32), st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from([0.0, 0.3])),
               Dense),
     "fork": (st.tuples(st.integers(3, 32), st.sampled_from(sorted(ACTIVATIONS)), st.integers(3, 16)), Fork),
+    "residual": (st.tuples(st.integers(3, 32), st.sampled_from(sorted(ACTIVATIONS))), Residual),
 }
 
 
