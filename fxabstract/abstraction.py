@@ -9,6 +9,7 @@ be compiled at many budgets (`Analysis.compile`), which is what benchmarks and s
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 
@@ -18,15 +19,16 @@ from torch import nn
 
 from .capture import capture
 from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
-from .errors import ConfigError, FxAbstractError, NoSiteError, OutputError
+from .data import bind, split_batch
+from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError, OutputError
 from .passes.calibrate import Statistics, calibrate
 from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
-from .passes.select import allocate, allowed_removals, curves, fit
+from .passes.select import allocate, allowed_removals, curves, fit, granularity
 from .report import check_new, dumps, site_entry, staged, summary, write_atomic
-from .sites import Site, find_sites
+from .sites import Site, annotate_shapes, find_sites
 
 REPLACEMENTS = ("constant", "affine")
 ALLOCATIONS = ("measured", "predicted")
@@ -122,7 +124,7 @@ class Analysis:
             "keep": keep, "round_to": round_to, "ridge": ridge, "seed": self.seed, "allocation": allocation,
             "curvature": {"divergence": self.stats.divergence, "method": self.stats.method,
                           "probes": self.stats.probes},
-            "calibration_samples": self.stats.moments[self.sites[0].name].n,
+            "calibration_samples": self.stats.curvature[self.sites[0].name].n,
             "parameters": {"before": _count(self.gm), "after": _count(module)},
             "predicted_risk": sum(p.predicted_risk for p in plans),
             "sites": [site_entry(p, None if cv[p.site.name].measured is None
@@ -135,7 +137,7 @@ class Analysis:
         """The site's measured risk curve, cached per setting."""
         key = (site.name, replacement, selection, ridge, round_to)
         if key not in self._measured_cache:
-            steps = allowed_removals(site.n_units, round_to)
+            steps = allowed_removals(site.n_units, granularity(site, round_to))
             self._measured_cache[key] = measured_curve(
                 self.gm, site, steps,
                 lambda k: fit(site, cv, k, self.stats, self.score, replacement, selection, ridge),
@@ -166,18 +168,40 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     _choose(score, SCORES, "score")
     _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
     check_options(probes=probes, seed=seed, sites=sites)
-    gm = capture(model)
-    found, ineligible = find_sites(gm)
+    batches = checked_batches(calibration)
+    first = next(batches, None)
+    if first is None:
+        raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
+    gm, found, ineligible = capture_sites(model, first)
     if not found:
-        why = "; ".join(f"{k}: {v}" for k, v in ineligible.items()) or "it has no Linear layer"
+        why = "; ".join(f"{k}: {v}" for k, v in ineligible.items()) or "it has no Linear or Conv layer"
         raise NoSiteError(f"{type(model).__name__} has no eligible site ({why}); "
-                          "fxabstract needs hidden units between Linear layers")
+                          "fxabstract needs hidden units between Linear or Conv layers")
     chosen = _select_sites(found, sites)
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
-    stats = calibrate(gm, chosen, checked_batches(calibration), divergence, curvature, probes, matrices, seed,
-                      progress)
+    stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
+                      seed, progress)
     check_statistics(gm, stats)
     return Analysis(gm, chosen, ineligible, stats, score, seed)
+
+
+def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], dict[str, str]]:
+    """Capture `model` (a copy; torch.export on `batch` when fx cannot trace it), record every value's
+    shape on `batch`, and find the sites."""
+    args, kwargs, _ = split_batch(batch)
+    like = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    if like is not None:
+        args = tuple(a.to(like.device) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.to(like.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    gm = capture(model, (args, kwargs))
+    try:
+        annotate_shapes(gm, bind(gm, args, kwargs))
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        raise CalibrationError(f"the model cannot run on the first calibration batch "
+                               f"({str(exc).strip().splitlines()[0]}); give inputs of the shape and dtype "
+                               "the model takes") from None
+    found, ineligible = find_sites(gm)
+    return gm, found, ineligible
 
 
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",

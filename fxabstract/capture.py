@@ -6,19 +6,29 @@
 
 The user's model is never touched: we trace a deep copy, switched to eval mode (dropout off,
 BatchNorm on running statistics), because the abstraction is of the deployed function.
+
+Two front ends, one graph shape. `torch.fx.symbolic_trace` first; when it fails (data-dependent
+control flow, Hugging Face models) and an example batch is at hand, `torch.export`. Both graphs then
+go through `modularize`, which turns function-level layers whose parameters are attributes
+(`F.linear(x, self.w)`, `aten.linear`, `aten.conv2d`, `aten.batch_norm`) into `call_module` nodes
+of the matching nn layer holding the same tensors, so one set of passes serves both front ends.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import traceback
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import CaptureError
 
 _TORCH_DIR = os.path.dirname(os.path.dirname(nn.__file__))
+aten = torch.ops.aten
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -31,22 +41,164 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno} `{(f.line or '').strip()}`"
 
 
-def capture(model: nn.Module) -> fx.GraphModule:
-    """Trace an eval-mode deep copy of `model` with torch.fx.symbolic_trace."""
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.GraphModule:
+    """Trace an eval-mode deep copy of `model`: symbolic_trace, else torch.export on `example`
+    ((args, kwargs) of one batch, batch axis dynamic)."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself")
     model_copy = copy.deepcopy(model).eval()
+    exported = False
     try:
         gm = fx.symbolic_trace(model_copy)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ... for untraceable code
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__} at {_user_frame(exc)}: {reason}; "
-            "make that line free of data-dependent Python control flow (fxabstract captures with torch.fx.symbolic_trace)"
-        ) from None
+        fx_error = f"torch.fx could not trace {type(model).__name__} at {_user_frame(exc)}: {_first_line(exc)}"
+        if example is None:
+            raise CaptureError(f"{fx_error}; pass calibration data so that fxabstract can try torch.export, "
+                               "or make that line free of data-dependent Python control flow") from None
+        gm, exported = _export(model_copy, example, fx_error), True
     for node in gm.graph.nodes:  # `from __future__ import annotations` leaves types as strings,
         if isinstance(node.type, str):  # which GraphModule cannot pickle
             node.type = None
+    modularize(gm)
+    if not exported:  # torch.export's module is already in eval form and refuses .eval()
+        gm.eval()
+    return gm
+
+
+def _export(model: nn.Module, example: tuple[tuple, dict], fx_error: str) -> fx.GraphModule:
+    """torch.export front end, batch axis dynamic where the batch allows it."""
+    args, kwargs = example
+    try:
+        try:
+            batch = torch.export.Dim("batch", min=1)
+            spec = lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() else None  # noqa: E731
+            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+            dynamic = {k: torch.utils._pytree.tree_map(spec, v) for k, v in bound.items()}
+            program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
+        except Exception:  # a model that specialises the batch size: export it static
+            program = torch.export.export(model, args, kwargs, strict=False)
+    except Exception as exc:
+        raise CaptureError(f"{fx_error}; torch.export failed too at {_user_frame(exc)}: {_first_line(exc)}; "
+                           "make that line traceable (no data-dependent Python control flow)") from None
+    return program.module()
+
+
+# --------------------------------------------------------------------------- modularize
+
+class ChannelBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over dim 1 of an input of any rank (what aten.batch_norm computes)."""
+
+    def _check_input_dim(self, input):
+        pass
+
+
+def _attr(gm: fx.GraphModule, node) -> str | None:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _linear(gm, node):
+    x, w, b = (list(node.args) + [None])[:3]
+    if _attr(gm, w) is None or (b is not None and _attr(gm, b) is None):
+        return None
+    W = _tensor(gm, w.target)
+    m = nn.Linear(W.shape[1], W.shape[0], bias=b is not None)
+    return m, {"weight": w, "bias": b}, x
+
+
+def _conv(gm, node, dims):
+    a = list(node.args) + [None] * 7
+    x, w, b, stride, padding, dilation, groups = a[:7]
+    if _attr(gm, w) is None or (b is not None and _attr(gm, b) is None) or isinstance(padding, str):
+        return None
+    W = _tensor(gm, w.target)
+    cls = nn.Conv1d if dims == 1 else nn.Conv2d
+    m = cls(W.shape[1] * (groups or 1), W.shape[0], tuple(W.shape[2:]), stride=tuple(stride or [1] * dims),
+            padding=tuple(padding or [0] * dims), dilation=tuple(dilation or [1] * dims), groups=groups or 1,
+            bias=b is not None)
+    return m, {"weight": w, "bias": b}, x
+
+
+def _batch_norm(gm, node):
+    x, w, b, rm, rv, training, _momentum, eps = node.args[:8]
+    if training or any(_attr(gm, v) is None for v in (rm, rv)) or any(
+            v is not None and _attr(gm, v) is None for v in (w, b)):
+        return None
+    m = ChannelBatchNorm(_tensor(gm, rm.target).shape[0], eps=eps, affine=w is not None)
+    return m, {"weight": w, "bias": b, "running_mean": rm, "running_var": rv}, x
+
+
+def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, name = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name)
+
+
+FUNCTIONAL_LAYERS = {
+    F.linear: _linear, aten.linear.default: _linear,
+    F.conv1d: lambda gm, n: _conv(gm, n, 1), aten.conv1d.default: lambda gm, n: _conv(gm, n, 1),
+    F.conv2d: lambda gm, n: _conv(gm, n, 2), aten.conv2d.default: lambda gm, n: _conv(gm, n, 2),
+    aten.batch_norm.default: _batch_norm,
+}
+
+
+def _module_path(gm: fx.GraphModule, attrs: dict[str, fx.Node]) -> str:
+    """Where the new layer lives: the module that owns the weight, when it owns nothing else (so hooks
+    on the user's model find the same path), else a fresh name beside it."""
+    weight = attrs.get("weight") or attrs["running_mean"]
+    owner, _, _ = weight.target.rpartition(".")
+    mod = gm.get_submodule(owner) if owner else gm
+    used = {n.target.rpartition(".")[2] for n in attrs.values() if n is not None}
+    own = {k for k, _ in mod.named_parameters(recurse=False)} | {k for k, _ in mod.named_buffers(recurse=False)}
+    own.discard("num_batches_tracked")
+    if owner and own <= used and not list(mod.children()):
+        return owner
+    base = (owner + "." if owner else "") + "fxabstract_" + weight.target.rpartition(".")[2]
+    path, i = base, 0
+    while _exists(gm, path):
+        i += 1
+        path = f"{base}_{i}"
+    return path
+
+
+def _exists(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def modularize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite function-level layers over attribute parameters as call_module nodes, in place."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS or node.kwargs:
+            continue
+        found = FUNCTIONAL_LAYERS[node.target](gm, node)
+        if found is None:
+            continue
+        layer, attrs, x = found
+        if any(v is not None and len(v.users) != 1 for v in attrs.values()):
+            continue  # a parameter read elsewhere too (tied weights): leave it functional
+        with torch.no_grad():
+            for name, v in attrs.items():
+                if v is not None:
+                    t = _tensor(gm, v.target)
+                    setattr(layer, name, t if isinstance(t, nn.Parameter) or name.startswith("running")
+                            else nn.Parameter(t, requires_grad=False))
+        path = _module_path(gm, attrs)
+        owner, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(owner) if owner else gm, name, layer)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(path, (x,))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for v in attrs.values():
+            if v is not None and not v.users:
+                gm.graph.erase_node(v)
+    gm.graph.lint()
     gm.recompile()
-    gm.eval()
     return gm

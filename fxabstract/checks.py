@@ -11,6 +11,7 @@ import re
 import warnings
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .data import logits, split_batch
@@ -151,7 +152,7 @@ def tiny_calibration_ridge(samples: dict[str, int], units: dict[str, int], ridge
     return raised
 
 
-def check_statistics(gm: nn.Module, stats) -> None:
+def check_statistics(gm: fx.GraphModule, stats) -> None:
     """CalibrationError if the model overflowed or made NaN on the calibration data: in the statistics
     of a site, or in the outputs on the calibration reservoir (the first samples). A compile from such
     statistics would be silently wrong."""
@@ -165,5 +166,6 @@ def check_statistics(gm: nn.Module, stats) -> None:
             where = f"at site {name!r}" if at_site else f"after site {name!r}"
             raise CalibrationError(f"the model computes NaN or inf {where} on the calibration data {fix}")
     with torch.no_grad():
-        if not all(bool(torch.isfinite(logits(gm(*inputs))).all()) for inputs, _ in stats.reservoir):
+        outputs = (logits(fx.Interpreter(gm).run(*inputs)) for inputs, _ in stats.reservoir)
+        if not all(bool(torch.isfinite(z).all()) for z in outputs):
             raise CalibrationError(f"the model's outputs are NaN or inf on the calibration data {fix}")

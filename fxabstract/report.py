@@ -26,7 +26,10 @@ def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
             replaced.append({"unit": unit, "kind": "affine", "beta": float(p.beta[i]),
                              "theta": [float(t) for t in p.theta[i]]})
     return {"name": s.name, "producer": s.producer, "node": s.node, "chain": s.chain,
-            "consumers": s.consumers, "units": s.n_units, "kept": p.kept, "replaced": replaced,
+            "consumers": s.consumers, "units": s.n_units, "axis": s.axis, "shape": list(s.shape),
+            "reads": s.reads, "producers": [{"module": q.module, "units": [q.lo, q.hi]} for q in s.pieces],
+            "channel_ops": [{"module": q.module, "units": [q.lo, q.hi]} for q in s.channel_ops],
+            "bias_maps": s.bias_maps, "group": s.group, "kept": p.kept, "replaced": replaced,
             "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk,
             "measured_risk": measured_risk}
 

@@ -1,63 +1,160 @@
 """Find sites: graph values whose units can be replaced and folded away (THEORY §1).
 
-A site is the output of a *producer* (a layer whose output features are the units), followed by a
-chain of per-unit elementwise ops (activations, dropout), read only by affine *consumers*. Removing
-unit j deletes producer row j and consumer column j; the chain acts on each unit separately, so it
-needs no change.
+A site is the output of one or more *producers* (layers whose output features or channels are the
+units: Linear, Conv1d/2d), followed by a chain of per-unit ops, read only by affine *consumers*.
+
+- Per-unit ops act on each unit separately: activations, dropout, arithmetic with constants,
+  pooling, and per-channel layers whose channel j is deleted with the unit (BatchNorm, depthwise
+  convolutions, per-channel PReLU). A `cat` along the unit axis joins several producers' units
+  into one site (SqueezeNet's fire modules, DenseNet-style blocks): each unit belongs to exactly
+  one producer, at an offset.
+- Consumers read the units affinely: a Linear on the last axis ("features"), a Conv with groups=1
+  on the channel axis ("channels"), or a Linear after a flatten of a channel-axis site
+  ("flattened": unit j is a block of features). Removing unit j deletes producer row j, every
+  per-channel op's channel j and every consumer's column (block) j.
 
     >>> gm = capture(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    >>> annotate_shapes(gm, [torch.randn(2, 4)])
     >>> sites, ineligible = find_sites(gm)
     >>> sites[0].name, sites[0].node, sites[0].consumers, sites[0].n_units
     ('0', '_1', ['2'], 8)
 
-Layer support is a table (`PRODUCERS`, `CONSUMERS`), Torch-Pruning style: a new layer type is one
-entry there plus one in `passes/fold.py`.
+Layer support is a table (`PRODUCERS`, `CONSUMERS`, `CHANNEL_OPS`), Torch-Pruning style: a new layer
+type is one entry here plus one in `passes/fold.py`.
 """
 from __future__ import annotations
 
 import operator
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-# Layer types whose output features are units (producers) / that read a site affinely (consumers).
-# Each entry returns (units produced, units read).
-PRODUCERS = {nn.Linear: lambda m: m.out_features}
-CONSUMERS = {nn.Linear: lambda m: m.in_features}
+from .capture import ChannelBatchNorm
+
+aten = torch.ops.aten
+CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _plain_conv(m) -> bool:
+    return m.groups == 1 and m.padding_mode == "zeros"
+
+
+# Layer types whose output features are units (producers) / that read a site affinely (consumers):
+# each entry returns the width, or None when this instance cannot serve (grouped convs).
+PRODUCERS = {nn.Linear: lambda m: m.out_features,
+             **{c: (lambda m: m.out_channels if m.groups == 1 else None) for c in CONVS}}
+CONSUMERS = {nn.Linear: lambda m: m.in_features,
+             **{c: (lambda m: m.in_channels if _plain_conv(m) else None) for c in CONVS}}
+# Per-channel layers on the channel axis (dim 1): channel j is deleted with unit j (passes/fold.py).
+CHANNEL_OPS = {
+    nn.BatchNorm1d: lambda m: m.num_features, nn.BatchNorm2d: lambda m: m.num_features,
+    ChannelBatchNorm: lambda m: m.num_features,
+    nn.PReLU: lambda m: m.num_parameters if m.num_parameters > 1 else None,
+    **{c: (lambda m: m.in_channels if m.groups == m.in_channels == m.out_channels else None) for c in CONVS},
+}
+POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, aten.max_pool1d.default, aten.max_pool2d.default,
+    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default,
+}
 
 # Per-unit elementwise ops: applied to each feature independently, with no parameters per unit.
 ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU,
     nn.CELU, nn.Softplus, nn.Softsign, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Dropout, nn.AlphaDropout, nn.Identity,
+    nn.LogSigmoid, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
 )
+IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)  # in eval mode
 ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.softplus,
     F.softsign, F.hardswish, F.hardsigmoid, F.hardtanh, F.tanhshrink, F.logsigmoid, F.dropout,
     F.alpha_dropout, F.tanh, F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.abs, torch.clamp,
     torch.nn.functional.relu_, torch.sigmoid_, torch.tanh_,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.hardtanh.default, aten.hardtanh_.default, aten.tanh.default, aten.sigmoid.default,
+    aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default, aten.leaky_relu.default,
+    aten.elu.default, aten.mish.default, aten.dropout.default, aten.clone.default, aten.abs.default,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+    aten.clamp.default,
 }
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "abs", "clamp", "clamp_min", "clamp_max",
     "neg", "add", "sub", "mul", "div", "contiguous",
 }
+IDENTITY_FUNCTIONS = {F.dropout, F.alpha_dropout, aten.dropout.default, aten.clone.default}
+CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
+FLATTEN_FUNCTIONS = {torch.flatten, aten.flatten.using_ints}
+
+
+@dataclass
+class Piece:
+    """One producer's share of a site's units: units [lo, hi) are its output rows 0..hi-lo."""
+
+    module: str
+    lo: int
+    hi: int
 
 
 @dataclass
 class Site:
-    """One site: the value read by `consumers`, produced by `producer` through `chain`."""
+    """One site: the value read by `consumers`, produced by `producers` through `chain`."""
 
-    name: str                 # stable name: the producer's module path
-    producer: str             # module path of the producing layer
-    node: str                 # graph node whose value is the site (the producer's or the chain's last)
-    chain: list[str]          # graph nodes of the per-unit elementwise ops between producer and site
+    name: str                 # stable name: the first producer's module path
+    node: str                 # graph node whose value is the site (read by the consumers)
+    chain: list[str]          # graph nodes of the per-unit ops between the producers and the site
     consumers: list[str]      # module paths of the affine layers that read the site
     n_units: int
+    axis: int = -1            # the units' axis in the site value: -1 (features) or 1 (channels)
+    shape: tuple = ()         # the site value's shape without the batch axis (traced input size)
+    pieces: list[Piece] = field(default_factory=list)          # producers and their unit ranges
+    channel_ops: list[Piece] = field(default_factory=list)     # per-channel layers and their unit ranges
+    reads: dict[str, str] = field(default_factory=dict)        # consumer -> features | channels | flattened
+    bias_maps: list[str] = field(default_factory=list)         # zero-padded conv consumers: spatial bias maps
+    group: int = 1            # units are removed in groups of this many (an attention head's width)
+    head_shapes: list[str] = field(default_factory=list)       # nodes whose literal head count fold rewrites
+
+    @property
+    def producer(self) -> str:
+        return self.pieces[0].module
+
+
+# --------------------------------------------------------------------------- shapes
+
+class _ShapeRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            n.meta["fxa_shape"] = tuple(out.shape)
+        return out
+
+
+@torch.no_grad()
+def annotate_shapes(gm: fx.GraphModule, inputs: list) -> None:
+    """Run one batch through the graph and record every tensor value's shape in node.meta."""
+    _ShapeRecorder(gm).run(*inputs)
+
+
+def _shape(node) -> tuple | None:
+    return node.meta.get("fxa_shape") if isinstance(node, fx.Node) else None
+
+
+# --------------------------------------------------------------------------- op classes
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _width(table: dict, mod) -> int | None:
+    fn = table.get(type(mod))
+    return None if fn is None else fn(mod)
 
 
 def is_elementwise(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
@@ -75,45 +172,165 @@ def is_elementwise(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
     return False
 
 
-def _layer(gm: fx.GraphModule, node: fx.Node, table: dict):
-    """The module a call_module node runs, if its type is in `table`."""
-    if node.op != "call_module":
-        return None
-    mod = gm.get_submodule(node.target)
-    return mod if type(mod) in table else None
+def is_per_unit(gm: fx.GraphModule, node: fx.Node, source: fx.Node, axis: int, d: int) -> bool:
+    """Elementwise, or (on the channel axis) pooling and per-channel layers of width d."""
+    if is_elementwise(gm, node, source):
+        return True
+    if axis != 1 or [a for a in node.all_input_nodes if a is not source] or node.args[:1] != (source,):
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, POOL_MODULES) or _width(CHANNEL_OPS, mod) == d
+    return node.op == "call_function" and node.target in POOL_FUNCTIONS
 
+
+def is_cat(node: fx.Node, axis: int) -> bool:
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = len(_shape(node) or ())
+    return rank > 0 and dim % rank == axis % rank
+
+
+def is_batch_size(node: fx.Node) -> bool:
+    """x.size(0) / x.shape[0]: reads the batch size only, which removing units does not change."""
+    if node.op == "call_method" and node.target == "size":
+        return node.args[1:] == (0,) or node.kwargs.get("dim") == 0
+    if node.op == "call_function" and node.target in (aten.sym_size.int,):
+        return node.args[1] == 0
+    return False
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not is_batch_size(u)]
+
+
+def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Flattens every axis after the batch (nn.Flatten(), torch.flatten(x, 1), x.view(B, -1), ...)."""
+    rank = len(_shape(node.args[0]) or ()) if node.args else 0
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim in (-1, rank - 1)
+    if node.op == "call_function" and node.target in FLATTEN_FUNCTIONS:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end in (-1, rank - 1)
+    if node.op == "call_method" and node.target == "flatten":
+        return node.args[1:2] == (1,) and node.args[2:3] in ((), (-1,))
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shape = node.args[1:] if len(node.args) > 2 else tuple(node.args[1])
+        return len(shape) == 2 and isinstance(shape[0], fx.Node) and is_batch_size(shape[0]) and shape[1] == -1
+    return False
+
+
+def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Dropout and Identity, which are identities in eval mode."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES)
+    return node.op == "call_function" and node.target in IDENTITY_FUNCTIONS and len(node.all_input_nodes) == 1
+
+
+# --------------------------------------------------------------------------- the finder
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
-    """Every eligible site in graph order, and the reason each other producer is not one."""
+    """Every eligible site in graph order, and the reason each other producer is not one.
+
+    Needs `annotate_shapes` to have run (shapes decide the unit axis, flatten blocks and bias maps)."""
+    from .heads import find_head_sites  # heads.py builds on this module's Site
+
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     tied = tied_modules(gm)
-    sites: list[Site] = []
+    head_sites, claimed = find_head_sites(gm, calls, set(tied))
     ineligible: dict[str, str] = {}
+    paths: dict[str, list[fx.Node]] = {}      # producer module -> [producer node, ..., site node]
+    axes: dict[str, int] = {}
     for node in gm.graph.nodes:
-        producer = _layer(gm, node, PRODUCERS)
-        if producer is None:
+        mod = _module(gm, node)
+        if mod is None or type(mod) not in PRODUCERS or node.target in claimed:
             continue
         name = node.target
+        d = _width(PRODUCERS, mod)
+        if d is None:
+            if _width(CHANNEL_OPS, mod) is None:
+                ineligible[name] = "grouped convolution (its output channels are not independent units)"
+            continue
         if calls[name] > 1:
             ineligible[name] = f"module is called {calls[name]} times (shared weights cannot be sliced for one call)"
             continue
         if name in tied:
             ineligible[name] = f"it shares a weight with `{tied[name]}` (tied weights cannot be sliced for one layer)"
             continue
-        site, chain = node, []
-        while len(site.users) == 1:
-            (user,) = site.users
-            if not is_elementwise(gm, user, site):
-                break
-            chain.append(user.name)
-            site = user
-        reason = _consumer_problem(gm, site, calls, tied, PRODUCERS[type(producer)](producer))
-        if reason:
-            ineligible[name] = reason
+        shape = _shape(node)
+        if shape is None:
+            ineligible[name] = "its output shape is unknown (the layer did not run on the calibration batch)"
             continue
-        consumers = [u.target for u in site.users]
-        sites.append(Site(name, name, site.name, chain, consumers, PRODUCERS[type(producer)](producer)))
+        axis = 1 if isinstance(mod, CONVS) else len(shape) - 1
+        path = [node]
+        while True:
+            readers = _readers(path[-1])
+            if len(readers) != 1:
+                break
+            (user,) = readers
+            if (is_per_unit(gm, user, path[-1], axis, _shape(path[-1])[axis])
+                    and (user.op != "call_module" or calls[user.target] == 1)) or is_cat(user, axis):
+                path.append(user)
+                continue
+            break
+        paths[name], axes[name] = path, axis
+    groups: dict[str, list[str]] = {}
+    for name, path in paths.items():
+        groups.setdefault(path[-1].name, []).append(name)
+    sites = list(head_sites)
+    for end_name, members in groups.items():
+        site, reason = _build_site(gm, calls, [paths[m] for m in members], axes[members[0]])
+        if reason:
+            for m in members:
+                ineligible[m] = reason
+        else:
+            sites.append(site)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    sites.sort(key=lambda s: order[s.node])
     return sites, ineligible
+
+
+def _build_site(gm: fx.GraphModule, calls: Counter, paths: list[list[fx.Node]], axis: int):
+    """(Site, None), or (None, why not) for the producers whose paths end at the same node."""
+    end = paths[0][-1]
+    shape = _shape(end)
+    d = shape[axis]
+    on_path = {n for p in paths for n in p}
+    offset: dict[str, int] = {}           # node -> the site unit of its channel 0
+    for path in paths:
+        off = 0
+        offset[end.name] = 0
+        for i in range(len(path) - 1, 0, -1):
+            node, prev = path[i], path[i - 1]
+            if is_cat(node, axis):
+                tensors = list(node.args[0])
+                for t in tensors:
+                    if t not in on_path:
+                        return None, (f"it is concatenated (`{node.name}`) with `{getattr(t, 'name', t)}`, "
+                                      "which is not the output of an eligible producer")
+                off += sum(_shape(t)[axis] for t in tensors[:tensors.index(prev)])
+            offset[prev.name] = off
+    reason = _consumer_problem(gm, end, calls, d, axis, tied_modules(gm))
+    if isinstance(reason, str):
+        return None, reason
+    reads = reason
+    pieces = sorted((Piece(p[0].target, offset[p[0].name], offset[p[0].name] + _shape(p[0])[axis]) for p in paths),
+                    key=lambda q: q.lo)
+    nodes = sorted({n for p in paths for n in p[1:]}, key=lambda n: list(gm.graph.nodes).index(n))
+    channel_ops = [Piece(n.target, offset[n.name], offset[n.name] + _shape(n)[axis]) for n in nodes
+                   if n.op == "call_module" and _width(CHANNEL_OPS, gm.get_submodule(n.target)) is not None]
+    site = Site(pieces[0].module, end.name, [n.name for n in nodes], list(reads), d,
+                axis=1 if axis == 1 else -1, shape=tuple(shape[1:]), pieces=pieces, channel_ops=channel_ops,
+                reads=reads, bias_maps=[c for c in reads if _zero_padded(gm.get_submodule(c))])
+    return site, None
+
+
+def _zero_padded(m: nn.Module) -> bool:
+    """A conv whose zero padding makes a constant input channel non-constant at the border."""
+    return isinstance(m, CONVS) and (m.padding == "same" or (m.padding != "valid" and any(m.padding)))
 
 
 def tied_modules(gm: fx.GraphModule) -> dict[str, str]:
@@ -129,22 +346,43 @@ def tied_modules(gm: fx.GraphModule) -> dict[str, str]:
     return tied
 
 
-def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, tied: dict, d: int) -> str | None:
-    """Why `site` is not read only by unshared affine consumers of width d (None if it is)."""
-    if not site.users:
+def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, axis: int, tied: dict):
+    """{consumer: how it reads} if `site` is read only by unshared affine consumers, else why not."""
+    readers = _readers(site)
+    if not readers:
         return "its output is never read"
-    for user in site.users:
+    rank = len(_shape(site))
+    reads = {}
+    for user in readers:
+        how = "features" if axis == rank - 1 else "channels"
+        if user.op != "output" and is_flatten(gm, user) and axis == 1 and rank > 2:
+            nxt = _readers(user)
+            while len(nxt) == 1 and is_identity(gm, nxt[0]):
+                nxt = _readers(nxt[0])
+            if len(nxt) != 1:
+                return f"it is flattened (`{user.name}`) and then read by {len(nxt)} nodes"
+            user, how = nxt[0], "flattened"
         if user.op == "output":
             return "it is read by the model output (no consumer to fold into)"
-        layer = _layer(gm, user, CONSUMERS)
-        if layer is None:
-            return f"it is read by `{user.name}` ({user.op} {getattr(user.target, '__name__', user.target)}), which is not an affine layer fxabstract can fold into"
-        if user.args[0] is not site or len(user.all_input_nodes) != 1:
+        layer = _module(gm, user)
+        width = None if layer is None else _width(CONSUMERS, layer)
+        if width is None:
+            target = getattr(user.target, "__name__", user.target)
+            return (f"it is read by `{user.name}` ({user.op} {target}), which is not an affine layer "
+                    "fxabstract can fold into")
+        if len(user.all_input_nodes) != 1:
             return f"consumer `{user.target}` reads it in an unsupported way"
         if calls[user.target] > 1:
             return f"consumer `{user.target}` is called {calls[user.target]} times (shared weights)"
         if user.target in tied:
             return f"consumer `{user.target}` shares a weight with `{tied[user.target]}` (tied weights)"
-        if CONSUMERS[type(layer)](layer) != d:
-            return f"consumer `{user.target}` reads {CONSUMERS[type(layer)](layer)} features, not the {d} units produced"
-    return None
+        if isinstance(layer, nn.Linear) and how == "channels":
+            return f"consumer `{user.target}` is a Linear over an axis that is not the units' axis"
+        if isinstance(layer, CONVS) and how != "channels":
+            return f"consumer `{user.target}` convolves an axis that is not the units' axis"
+        if how == "flattened" and width % d:
+            return f"consumer `{user.target}` reads {width} features, not a multiple of the {d} units"
+        if how != "flattened" and width != d:
+            return f"consumer `{user.target}` reads {width} features, not the {d} units produced"
+        reads[user.target] = how
+    return reads

@@ -20,7 +20,21 @@ from .data import logits, split_batch
 from .errors import CalibrationError
 
 
-def _replacement_hook(site: dict, like: torch.Tensor):
+def units_view(a: torch.Tensor, how: str, d: int) -> torch.Tensor:
+    """A consumer's input with the site's units on the last axis: [B, ..., d]."""
+    if how == "channels":
+        return a.movedim(1, -1)
+    if how == "flattened":
+        return a.reshape(a.shape[0], d, -1).movedim(1, -1)
+    return a
+
+
+def units_restore(u: torch.Tensor, how: str, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of `units_view`: back to the consumer's input layout."""
+    return u if how == "features" else u.movedim(-1, 1).reshape(like.shape)
+
+
+def _replacement_hook(site: dict, like: torch.Tensor, how: str):
     K = torch.tensor(site["kept"], dtype=torch.long, device=like.device)
     P = torch.tensor([r["unit"] for r in site["replaced"]], dtype=torch.long, device=like.device)
     beta = torch.tensor([r.get("constant", r.get("beta")) for r in site["replaced"]], dtype=torch.float64)
@@ -28,11 +42,9 @@ def _replacement_hook(site: dict, like: torch.Tensor):
                          dtype=torch.float64).reshape(len(P), len(K))
 
     def hook(module, args):
-        a = args[0]
-        values = beta.to(a) + a[..., K] @ theta.to(a).T      # do(a_P := beta + theta a_K)
-        a = a.clone()
-        a[..., P] = values
-        return (a, *args[1:])
+        a = units_view(args[0], how, site["units"]).clone()
+        a[..., P] = beta.to(a) + a[..., K] @ theta.to(a).T      # do(a_P := beta + theta a_K)
+        return (units_restore(a, how, args[0]), *args[1:])
 
     return hook
 
@@ -48,8 +60,9 @@ def intervene(model: nn.Module, report: dict):
     try:
         for site in report["sites"]:
             if site["replaced"]:
-                hook = _replacement_hook(site, like)
-                handles += [model.get_submodule(c).register_forward_pre_hook(hook) for c in site["consumers"]]
+                reads = site.get("reads") or {c: "features" for c in site["consumers"]}
+                handles += [model.get_submodule(c).register_forward_pre_hook(_replacement_hook(site, like, how))
+                            for c, how in reads.items()]
         yield model
     finally:
         for h in handles:
@@ -88,27 +101,32 @@ def _wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def _swap_run(model: nn.Module, consumers: list[str], cols, x_base, x_src, mask):
+def _swap_run(model: nn.Module, site: dict, cols, x_base, x_src, mask):
     """Run model on x_base with the site's units `cols` (None = all) swapped to x_src's where mask."""
+    reads = site.get("reads") or {c: "features" for c in site["consumers"]}
+    first = next(iter(reads))
     seen = {}
-    record = model.get_submodule(consumers[0]).register_forward_pre_hook(lambda m, a: seen.setdefault("a", a[0]))
+    record = model.get_submodule(first).register_forward_pre_hook(lambda m, a: seen.setdefault("a", a[0]))
     try:
         with torch.no_grad():
             model(x_src)
     finally:
         record.remove()
-    src = seen["a"]
+    d = len(site["kept"]) if cols is None else site["units"]      # the compiled module has the kept units only
+    src = units_view(seen["a"], reads[first], d)
 
-    def swap(module, args):
-        a = args[0].clone()
-        m = mask.view(mask.shape[0], *([1] * (a.dim() - 2)), mask.shape[1])
-        if cols is None:
-            a = torch.where(m, src, a)
-        else:
-            a[..., cols] = torch.where(m, src[..., cols], a[..., cols])
-        return (a, *args[1:])
+    def swap(how):
+        def hook(module, args):
+            a = units_view(args[0], how, d).clone()
+            m = mask.view(mask.shape[0], *([1] * (a.dim() - 2)), mask.shape[1])
+            if cols is None:
+                a = torch.where(m, src, a)
+            else:
+                a[..., cols] = torch.where(m, src[..., cols], a[..., cols])
+            return (units_restore(a, how, args[0]), *args[1:])
+        return hook
 
-    handles = [model.get_submodule(c).register_forward_pre_hook(swap) for c in consumers]
+    handles = [model.get_submodule(c).register_forward_pre_hook(swap(how)) for c, how in reads.items()]
     try:
         with torch.no_grad():
             return logits(model(x_base))
@@ -139,8 +157,8 @@ def iia(model: nn.Module, result, data, swap_p: float = 0.5, trials: int = 10_00
             base = torch.randint(0, len(x), (b,), generator=gen)
             src = torch.randint(0, len(x), (b,), generator=gen)
             mask = (torch.rand(b, len(K), generator=gen) < swap_p).to(x.device)
-            z = _swap_run(original, site["consumers"], K, x[base], x[src], mask)
-            zc = _swap_run(compiled, site["consumers"], None, x[base], x[src], mask)
+            z = _swap_run(original, site, K, x[base], x[src], mask)
+            zc = _swap_run(compiled, site, None, x[base], x[src], mask)
             agree += int((z.argmax(-1) == zc.argmax(-1)).sum())
             mse += float(0.5 * (z.double() - zc.double()).pow(2).sum(-1).sum())
             done += b

@@ -1,8 +1,8 @@
 """The one pass over the calibration data: every batch feeds the moments and curvature of every site.
 
 One pass because calibration may be a generator, seen once, and is never held in memory whole.
-For each batch we run the graph once under `torch.func.vjp`, with a zero perturbation eps added at
-each site, so that one vmapped backward gives every site's per-sample factor U = L^T dz/da at once.
+For each batch we run the graph once under `torch.func.vjp`, with zero perturbations added at each site
+(`SiteRunner`), so that one vmapped backward gives every site's per-sample factors at once.
 
     >>> stats = calibrate(gm, sites, [x1, x2], divergence="logit-mse")
     >>> stats.moments["0"].mean, stats.curvature["0"].sh    # per site, float64 sums
@@ -22,21 +22,38 @@ from .curvature import Curvature, output_vectors
 from .moments import Moments
 
 
-class SiteRunner(fx.Interpreter):
-    """Runs the graph, records each site's value and adds eps[site] to it."""
+def broadcast(e: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
+    """[B, d] -> a view that broadcasts over a site value of `rank` with its units on `axis`."""
+    if axis == 1:
+        return e.reshape(*e.shape, *([1] * (rank - 2)))
+    return e.reshape(e.shape[0], *([1] * (rank - 2)), e.shape[1])
 
-    def __init__(self, gm: fx.GraphModule, site_nodes: list[str]):
+
+def units_last(a: torch.Tensor, axis: int) -> torch.Tensor:
+    """[B, ...] site value -> [B, positions, d]: every position (pixel, token) of a sample."""
+    a = a.movedim(axis, -1) if axis == 1 else a
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+class SiteRunner(fx.Interpreter):
+    """Runs the graph, records each site's value and perturbs it: a + shift + a * scale, with
+    shift, scale: [B, d] shared by every position, so that d z / d shift = sum over positions of
+    J (the Jacobian of a unit held constant) and d z / d scale = sum over positions of J a."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[Site]):
         super().__init__(gm)
-        self.site_nodes = set(site_nodes)
-        self.eps: dict[str, torch.Tensor] = {}
+        self.axis = {s.node: s.axis for s in sites}
+        self.eps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.acts: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.name in self.site_nodes:
+        if n.name in self.axis:
             self.acts[n.name] = out.detach()
             if n.name in self.eps:
-                out = out + self.eps[n.name]
+                shift, scale = self.eps[n.name]
+                ax = self.axis[n.name]
+                out = out + broadcast(shift, out.dim(), ax) + out.detach() * broadcast(scale, out.dim(), ax)
         return out
 
 
@@ -67,12 +84,12 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
     matrices: also accumulate the d x d sums for joint selection and affine replacement.
     reservoir: keep the first this many samples (inputs and targets) for measuring risks later.
     """
-    runner = SiteRunner(gm, [s.node for s in sites])
+    runner = SiteRunner(gm, sites)
     generator = torch.Generator().manual_seed(seed)
     params = next(gm.parameters())
     moments: dict[str, Moments] = {}
     curvature: dict[str, Curvature] = {}
-    shapes: dict[str, tuple] = {}
+    started = False
     chosen, outputs = method, 0
     kept_samples: list = []          # the reservoir
     n_kept = 0
@@ -86,7 +103,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         if divergence == "ce" and targets is None:
             raise CalibrationError("score 'ce' needs labels: give calibration batches as (inputs, targets) pairs")
         inputs = bind(gm, args, kwargs)
-        if not shapes:  # the first batch fixes each site's trailing shape
+        if not started:  # the first batch fixes the output width and the curvature method
             with torch.no_grad():
                 runner.eps = {}
                 try:
@@ -95,7 +112,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
                     raise CalibrationError(
                         f"the model cannot run on the first calibration batch ({str(exc).strip().splitlines()[0]}); "
                         "give inputs of the shape and dtype the model takes") from None
-            shapes = {s.node: tuple(runner.acts[s.node].shape[1:]) for s in sites}
+            started = True
             outputs = out.shape[1]
             chosen = ("exact" if outputs <= 64 else "hutchinson") if method == "auto" else method
             for s in sites:
@@ -107,7 +124,8 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             n_kept += take
             kept_samples.append(([v[:take] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v
                                   for v in inputs], None if targets is None else targets[:take]))
-        eps0 = {s.node: torch.zeros(B, *shapes[s.node], dtype=params.dtype, device=params.device) for s in sites}
+        zero = lambda s: torch.zeros(B, s.n_units, dtype=params.dtype, device=params.device)  # noqa: E731
+        eps0 = {s.node: (zero(s), zero(s)) for s in sites}
 
         def forward(eps):
             runner.eps = eps
@@ -115,20 +133,18 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
 
         z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
         V = output_vectors(z.detach(), divergence, chosen, probes, generator)      # [r, B, o]
-        (U_all,) = torch.func.vmap(vjp_fn)(V)                                       # site -> [r, B, ..., d]
+        (U_all,) = torch.func.vmap(vjp_fn)(V)                # site -> ([r, B, d] sum J, [r, B, d] sum J a)
         g_all = None
         if divergence == "ce":
             if targets.numel() != B or targets.min() < 0 or targets.max() >= z.shape[1]:
                 raise CalibrationError(f"score 'ce' needs one class index in 0..{z.shape[1] - 1} per sample; "
                                        "check the calibration targets")
             y = torch.nn.functional.one_hot(targets.to(z.device).long().reshape(B), z.shape[1]).to(z)
-            (g_all,) = vjp_fn(torch.softmax(z.detach(), -1) - y)                     # site -> [B, ..., d]
+            (g_all,) = vjp_fn(torch.softmax(z.detach(), -1) - y)                     # site -> ([B, d], [B, d])
         for s in sites:
-            a = acts[s.node].reshape(-1, s.n_units)                                   # [n, d]
-            U = U_all[s.node].reshape(V.shape[0], -1, s.n_units)                      # [r, n, d]
-            g = None if g_all is None else g_all[s.node].reshape(-1, s.n_units)
-            moments[s.name].update(a)
-            curvature[s.name].update(a, U, g)
+            a = units_last(acts[s.node], s.axis)                                      # [B, positions, d]
+            moments[s.name].update(a.reshape(-1, s.n_units))
+            curvature[s.name].update(a, *U_all[s.node], *(g_all[s.node] if g_all is not None else (None, None)))
     if not moments:
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
     return Statistics(moments, curvature, divergence, chosen, probes if chosen == "hutchinson" else None, outputs,

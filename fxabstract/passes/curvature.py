@@ -8,11 +8,15 @@ factor U(x) = L^T J: [r, d] with H(x) = U^T U, from vector-Jacobian products vma
 - exact: r = o, one VJP per output (rows of L^T);
 - hutchinson: r probes, U = v^T L^T J / sqrt(r) with Rademacher v, so E_v[U^T U] = H (unbiased).
 
-From U we accumulate, as float64 sums over samples (mergeable like `Moments`):
-  h = diag H = sum_r U^2           -> sum h, sum h a, sum h a^2       (THEORY §3: c*, s_j)
-  H, H_ij a_j, H_ij a_i a_j       -> d x d sums for joint selection  (THEORY §3, "Additivity fails")
-  w = tr H(x) as a sample weight   -> sum w, sum w a, sum w a a^T     (curvature-weighted affine fit)
-and, for CE with labels, the gradient g = J^T (p - y): sum g, sum g a.
+Where a site has several positions per sample (conv pixels, tokens), a replaced unit is held at one
+constant over all of them, so what matters is the sum over positions: per sample the factors
+Us = sum_pos U(pos) and Ua = sum_pos U(pos) a(pos) (calibrate.py gets both from one backward). The
+constant-replacement risk 1/2 E||c Us - Ua||^2 is then exact to second order, cross-position terms
+included. From them we accumulate, as float64 sums over samples (mergeable like `Moments`):
+  sum h = sum Us^2, sum h a = sum Us Ua, sum h a^2 = sum Ua^2       (THEORY §3: c*, s_j)
+  Us^T Us, Us^T Ua, Ua^T Ua        -> d x d sums for joint selection  (THEORY §3, "Additivity fails")
+  w = tr H(x) as a sample weight   -> sum w, sum w a, sum w a a^T over positions (affine fit)
+and, for CE with labels, the gradient g = J^T (p - y) likewise summed: sum g, sum g a.
 """
 from __future__ import annotations
 
@@ -67,28 +71,31 @@ class Curvature:
             c.H0, c.H1, c.H2, c.sw, c.swa, c.swaa = z(d, d), z(d, d), z(d, d), z(()), z(d), z(d, d)
         return c
 
-    def update(self, a: torch.Tensor, U: torch.Tensor, g: torch.Tensor | None = None) -> None:
-        """Add a batch: activations a: [n, d], factors U: [r, n, d] (H(x) = U^T U), gradients g: [n, d]."""
-        a, U = a.detach().to(torch.float64), U.detach().to(torch.float64)
-        h = (U * U).sum(0)                                   # [n, d] diag H per sample
-        self.n += a.shape[0]
-        self.sh += h.sum(0)
-        self.sha += (h * a).sum(0)
-        self.sha2 += (h * a * a).sum(0)
+    def update(self, a: torch.Tensor, Us: torch.Tensor, Ua: torch.Tensor, gs: torch.Tensor | None = None,
+               ga: torch.Tensor | None = None) -> None:
+        """Add a batch of n samples. a: [n, positions, d] activations; Us, Ua: [r, n, d] the factors
+        summed over positions, Us = sum_pos U(pos), Ua = sum_pos U(pos) a(pos) (so H(x) = Us^T Us is the
+        curvature of holding a unit constant over every position); gs, ga: [n, d] likewise for g (ce)."""
+        a, Us, Ua = (t.detach().to(torch.float64) for t in (a, Us, Ua))
+        n, positions, d = a.shape
+        self.n += n
+        self.sh += (Us * Us).sum((0, 1))
+        self.sha += (Us * Ua).sum((0, 1))
+        self.sha2 += (Ua * Ua).sum((0, 1))
         if self.sg is not None:
-            g = g.detach().to(torch.float64)
-            self.sg += g.sum(0)
-            self.sga += (g * a).sum(0)
+            self.sg += gs.detach().to(torch.float64).sum(0)
+            self.sga += ga.detach().to(torch.float64).sum(0)
         if self.H0 is not None:
-            Uf = U.reshape(-1, U.shape[-1])                   # [r*n, d]
-            Ua = (U * a).reshape(-1, U.shape[-1])             # [r*n, d]  U diag(a)
+            Uf, Uaf = Us.reshape(-1, d), Ua.reshape(-1, d)  # [r*n, d]
             self.H0 += Uf.T @ Uf
-            self.H1 += Uf.T @ Ua
-            self.H2 += Ua.T @ Ua
-            w = h.sum(1)                                      # [n] tr H(x)
-            self.sw += w.sum()
-            self.swa += w @ a
-            self.swaa += (a * w[:, None]).T @ a
+            self.H1 += Uf.T @ Uaf
+            self.H2 += Uaf.T @ Uaf
+            w = (Us * Us).sum((0, 2))                        # [n] tr H(x)
+            af = a.reshape(-1, d)                            # [n*positions, d]
+            wf = w.repeat_interleave(positions)              # each position weighted by its sample's w
+            self.sw += wf.sum()
+            self.swa += wf @ af
+            self.swaa += (af * wf[:, None]).T @ af
 
     def __add__(self, other: "Curvature") -> "Curvature":
         add = lambda x, y: None if x is None else x + y  # noqa: E731

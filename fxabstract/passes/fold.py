@@ -1,12 +1,15 @@
-"""Fold every `Replacement` into its consumers and delete the replaced units from the producer:
-the graph physically shrinks and computes exactly what the dense intervened graph computed.
+"""Fold every `Replacement` into its consumers and delete the replaced units from the producers and
+the per-channel layers between: the graph physically shrinks and computes exactly what the dense
+intervened graph computed (THEORY §1, exact transformation).
 
-    bias folding    b' = b + W[:, P] beta                       (THEORY §1, exact transformation)
-    weight folding  W' = W[:, K] + W[:, P] theta
-    producer        rows K only; the elementwise chain in between is per unit and needs no change
+    bias folding    b' = b + W[:, P] beta                       (scalar, per consumer output)
+    weight folding  W' = W[:, K] + W[:, P] theta                (1x1 mixing of the input channels)
+    zero padding    a constant channel is zero at the padded border, so beta folds into a spatial
+                    bias map conv(beta, W[:, P]) for the traced input size (`BiasMapConv`), exactly
+    producers       rows K only; per-channel layers (BatchNorm, depthwise conv, PReLU) channels K
 
-Layer support is a table, one entry per type: how to keep only some outputs, how to fold a
-replacement into its inputs. Arithmetic is float64, cast back to the layer's dtype.
+Layer support is a table, one entry per type: how to keep only some outputs (or channels), how to
+fold a replacement into its inputs. Arithmetic is float64, cast back to the layer's dtype.
 """
 from __future__ import annotations
 
@@ -14,37 +17,128 @@ import copy
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
-from ..sites import PRODUCERS, is_elementwise
+from ..capture import ChannelBatchNorm
+from ..heads import set_head_count
 from .replace import Replacement
 
 
-def _linear_keep_outputs(m: nn.Linear, K: torch.Tensor) -> nn.Linear:
-    new = nn.Linear(m.in_features, len(K), bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+class BiasMapConv(nn.Module):
+    """conv(x) + bias_map: the exact fold of constants into a zero-padded convolution; the map
+    [out, *spatial] is for the input size the model was calibrated on."""
+
+    def __init__(self, conv: nn.Module, bias_map: torch.Tensor):
+        super().__init__()
+        self.conv = conv
+        self.register_buffer("bias_map", bias_map)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.bias_map
+
+
+def _new_like(m: nn.Module, **changes) -> nn.Module:
+    """A layer of m's type and hyper-parameters with some changed, parameters uninitialised."""
+    if isinstance(m, nn.Linear):
+        args = dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
+    elif isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        args = dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size,
+                    stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                    bias=m.bias is not None, padding_mode=m.padding_mode)
+    else:
+        raise AssertionError(f"no constructor for {type(m).__name__}")
+    args.update(changes)
+    return type(m)(**args, device=m.weight.device, dtype=m.weight.dtype)
+
+
+def _assign(new: nn.Module, **tensors) -> nn.Module:
     with torch.no_grad():
-        new.weight.copy_(m.weight[K])
-        if m.bias is not None:
-            new.bias.copy_(m.bias[K])
+        for name, t in tensors.items():
+            if t is not None:
+                getattr(new, name).copy_(t)
     return new
 
 
-def _linear_fold_inputs(m: nn.Linear, r: Replacement) -> nn.Linear:
-    W = m.weight.detach().double()                                   # [o, d]
-    WP = W[:, r.removed]
-    W_new = W[:, r.kept] + WP @ r.theta.double()                      # W' = W_K + W_P theta
-    b_new = WP @ r.beta.double()                                      # b' = b + W_P beta
+# --------------------------------------------------------------------------- keep outputs / channels
+
+def _keep_rows(m, K):
+    if isinstance(m, BiasMapConv):
+        return BiasMapConv(_keep_rows(m.conv, K), m.bias_map[K].clone())
+    key = "out_features" if isinstance(m, nn.Linear) else "out_channels"
+    new = _new_like(m, **{key: len(K)})
+    return _assign(new, weight=m.weight[K], bias=None if m.bias is None else m.bias[K])
+
+
+def _keep_depthwise(m, K):
+    new = _new_like(m, in_channels=len(K), out_channels=len(K), groups=len(K))
+    return _assign(new, weight=m.weight[K], bias=None if m.bias is None else m.bias[K])
+
+
+def _keep_batch_norm(m, K):
+    new = type(m)(len(K), eps=m.eps, momentum=m.momentum, affine=m.affine,
+                  track_running_stats=m.track_running_stats, device=m.running_mean.device,
+                  dtype=m.running_mean.dtype)
+    with torch.no_grad():
+        new.running_mean.copy_(m.running_mean[K])
+        new.running_var.copy_(m.running_var[K])
+        if m.affine:
+            new.weight.copy_(m.weight[K])
+            new.bias.copy_(m.bias[K])
+    return new.eval()
+
+
+def _keep_prelu(m, K):
+    new = nn.PReLU(len(K), device=m.weight.device, dtype=m.weight.dtype)
+    return _assign(new, weight=m.weight[K])
+
+
+KEEP_OUTPUTS = {nn.Linear: _keep_rows, nn.Conv1d: _keep_rows, nn.Conv2d: _keep_rows, BiasMapConv: _keep_rows}
+KEEP_CHANNELS = {nn.BatchNorm1d: _keep_batch_norm, nn.BatchNorm2d: _keep_batch_norm,
+                 ChannelBatchNorm: _keep_batch_norm, nn.PReLU: _keep_prelu,
+                 nn.Conv1d: _keep_depthwise, nn.Conv2d: _keep_depthwise}
+
+
+# --------------------------------------------------------------------------- fold inputs
+
+def _fold_linear(m: nn.Linear, r: Replacement, how: str) -> nn.Module:
+    """Features: W' = W_K + W_P theta, b' = b + W_P beta. Flattened: the same per block position."""
+    d = r.site.n_units
+    W = m.weight.detach().double().reshape(m.out_features, d, -1)             # [o, d, block]
+    WP, theta, beta = W[:, r.removed], r.theta.double(), r.beta.double()
+    W_new = W[:, r.kept] + torch.einsum("opb,pk->okb", WP, theta)              # W' = W_K + W_P theta
+    b_new = torch.einsum("opb,p->o", WP, beta)                                 # b' = b + W_P beta
     if m.bias is not None:
         b_new = b_new + m.bias.detach().double()
-    new = nn.Linear(len(r.kept), m.out_features, bias=True, device=W.device, dtype=m.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(W_new)
-        new.bias.copy_(b_new)
-    return new
+    new = _new_like(m, in_features=len(r.kept) * W.shape[2], bias=True)
+    return _assign(new, weight=W_new.reshape(m.out_features, -1), bias=b_new)
 
 
-KEEP_OUTPUTS = {nn.Linear: _linear_keep_outputs}
-FOLD_INPUTS = {nn.Linear: _linear_fold_inputs}
+def _fold_conv(m: nn.Module, r: Replacement, how: str) -> nn.Module:
+    """Weight folding per kernel tap; beta into the bias, or a bias map under zero padding."""
+    if isinstance(m, BiasMapConv):
+        inner = _fold_conv(m.conv, r, how)
+        if isinstance(inner, BiasMapConv):
+            return BiasMapConv(inner.conv, inner.bias_map + m.bias_map)
+        return BiasMapConv(inner, m.bias_map)
+    W = m.weight.detach().double()                                             # [o, d, *kernel]
+    WP, theta, beta = W[:, r.removed], r.theta.double(), r.beta.double()
+    W_new = W[:, r.kept] + torch.einsum("op...,pk->ok...", WP, theta)          # W' = W_K + W_P theta
+    bias = torch.zeros(m.out_channels, dtype=torch.float64, device=W.device) if m.bias is None \
+        else m.bias.detach().double()
+    new = _new_like(m, in_channels=len(r.kept), bias=True)
+    padded = m.padding == "same" or (m.padding != "valid" and any(m.padding))
+    if not padded:
+        return _assign(new, weight=W_new, bias=bias + WP.flatten(2).sum(2) @ beta)  # b' = b + W_P beta
+    spatial = r.site.shape[1:]                                                 # the traced input size
+    filled = beta.reshape(1, -1, *([1] * len(spatial))).expand(1, len(beta), *spatial)
+    conv = F.conv1d if W.dim() == 3 else F.conv2d
+    bias_map = conv(filled, WP, None, m.stride, m.padding, m.dilation)[0]      # conv(beta, W_P): [o, *out]
+    new = _assign(new, weight=W_new, bias=bias)
+    return BiasMapConv(new, (bias_map.to(m.weight.dtype)))
+
+
+FOLD_INPUTS = {nn.Linear: _fold_linear, nn.Conv1d: _fold_conv, nn.Conv2d: _fold_conv, BiasMapConv: _fold_conv}
 
 
 def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
@@ -52,14 +146,8 @@ def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def producer_of(gm: fx.GraphModule, site: fx.Node) -> fx.Node:
-    """Walk back from a site through its per-unit elementwise chain to the producing layer."""
-    node = site
-    while not (node.op == "call_module" and type(gm.get_submodule(node.target)) in PRODUCERS):
-        source = node.args[0]
-        assert is_elementwise(gm, node, source), f"{node.name} is not a per-unit op between producer and site"
-        node = source
-    return node
+def _local(K: list[int], lo: int, hi: int) -> torch.Tensor:
+    return torch.tensor([k - lo for k in K if lo <= k < hi], dtype=torch.long)
 
 
 def fold(gm: fx.GraphModule) -> fx.GraphModule:
@@ -69,14 +157,20 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Replacement):
             continue
         r = gm.get_submodule(node.target)
-        site = node.args[0]
-        for user in node.users:
-            consumer = gm.get_submodule(user.target)
-            _set_module(gm, user.target, FOLD_INPUTS[type(consumer)](consumer, r))
-        producer = producer_of(gm, site)
-        layer = gm.get_submodule(producer.target)
-        _set_module(gm, producer.target, KEEP_OUTPUTS[type(layer)](layer, r.kept))
-        node.replace_all_uses_with(site)
+        site = r.site
+        for consumer, how in site.reads.items():
+            layer = gm.get_submodule(consumer)
+            _set_module(gm, consumer, FOLD_INPUTS[type(layer)](layer, r, how))
+        kept = r.kept.tolist()
+        for piece in site.pieces:
+            layer = gm.get_submodule(piece.module)
+            _set_module(gm, piece.module, KEEP_OUTPUTS[type(layer)](layer, _local(kept, piece.lo, piece.hi)))
+        for op in site.channel_ops:
+            layer = gm.get_submodule(op.module)
+            _set_module(gm, op.module, KEEP_CHANNELS[type(layer)](layer, _local(kept, op.lo, op.hi)))
+        if site.head_shapes:                                  # attention heads: fewer heads in the views
+            set_head_count(gm, site, len(kept) // site.group)
+        node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)
     gm.graph.lint()

@@ -49,7 +49,7 @@ def measured_curve(gm: fx.GraphModule, site: Site, steps: list[int], fit, reserv
 
     fit(k) -> SitePlan for the first k units of the site's order."""
     grid = sorted({steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, min(points, len(steps)))})
-    clean = [logits(gm(*inputs)) for inputs, _ in reservoir]
+    clean = [logits(fx.Interpreter(gm).run(*inputs)) for inputs, _ in reservoir]
     n = sum(len(z) for z in clean)
     like = next(gm.parameters())
     values = []
@@ -58,7 +58,7 @@ def measured_curve(gm: fx.GraphModule, site: Site, steps: list[int], fit, reserv
             values.append(0.0)
             continue
         p = fit(k)
-        rep = Replacement(p.kept, p.removed, p.beta.to(like), p.theta.to(like)).to(like.device)
+        rep = Replacement(p.kept, p.removed, p.beta.to(like), p.theta.to(like), site).to(like.device)
         runner = _Intervened(gm, site.node, rep)
         total = sum(float(divergence(name, z, logits(runner.run(*inputs)), y))
                     for z, (inputs, y) in zip(clean, reservoir))

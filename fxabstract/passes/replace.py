@@ -15,18 +15,25 @@ from .select import SitePlan
 
 
 class Replacement(nn.Module):
-    """do(a[..., P] := beta + a[..., K] @ theta^T) on the last dimension (THEORY §1)."""
+    """do(a_P := beta + theta a_K) on the units' axis (-1 features, 1 channels), at every position
+    (THEORY §1). `site` (sites.Site) tells the fold pass where the units come from and go."""
 
-    def __init__(self, kept: list[int], removed: list[int], beta: torch.Tensor, theta: torch.Tensor):
+    def __init__(self, kept: list[int], removed: list[int], beta: torch.Tensor, theta: torch.Tensor,
+                 site=None):
         super().__init__()
+        self.site = site
+        self.axis = -1 if site is None else site.axis
         self.register_buffer("kept", torch.tensor(kept, dtype=torch.long))
         self.register_buffer("removed", torch.tensor(removed, dtype=torch.long))
         self.register_buffer("beta", beta)        # [|P|]
         self.register_buffer("theta", theta)      # [|P|, |K|]
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        if self.axis == 1:
+            a = a.movedim(1, -1)
         values = self.beta + a.index_select(-1, self.kept) @ self.theta.T
-        return a.index_copy(-1, self.removed, values)
+        a = a.index_copy(-1, self.removed, values)
+        return a.movedim(-1, 1).contiguous() if self.axis == 1 else a
 
 
 def replacement_target(site_name: str) -> str:
@@ -44,7 +51,7 @@ def replace(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
             continue
         target = replacement_target(p.site.name)
         gm.add_submodule(target, Replacement(p.kept, p.removed, p.beta.to(device, dtype),
-                                             p.theta.to(device, dtype)).to(device))
+                                             p.theta.to(device, dtype), p.site).to(device))
         site = nodes[p.site.node]
         with gm.graph.inserting_after(site):
             r = gm.graph.call_module(target, (site,))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -49,6 +50,48 @@ def min_kept(d: int, round_to: int) -> int:
     return min(round_to, d)
 
 
+def granularity(site: Site, round_to: int) -> int:
+    """Kept widths are multiples of this: the group (an attention head's width), else round_to."""
+    return site.group if site.group > 1 else round_to
+
+
+def group_order(site: Site, stats: Statistics, scores: torch.Tensor, c: torch.Tensor, replacement: str,
+                selection: str, ridge: float) -> tuple[list[int], torch.Tensor]:
+    """Elimination order and risk curve over whole groups (attention heads), expanded to units.
+
+    The group risks are THEORY §3's with P a union of groups: diagonal sums unit scores; joint
+    constant greedily eliminates on G^T M G; joint affine greedily drops the group whose removal
+    leaves the least Schur-complement risk (exhaustive per step: there are few heads)."""
+    g, d = site.group, site.n_units
+    h = d // g
+    G = torch.zeros(d, h, dtype=torch.float64)
+    G[torch.arange(d), torch.arange(d) // g] = 1                       # unit -> its group
+    if selection == "diagonal":
+        heads, curve = risk.diagonal_order(G.T @ scores, h - 1)
+    elif replacement == "constant":
+        M = risk.constant_matrix(stats, site.name, c)
+        heads, curve = risk.joint_constant_order(G.T @ M @ G, G.T @ risk.linear_term(stats, site.name, c), h - 1)
+    else:
+        k = stats.curvature[site.name]
+        _, S = risk.weighted_moments(stats, site.name, weighted=True)
+        heads, values = [], [0.0]
+        for _ in range(h - 1):
+            best = None
+            for q in set(range(h)) - set(heads):
+                P = [u for r in heads + [q] for u in range(r * g, (r + 1) * g)]
+                K = sorted(set(range(d)) - set(P))
+                _, theta = risk.fit_affine(S.new_zeros(d), S, K, sorted(P), ridge)
+                value = risk.affine_risk(k.H0 / k.n, S, K, sorted(P), theta)
+                if best is None or value < best[0]:
+                    best = (value, q)
+            heads.append(best[1])
+            values.append(best[0])
+        curve = torch.tensor(values, dtype=torch.float64)
+    order = [u for r in heads for u in range(r * g, (r + 1) * g)]
+    unit_curve = torch.tensor(np.interp(np.arange(len(order) + 1), np.arange(len(curve)) * g, curve.numpy()))
+    return order, unit_curve
+
+
 def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str, replacement: str,
            selection: str, ridge: float, seed: int) -> dict[str, Curves]:
     """Scores, constants and full elimination orders for every site (computed once per setting)."""
@@ -57,7 +100,9 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
     for s in sites:
         sc, c = unit_scores(score, s, stats, gm, gen)
         n = s.n_units - 1
-        if selection == "diagonal":
+        if s.group > 1:
+            order, curve = group_order(s, stats, sc, c, replacement, selection, ridge)
+        elif selection == "diagonal":
             order, curve = risk.diagonal_order(sc, n)
         elif replacement == "constant":
             M = risk.constant_matrix(stats, s.name, c)
@@ -87,6 +132,9 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
         for k, v in keep.items():
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= names[k].n_units:
                 raise ConfigError(f"keep[{k!r}] = {v!r} must be an int in 1..{names[k].n_units} (units kept at that site)")
+            if v % names[k].group:
+                raise ConfigError(f"keep[{k!r}] = {v} must be a multiple of {names[k].group}: that site's units are "
+                                  "attention heads, removed whole")
         return {s.name: s.n_units - keep.get(s.name, s.n_units) for s in sites}
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise ConfigError(f"keep must be a fraction, an int or a dict of per-site counts, got {type(keep).__name__}")
@@ -100,11 +148,12 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
         target_kept = keep
     if score not in OUTPUT_UNITS:  # not comparable across sites: the same fraction per site
         frac = target_kept / total
-        return {s.name: s.n_units - max(min_kept(s.n_units, round_to),
-                                        min(s.n_units, round(frac * s.n_units / round_to) * round_to))
+        step = {s.name: granularity(s, round_to) for s in sites}
+        return {s.name: s.n_units - max(min_kept(s.n_units, step[s.name]),
+                                        min(s.n_units, round(frac * s.n_units / step[s.name]) * step[s.name]))
                 for s in sites}
     target = total - target_kept
-    allowed = {s.name: allowed_removals(s.n_units, round_to) for s in sites}
+    allowed = {s.name: allowed_removals(s.n_units, granularity(s, round_to)) for s in sites}
     pos = {s.name: 0 for s in sites}
     removed = 0
     while removed < target:  # cheapest next removal globally (risks are in output units)
@@ -130,7 +179,12 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
 def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, replacement: str,
         selection: str, ridge: float) -> SitePlan:
     """Fit the replacement of the first n_removed units of the site's elimination order."""
-    P = sorted(cv.order[:n_removed])
+    removed = list(cv.order[:n_removed])
+    for piece in site.pieces:  # a producer joined by cat keeps at least one unit: its last one removed
+        mine = [u for u in removed if piece.lo <= u < piece.hi]
+        if len(mine) == piece.hi - piece.lo and len(site.pieces) > 1:
+            removed.remove(mine[-1])
+    P = sorted(removed)
     K = sorted(set(range(site.n_units)) - set(P))
     k = stats.curvature[site.name]
     if replacement == "constant":

@@ -1,0 +1,247 @@
+"""Reference architectures, written here because torchvision does not import beside torch 2.13.
+The tests and benchmarks compile every one of them; `mobilenet_v2()`'s state_dict keys match
+torchvision's, so its ImageNet weights load with `load_state_dict`.
+
+    >>> model = zoo.ARCHITECTURES["resnet18"]()        # (factory, input shape) pairs in ZOO
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act=nn.ReLU6) -> nn.Sequential:
+    """Conv (no bias) -> BatchNorm -> activation: torchvision's Conv2dNormActivation layout."""
+    layers = [nn.Conv2d(cin, cout, k, stride, (k - 1) // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, act(inplace=True)) if act else nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- ResNets
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn + shortcut; the channels between the two convs are the site."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet-18 layout (torchvision's names) at any width; `cifar=True` uses a 3x3 stem, no max-pool."""
+
+    def __init__(self, layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), classes: int = 1000, cifar: bool = False):
+        super().__init__()
+        stem = widths[0]
+        if cifar:
+            self.conv1, self.maxpool = nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.Identity()
+        else:
+            self.conv1, self.maxpool = nn.Conv2d(3, stem, 7, 2, 3, bias=False), nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(stem)
+        cin, stages = stem, []
+        for i, (n, w) in enumerate(zip(layers, widths)):
+            blocks = [BasicBlock(cin if j == 0 else w, w, 2 if (j == 0 and i > 0) else 1) for j in range(n)]
+            stages.append(nn.Sequential(*blocks))
+            cin = w
+        self.layer1, self.layer2, self.layer3, self.layer4 = (stages + [nn.Identity()] * 4)[:4]
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet18(classes: int = 1000, width: int = 64) -> ResNet:
+    return ResNet((2, 2, 2, 2), tuple(width * m for m in (1, 2, 4, 8)), classes)
+
+
+def cifar_resnet(classes: int = 10) -> ResNet:
+    """A ResNet-20-like CIFAR net: three stages of 16/32/64 channels, 3 blocks each, 32x32 inputs."""
+    return ResNet((3, 3, 3), (16, 32, 64), classes, cifar=True)
+
+
+# --------------------------------------------------------------------------- MobileNetV2
+
+class InvertedResidual(nn.Module):
+    """1x1 expansion -> 3x3 depthwise -> 1x1 projection (+ shortcut); the expansion channels are the site."""
+
+    def __init__(self, cin: int, cout: int, stride: int, t: int):
+        super().__init__()
+        hidden = cin * t
+        self.use_res_connect = stride == 1 and cin == cout
+        layers = [conv_bn(cin, hidden, 1)] if t != 1 else []
+        layers += [conv_bn(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False),
+                   nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """torchvision's MobileNetV2 (same module names, so its state_dict loads)."""
+
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, classes: int = 1000, width_mult: float = 1.0, last_channel: int = 1280):
+        super().__init__()
+        cin = int(32 * width_mult)
+        last = max(last_channel, int(last_channel * width_mult))
+        features = [conv_bn(3, cin, 3, 2)]
+        for t, c, n, s in self.SETTINGS:
+            cout = int(c * width_mult)
+            for i in range(n):
+                features.append(InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        features.append(conv_bn(cin, last, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, classes))
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet_v2(classes: int = 1000) -> MobileNetV2:
+    return MobileNetV2(classes)
+
+
+# --------------------------------------------------------------------------- other CNNs
+
+def vgg_small(classes: int = 10) -> nn.Sequential:
+    """VGG-style: conv-bn-relu stacks, max-pools, a two-layer classifier head."""
+    cfg, layers, cin = (32, 32, "M", 64, 64, "M", 128, "M"), [], 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU()]
+            cin = v
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(cin * 4 * 4, 256), nn.ReLU(), nn.Dropout(0.5),
+                         nn.Linear(256, classes))
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module: squeeze 1x1, then 1x1 and 3x3 expansions concatenated."""
+
+    def __init__(self, cin: int, squeeze: int, e1: int, e3: int):
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, e1, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, e3, 3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
+
+
+class SqueezeNet(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), Fire(32, 8, 32, 32), Fire(64, 8, 32, 32),
+                                      nn.MaxPool2d(2), Fire(64, 16, 48, 48))
+        self.classifier = nn.Sequential(nn.Dropout(0.5), nn.Conv2d(96, classes, 1), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x):
+        return torch.flatten(self.classifier(self.features(x)), 1)
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's bottleneck: bn-relu-conv1x1-bn-relu-conv3x3, output concatenated to the input."""
+
+    def __init__(self, cin: int, growth: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 4 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(4 * growth), nn.Conv2d(4 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        h = self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+        return torch.cat([x, h], 1)
+
+
+class DenseNet(nn.Module):
+    def __init__(self, classes: int = 10, growth: int = 12, layers: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1, bias=False)
+        blocks, c = [], 24
+        for _ in range(layers):
+            blocks.append(DenseLayer(c, growth))
+            c += growth
+        self.block = nn.Sequential(*blocks)
+        self.norm, self.fc = nn.BatchNorm2d(c), nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = F.relu(self.norm(self.block(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ConvNeXtBlock(nn.Module):
+    """depthwise 7x7 -> LayerNorm (channels last) -> Linear 4x -> GELU -> Linear -> layer scale + shortcut."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1, self.act, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(1e-1 * torch.ones(dim))
+
+    def forward(self, x):
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        h = self.gamma * self.pwconv2(self.act(self.pwconv1(h)))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, classes: int = 10, dim: int = 32):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, dim, 4, 4), nn.BatchNorm2d(dim))
+        self.blocks = nn.Sequential(ConvNeXtBlock(dim), ConvNeXtBlock(dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class TemporalConvNet(nn.Module):
+    """1-D convolutions over a sequence (no recurrence): conv-bn-relu x3, global pool, Linear."""
+
+    def __init__(self, cin: int = 1, classes: int = 10, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(cin, width, 5, padding=2), nn.BatchNorm1d(width), nn.ReLU(),
+                                 nn.Conv1d(width, width, 5, padding=2, dilation=1), nn.BatchNorm1d(width), nn.ReLU(),
+                                 nn.Conv1d(width, 2 * width, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1),
+                                 nn.Flatten(), nn.Linear(2 * width, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class LeNet(nn.Module):
+    """Conv-pool-conv-pool-flatten-MLP, the classic: the flatten maps a channel to a block of features."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(32 * 2 * 2, 64), nn.Linear(64, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))

@@ -1,0 +1,144 @@
+"""Reference sequence architectures (own definitions): a ViT, a GPT-style decoder, a Conformer-style
+block (convolution + attention) and an MLP-Mixer. Their FFN intermediate neurons are the sites.
+
+    >>> gpt = GPT(vocab=64, dim=32, depth=2, heads=4, context=16)
+    >>> gpt(torch.randint(0, 64, (2, 16))).shape           # [B, T, vocab]
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections and an output projection."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, context: int = 512):
+        super().__init__()
+        self.dim, self.heads, self.causal = dim, heads, causal
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.register_buffer("mask", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x):
+        B, T, h, dh = x.size(0), x.size(1), self.heads, self.dim // self.heads
+        q, k, v = (f(x).view(B, T, h, dh).transpose(1, 2) for f in (self.q, self.k, self.v))
+        att = (q @ k.transpose(-2, -1)) * dh**-0.5                       # [B, h, T, T]
+        if self.causal:
+            att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
+        y = att.softmax(-1) @ v                                          # [B, h, T, dh]
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.dim))
+
+
+class MLP(nn.Module):
+    """The FFN: Linear -> GELU -> Linear; the hidden neurons are a site."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, context: int = 512):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, causal, context)
+        self.ln2, self.mlp = nn.LayerNorm(dim), MLP(dim, 4 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class ViT(nn.Module):
+    """Patch embedding (a strided conv), class token, position embedding, pre-norm blocks, head."""
+
+    def __init__(self, image: int = 32, patch: int = 8, dim: int = 64, depth: int = 2, heads: int = 4,
+                 classes: int = 10, channels: int = 3):
+        super().__init__()
+        self.patch = nn.Conv2d(channels, dim, patch, patch)
+        n = (image // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, n + 1, dim))
+        self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)                      # [B, patches, dim]
+        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class GPT(nn.Module):
+    """A GPT-style decoder: token + position embeddings, causal pre-norm blocks, LM head."""
+
+    def __init__(self, vocab: int = 64, dim: int = 64, depth: int = 2, heads: int = 4, context: int = 32):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+        self.blocks = nn.Sequential(*(Block(dim, heads, causal=True, context=context) for _ in range(depth)))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        positions = torch.arange(idx.size(1), device=idx.device)
+        return self.head(self.norm(self.blocks(self.tok(idx) + self.pos(positions))))
+
+
+class ConformerBlock(nn.Module):
+    """Half-step FFN, self-attention, a pointwise-depthwise-pointwise convolution module, half FFN."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.ff1_norm, self.ff1 = nn.LayerNorm(dim), MLP(dim, 4 * dim)
+        self.attn_norm, self.attn = nn.LayerNorm(dim), Attention(dim, heads)
+        self.conv_norm = nn.LayerNorm(dim)
+        self.pw1 = nn.Conv1d(dim, 2 * dim, 1)
+        self.dw, self.bn = nn.Conv1d(dim, dim, 7, padding=3, groups=dim), nn.BatchNorm1d(dim)
+        self.pw2 = nn.Conv1d(dim, dim, 1)
+        self.ff2_norm, self.ff2 = nn.LayerNorm(dim), MLP(dim, 4 * dim)
+
+    def forward(self, x):                                                # [B, T, dim]
+        x = x + 0.5 * self.ff1(self.ff1_norm(x))
+        x = x + self.attn(self.attn_norm(x))
+        h = F.glu(self.pw1(self.conv_norm(x).transpose(1, 2)), dim=1)    # [B, dim, T]
+        h = self.pw2(F.silu(self.bn(self.dw(h))))
+        x = x + h.transpose(1, 2)
+        return x + 0.5 * self.ff2(self.ff2_norm(x))
+
+
+class Conformer(nn.Module):
+    def __init__(self, features: int = 16, dim: int = 32, depth: int = 2, heads: int = 4, classes: int = 10):
+        super().__init__()
+        self.inp = nn.Linear(features, dim)
+        self.blocks = nn.Sequential(*(ConformerBlock(dim, heads) for _ in range(depth)))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):                                                # [B, T, features]
+        return self.head(self.blocks(self.inp(x)).mean(1))
+
+
+class MixerBlock(nn.Module):
+    """Token mixing (an MLP across patches) then channel mixing (an MLP across features)."""
+
+    def __init__(self, tokens: int, dim: int):
+        super().__init__()
+        self.norm1, self.token_mlp = nn.LayerNorm(dim), MLP(tokens, 2 * tokens)
+        self.norm2, self.channel_mlp = nn.LayerNorm(dim), MLP(dim, 4 * dim)
+
+    def forward(self, x):                                                # [B, tokens, dim]
+        x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mlp(self.norm2(x))
+
+
+class Mixer(nn.Module):
+    def __init__(self, image: int = 32, patch: int = 8, dim: int = 32, depth: int = 2, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.blocks = nn.Sequential(*(MixerBlock((image // patch) ** 2, dim) for _ in range(depth)))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
