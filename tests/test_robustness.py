@@ -142,9 +142,24 @@ def test_enough_samples_do_not_warn():
 
 # ----------------------------------------------------------------------------- dtypes
 
+class ConvNet(nn.Module):
+    """Conv -> BatchNorm -> ReLU read by a zero-padded conv (a bias map for constants), then a pooled head."""
+
+    in_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(6, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("replacement", ["constant", "affine"])
-@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ARCHITECTURES + [ConvNet], ids=lambda c: c.__name__)
 def test_every_float_dtype_compiles_exactly_within_its_tolerance(cls, replacement, dtype):
     model, calibration, x = build(cls, dtype)
     result = fxa.abstract(model, calibration, keep=0.5, replacement=replacement, round_to=1)
