@@ -176,7 +176,7 @@ def test_position_summed_curvature_matches_autograd():
     assert torch.allclose(got, expected, rtol=1e-5), f"position-summed curvature {got} != autograd {expected}"
 
 
-def test_gpt_is_captured_with_torch_export_and_compiles_exactly():
+def test_gpt_is_captured_with_torch_export_and_compiles_exactly(tmp_path):
     """GPT slices its causal mask by the sequence length, which symbolic_trace cannot trace."""
     torch.manual_seed(0)
     model = zt.GPT().eval()
@@ -188,6 +188,8 @@ def test_gpt_is_captured_with_torch_export_and_compiles_exactly():
                                                            "blocks.1.attn.heads", "blocks.1.mlp.fc1"]
     assert _check_exact(model, result, idx) <= TOL, "exported GPT: compiled vs hooks"
     assert _check_exact(model, result, idx[:3]) <= TOL, "a batch size other than the traced one"
+    info = fxa.to_onnx(result.module, idx[:4], str(tmp_path / "gpt.onnx"))
+    assert info["relative_diff"] <= 1e-4, f"exported GPT: ONNX parity {info['relative_diff']:.2e}"
 
 
 def test_hugging_face_bert_compiles_exactly_through_torch_export(tmp_path):
