@@ -2,6 +2,7 @@
 fxabstract writes lands whole or not at all (failures injected at the worst moment)."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -51,6 +52,9 @@ def test_every_public_call_leaves_the_model_and_the_result_bitwise_unchanged(tmp
     result = results["analyse"].compile(0.5, replacement="affine")
     assert_unchanged(model, before, "Analysis.compile")
     compiled = snapshot(result.module)
+    with torch.no_grad():
+        target = int(copy.deepcopy(model).eval()(x[:1]).argmax())    # a class the data contains, for explain
+
     def intervene():
         with fxa.intervene(model, result.report):
             pass
@@ -62,6 +66,8 @@ def test_every_public_call_leaves_the_model_and_the_result_bitwise_unchanged(tmp
         "to_onnx (user's model)": lambda: fxa.to_onnx(model, x[:4], str(tmp_path / "user.onnx")),
         "to_onnx": lambda: fxa.to_onnx(result.module, x[:4], str(tmp_path / "m.onnx")),
         "save": lambda: result.save(str(tmp_path / "saved")),
+        "explain": lambda: fxa.explain(model, x, target=target),
+        "combine": lambda: fxa.combine(model, [result], x, samples=10),
     }
     for name, call in later.items():
         call()
