@@ -142,3 +142,16 @@ def test_an_unwritable_demo_cache_warns_and_the_demo_still_trains(tmp_path, monk
     with pytest.warns(FxAbstractWarning, match="cannot cache the demo model"):
         model = demo.demo_model()
     assert isinstance(model, demo.DigitsMLP), "the demo model is returned even when it cannot be cached"
+
+
+def test_certify_leaves_the_model_bitwise_unchanged():
+    from fxabstract.groups import GroupMLP, cyclic_table, domain
+
+    torch.manual_seed(0)
+    table = cyclic_table(7)
+    model = GroupMLP(7, embed=8, width=16).train()
+    xy, _ = domain(table)
+    result = fxa.abstract(model, [xy], keep=8, sites=["hidden"], round_to=1)
+    before = snapshot(model)
+    fxa.certify(model, result, table)
+    assert_unchanged(model, before, "certify")
