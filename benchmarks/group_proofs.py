@@ -6,9 +6,10 @@ brute-force accuracy over all |G|^2 inputs, then for a ladder of abstractions (k
 constant or affine replacement) the certified lower bound and the proof time / brute-force time
 (medians of repeated runs, measured side by side), and against a stronger baseline: the same
 factored evaluation with every unit kept (fxa.certify of the keep-all abstraction), which is brute
-force done the smart way and shows how much of the saving is the abstraction's. Soundness (bound <= brute-force accuracy, every
-certified input classified correctly) is checked on every model and every proof. The time of
-finding the abstraction (fxa.abstract) is not part of the proof time, as in the paper.
+force done the smart way and shows how much of the saving is the abstraction's. Soundness (bound <=
+brute-force accuracy, every certified input classified correctly) is checked on every model and
+every proof. The time of finding the abstraction (fxa.abstract) is not part of the proof time, as in
+the paper.
 
     python benchmarks/group_proofs.py                        # writes benchmarks/results/group_proofs.{md,png}
     python benchmarks/group_proofs.py --seeds 1 --out /tmp/g  # a fast smoke run

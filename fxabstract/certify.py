@@ -17,8 +17,8 @@ arithmetic, the gap between the label t's deviation and any other's is bounded p
 plus the fold residue 2 (|E| hmax + |e|); gap <= 2 ||U_P r||_inf-style bounds always. It costs |G|^2 |P|
 operations, against the |G|^2 width |G| of running the unembedding. An input is
 certified when the abstraction's margin for its label exceeds the gap (at most twice the deviation
-bound) plus rounding: then the dense model's label logit beats every other logit. The abstraction's logits, relu(L_K[x] + R_K[y]) U'^T + b',
-cost |G|^2 |K| |G| in float32, like brute force but with |K| in place of width; the rounding
+bound) plus rounding: then the dense model's label logit beats every other logit. The abstraction's
+logits, relu(L_K[x] + R_K[y]) U'^T + b', cost |G|^2 |K| |G| in float32, like brute force but with |K| in place of width; the rounding
 allowances are standard gamma_n = n u / (1 - n u) bounds for float32 dot products (u = 2^-24), so the
 bound holds for the float32 model as it runs on CPU (any summation order; no TF32).
 """
