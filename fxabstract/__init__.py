@@ -8,4 +8,5 @@ from .export import to_onnx
 from .verify import certificate, iia, intervene
 
 __version__ = "0.1.0"
-__all__ = ["abstract", "analyse", "Abstraction", "Analysis", "iia", "certificate", "intervene", "to_onnx", "certify", "combine", "explain", "errors"]
+__all__ = ["abstract", "analyse", "Abstraction", "Analysis", "iia", "certificate", "intervene", "to_onnx",
+           "certify", "combine", "explain", "errors"]

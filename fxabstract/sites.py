@@ -368,8 +368,10 @@ def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int,
         width = None if layer is None else _width(CONSUMERS, layer)
         if width is None:
             target = getattr(user.target, "__name__", user.target)
+            others = f" (one of its {len(readers)} readers: {', '.join(f'`{r.name}`' for r in readers)}; " \
+                     "per-unit ops are followed only when they are a value's one reader)" if len(readers) > 1 else ""
             return (f"it is read by `{user.name}` ({user.op} {target}), which is not an affine layer "
-                    "fxabstract can fold into")
+                    f"fxabstract can fold into{others}")
         if len(user.all_input_nodes) != 1:
             return f"consumer `{user.target}` reads it in an unsupported way"
         if calls[user.target] > 1:
