@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import capture
-from .checks import check_options, check_ridge, checked_batches, tiny_calibration_ridge
+from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
 from .data import bind, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError, OutputError
 from .passes.calibrate import Statistics, calibrate
@@ -181,6 +181,7 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
     stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
                       seed, progress)
+    check_statistics(gm, stats)
     return Analysis(gm, chosen, ineligible, stats, score, seed)
 
 
