@@ -4,10 +4,11 @@ curve of each single candidate abstraction against their combination (fxa.combin
 
 Candidates: fxa.abstract with logit-mse scores, joint selection and affine replacement, on different
 sites and budgets: fc1 only (keep 32, 16), fc2 only (keep 32, 16), both sites (global keep 1/8, 1/16).
-Strength = fraction of parameters removed, averaged over the
-evaluation inputs (dense fallback: 0); faithfulness = IIA at swap p = 0.5 of each input's set against
-every source input, from a second draw of masks (the assignment never sees it). The combination dominates at a strength where its
-faithfulness beats every single candidate's curve (linearly interpolated between its points).
+Strength = fraction of parameters removed, averaged over the evaluation inputs (dense fallback: 0);
+faithfulness = IIA at swap p = 0.5 of each input's set against every source input, from a second draw
+of masks (the assignment never sees it). The combination beats a single candidate at a strength where
+its faithfulness exceeds that candidate's curve (linearly interpolated between its points); it
+dominates where it beats every single candidate.
 
     python benchmarks/combine.py                       # writes benchmarks/results/combine.{md,png}
     python benchmarks/combine.py --quick --out /tmp/c  # a fast smoke run
@@ -96,7 +97,8 @@ def write(args, candidates, runs, elapsed) -> None:
                          f"{sizes} ({p['dense']}) | {singles} | {'yes' if wins else 'no'} (best single {best_single:.3f}) |")
         lines.append("")
     lines += ["## Against each single candidate", "",
-              "| candidate | points where the combination is more faithful than it at a strength it reaches | strengths |", "|---|---|---|"]
+              "| candidate | points where the combination is more faithful than it at a strength it reaches | strengths |",
+              "|---|---|---|"]
     for c, name in enumerate(names):
         won = [p["strength"] for run in runs for p in run.curve
                if float("-inf") < frontier(run.single_curves[c], p["strength"]) < p["faithfulness"] - MARGIN]

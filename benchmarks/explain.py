@@ -141,7 +141,11 @@ def write(args, results, elapsed) -> None:
              f"Settings: {args.resamples} bootstrap resamples of the digits training split, {args.classes} classes, "
              f"top-k = {args.top} (or half the units) for stability, integrated gradients with {args.steps} midpoint "
              f"steps from a zero input; deletion = mean ablation of the top-k units on the test inputs of the class. "
-             f"One thread, {platform.machine()}, torch {torch.__version__}; total {elapsed:.0f} s.", ""]
+             f"One thread, {platform.machine()}, torch {torch.__version__}; total {elapsed:.0f} s.",
+             "Caveat: fxabstract's node effect is itself a one-unit deletion (to the optimal constant, on the "
+             "calibration inputs), so deletion faithfulness partly measures what it estimates; the test inputs and "
+             "the mean ablation are not the ones it was computed on, and multi-unit deletions (k > 1) test more "
+             "than the single-unit estimate.", ""]
     for r in results:
         lines += [f"## {r['name']}", "", "| site (units) | method | stability (Spearman of top units) | top-k Jaccard | "
                   + " | ".join(f"drop @{k}" for k in args.ks) + " |", "|---|---|---|---|" + "---|" * len(args.ks)]

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import saving
 from .capture import capture
-from .checks import check_options, check_ridge, checked_batches, tiny_calibration_ridge
+from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
 from .data import bind, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError
 from .passes.calibrate import Statistics, calibrate
@@ -186,8 +186,9 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
     stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
                       seed, progress, sequential=sequential)
-    if distributed:
+    if distributed:   # sum over ranks first, so that every rank checks (and fails on) the same statistics
         stats = all_reduce(stats)
+    check_statistics(gm, stats)
     return Analysis(gm, chosen, ineligible, stats, score, seed, progress)
 
 

@@ -15,8 +15,11 @@ of the matching nn layer holding the same tensors, so one set of passes serves b
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
+import logging
 import os
 import traceback
 
@@ -59,7 +62,8 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
         if example is None:
             raise CaptureError(f"{fx_error}; pass calibration data so that fxabstract can try torch.export, "
                                "or make that line free of data-dependent Python control flow") from None
-        gm, exported = _export(model_copy, example, fx_error), True
+        with _quiet():
+            gm, exported = _export(model_copy, example, fx_error), True
     for node in gm.graph.nodes:  # `from __future__ import annotations` leaves types as strings,
         if isinstance(node.type, str):  # which GraphModule cannot pickle
             node.type = None
@@ -67,6 +71,20 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
     if not exported:  # torch.export's module is already in eval form and refuses .eval()
         gm.eval()
     return gm
+
+
+@contextlib.contextmanager
+def _quiet():
+    """While torch.export runs: a failure prints its partial graph to stderr and symbolic_shapes logs
+    warnings; fxabstract reports the failure in one line (CaptureError) instead."""
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def _export(model: nn.Module, example: tuple[tuple, dict], fx_error: str) -> fx.GraphModule:

@@ -17,8 +17,8 @@ arithmetic, the gap between the label t's deviation and any other's is bounded p
 plus the fold residue 2 (|E| hmax + |e|); gap <= 2 ||U_P r||_inf-style bounds always. It costs |G|^2 |P|
 operations, against the |G|^2 width |G| of running the unembedding. An input is
 certified when the abstraction's margin for its label exceeds the gap (at most twice the deviation
-bound) plus rounding: then the dense model's label logit beats every other logit. The abstraction's logits, relu(L_K[x] + R_K[y]) U'^T + b',
-cost |G|^2 |K| |G| in float32, like brute force but with |K| in place of width; the rounding
+bound) plus rounding: then the dense model's label logit beats every other logit. The abstraction's
+logits, relu(L_K[x] + R_K[y]) U'^T + b', cost |G|^2 |K| |G| in float32, like brute force but with |K| in place of width; the rounding
 allowances are standard gamma_n = n u / (1 - n u) bounds for float32 dot products (u = 2^-24), so the
 bound holds for the float32 model as it runs on CPU (any summation order; no TF32).
 """
@@ -77,9 +77,8 @@ def _dense_rounding(model: nn.Module, hmax: torch.Tensor) -> float:
 
 def _margins(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Label logit minus the largest other logit: z [m, n] (overwritten), labels [m] -> [m]."""
-    flat = torch.arange(len(labels)) * z.shape[1] + labels
-    true = z.view(-1)[flat]
-    z.view(-1)[flat] = float("-inf")
+    true = z.gather(1, labels[:, None]).squeeze(1)
+    z.scatter_(1, labels[:, None], float("-inf"))
     return true - z.amax(1)
 
 
@@ -122,8 +121,9 @@ def certify(model: nn.Module, abstraction, domain: torch.Tensor, batch_size: int
     fold_residue = float((E.abs() @ hmax[K]).max() + e.abs().max())
     UP = U[:, P]
     v = torch.maximum(UP - UP.amin(0), UP.amax(0) - UP)                            # [n, p] max_o |U_tj - U_oj|
-    rho = torch.cdist(UP, UP).amax(1) if p else torch.zeros(n, dtype=torch.float64)  # [n] max_o ||U_tP - U_oP||_2
-    rho = rho + 2 * (8 * p * 2.0 ** -53) ** 0.5 * float(UP.norm(dim=1).max())      # cdist's (mm-based) rounding
+    sq = UP.pow(2).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * UP @ UP.T).amax(1).clamp_min(0)           # [n] max_o ||U_tP - U_oP||^2
+    rho = d2.sqrt() + 2 * (8 * (p + 2) * 2.0 ** -53) ** 0.5 * float(sq.max()) ** 0.5  # + float64 rounding of d2
     # Float32 allowances (gamma_n bounds): hidden units, residual r, abstraction logits, dense logits.
     order = torch.cat([K, P])
     d_h = 3 * U32 * (L.abs().amax(0) + R.abs().amax(0))[order]                      # |h_hat - h| per unit
@@ -145,7 +145,7 @@ def certify(model: nn.Module, abstraction, domain: torch.Tensor, batch_size: int
     for i in range(0, n, chunk):
         rows = slice(i, min(n, i + chunk))
         labels = domain[rows].reshape(-1)
-        h = torch.relu(Lf[rows, None, :] + Rf[None, :, :]).reshape(len(labels), k + p)   # [m, k + p]
+        h = (Lf[rows, None, :] + Rf[None, :, :]).clamp_min_(0).reshape(len(labels), k + p)  # relu [m, k + p]
         z_c = torch.addmm(b1, h[:, :k], U1.T)                                        # abstraction logits [m, n]
         margin = _margins(z_c, labels)
         correct += int((margin > 0).sum())
@@ -153,8 +153,8 @@ def certify(model: nn.Module, abstraction, domain: torch.Tensor, batch_size: int
         if affine:
             r = torch.addmm(r, h[:, :k], thf, alpha=-1)
         ra = r.abs_()
-        gap = torch.minimum((ra * vf[labels]).sum(1) * sum_err + d_one,             # max_o |Delta_t - Delta_o|
-                            ra.norm(dim=1) * rhof[labels] * sum_err + d_two).double() + rounding
+        gap = torch.minimum((ra * vf.index_select(0, labels)).sum(1) * sum_err + d_one,  # max_o |Delta_t - Delta_o|
+                            ra.norm(dim=1) * rhof.index_select(0, labels) * sum_err + d_two).double() + rounding
         certified[i * n:i * n + len(labels)] = margin.double() > gap                 # margin beats the gap
         gap_max, gap_sum = max(gap_max, float(gap.max())), gap_sum + float(gap.sum())
     total = n * n

@@ -11,9 +11,10 @@ import re
 import warnings
 
 import torch
+import torch.fx as fx
 from torch import nn
 
-from .data import split_batch
+from .data import logits, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractWarning
 
 
@@ -47,9 +48,11 @@ def checked_batches(calibration):
                 raise CalibrationError(f"calibration batch {i}: {name} has no samples (shape {list(t.shape)}); "
                                        "the first axis is the batch axis, drop empty batches")
             if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
-                raise CalibrationError(f"calibration batch {i}: {name} contains NaN or inf; clean or drop those samples")
+                raise CalibrationError(f"calibration batch {i}: {name} contains NaN or inf; "
+                                       "clean or drop those samples")
         if isinstance(targets, torch.Tensor) and targets.is_floating_point() and not torch.isfinite(targets).all():
-            raise CalibrationError(f"calibration batch {i}: the targets contain NaN or inf; clean or drop those samples")
+            raise CalibrationError(f"calibration batch {i}: the targets contain NaN or inf; "
+                                   "clean or drop those samples")
         if len({t.shape[0] for _, t in tensors}) > 1:
             raise CalibrationError(f"calibration batch {i}: its inputs have different batch sizes "
                                    f"{[t.shape[0] for _, t in tensors]}; give every input the same first axis")
@@ -58,7 +61,8 @@ def checked_batches(calibration):
             first = signature
         elif signature != first:
             raise CalibrationError(f"calibration batch {i} has {_describe(signature)} but batch 0 had "
-                                   f"{_describe(first)}; give every batch the same shapes (but the batch axis) and dtypes")
+                                   f"{_describe(first)}; give every batch the same shapes (but the batch axis) "
+                                   "and dtypes")
         yield batch
 
 
@@ -80,7 +84,8 @@ def check_options(*, probes: int, seed: int, sites) -> None:
         try:
             re.compile(sites)
         except re.error as exc:
-            raise ConfigError(f"sites = {sites!r} is not a valid regex ({exc}); pass a regex or a list of site names") from None
+            raise ConfigError(f"sites = {sites!r} is not a valid regex ({exc}); "
+                              "pass a regex or a list of site names") from None
     elif not isinstance(sites, (list, tuple, set)) or not all(isinstance(s, str) for s in sites):
         raise ConfigError(f"sites = {sites!r} must be None, a regex string or a list of site names")
 
@@ -145,3 +150,22 @@ def tiny_calibration_ridge(samples: dict[str, int], units: dict[str, int], ridge
                   f"selection and the affine fit would overfit; fitting with ridge {raised:.3g} "
                   "(pass more calibration data than units)", FxAbstractWarning, stacklevel=3)
     return raised
+
+
+def check_statistics(gm: fx.GraphModule, stats) -> None:
+    """CalibrationError if the model overflowed or made NaN on the calibration data: in the statistics
+    of a site, or in the outputs on the calibration reservoir (the first samples). A compile from such
+    statistics would be silently wrong."""
+    dtype = next(gm.parameters()).dtype
+    fix = (f"({dtype} overflow, or NaN from the model itself); compile a wider copy (model.float()) or "
+           "rescale the inputs")
+    for name, moments in stats.moments.items():
+        curvature = [v for v in vars(stats.curvature[name]).values() if isinstance(v, torch.Tensor)]
+        if not all(bool(torch.isfinite(t).all()) for t in [moments.s1, moments.s2, *curvature]):
+            at_site = not (torch.isfinite(moments.s1).all() and torch.isfinite(moments.s2).all())
+            where = f"at site {name!r}" if at_site else f"after site {name!r}"
+            raise CalibrationError(f"the model computes NaN or inf {where} on the calibration data {fix}")
+    with torch.no_grad():
+        outputs = (logits(fx.Interpreter(gm).run(*inputs)) for inputs, _ in stats.reservoir)
+        if not all(bool(torch.isfinite(z).all()) for z in outputs):
+            raise CalibrationError(f"the model's outputs are NaN or inf on the calibration data {fix}")

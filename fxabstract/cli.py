@@ -112,10 +112,13 @@ def _load(path: str, what: str):
         raise UsageError(f"{what} file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # a pickled object other than tensors: it could run code, so it is not loaded
-        raise UsageError(f"{what} file {path} holds Python objects that torch.load(weights_only=True) refuses to "
-                         "unpickle; save tensors only: torch.save(model.state_dict(), path) or "
-                         "torch.save({'x': x, 'y': y}, path)") from None
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # a pickled Python object: it could run code, so it is not loaded
+            raise UsageError(f"{what} file {path} holds Python objects that torch.load(weights_only=True) refuses "
+                             "to unpickle; save tensors only: torch.save(model.state_dict(), path) or "
+                             "torch.save({'x': x, 'y': y}, path)") from None
+        raise UsageError(f"{what} file {path} is not a file written by torch.save (torch.load(weights_only=True) "
+                         "cannot read it); write it with torch.save") from None
     except Exception as exc:  # unpickling raises many types
         raise UsageError(f"cannot read {what} file {path} with torch.load(weights_only=True) "
                          f"({type(exc).__name__}: {_one_line(exc, 160)}); write it with torch.save") from None

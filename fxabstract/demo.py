@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import torch
 from torch import nn
 
+from .errors import FxAbstractWarning, OutputError
 from .report import write_atomic
 
 CACHE_NAME = "digits_mlp-v1.pt"
@@ -75,8 +77,12 @@ def demo_model(cache: bool = True) -> DigitsMLP:
     x, y, _, _ = digits_data()
     train(model, x, y)
     if cache:
-        os.makedirs(cache_dir(), exist_ok=True)
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
-        write_atomic(path, buf.getvalue())
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            write_atomic(path, buf.getvalue())
+        except (OSError, OutputError) as exc:  # an unwritable cache costs a retrain next time, nothing else
+            warnings.warn(f"cannot cache the demo model in {cache_dir()} ({exc}); it will be trained again "
+                          "next time (set XDG_CACHE_HOME to a writable folder)", FxAbstractWarning, stacklevel=2)
     return model

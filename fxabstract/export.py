@@ -153,10 +153,11 @@ def to_onnx(module: nn.Module, example_inputs, path: str, opset: int = 18, check
             inputs = [i.name for i in session.get_inputs()]
             got = session.run(None, {n: a.detach().cpu().numpy() for n, a in zip(inputs, check)})[0]
         except Exception as exc:  # onnxruntime raises its own types (NotImplemented for missing kernels)
-            dtype = next((p.dtype for p in module.parameters()), None)
-            raise ExportError(f"onnxruntime cannot run the exported model ({_first_line(exc)}); "
-                              f"nothing written. For a {dtype} module, export a float32 copy: "
-                              "copy.deepcopy(module).float() with float32 inputs") from None
+            bf16 = any(p.dtype == torch.bfloat16 for p in module.parameters())
+            fix = ("onnxruntime has no bfloat16 kernels: export a float32 copy, copy.deepcopy(module).float(), "
+                   "with float32 inputs" if bf16 else "check that onnxruntime supports every op of the module")
+            raise ExportError(f"onnxruntime cannot run the exported model ({_first_line(exc)}); nothing written; "
+                              f"{fix}") from None
         written = onnx.load(staged_path, load_external_data=False)
         size_bytes = sum(os.path.getsize(os.path.join(staging, n)) for n in names)
     diff = float(np.abs(got - expected.detach().cpu().numpy()).max())

@@ -54,8 +54,8 @@ def check_new(paths: list[str], force: bool) -> None:
     """OutputError if any of `paths` exists and force is not set: nothing is overwritten unasked."""
     existing = [p for p in paths if os.path.exists(p)]
     if existing and not force:
-        raise OutputError(f"{' and '.join(existing)} already exists; pass force=True (--force) to overwrite, "
-                          "or choose another path")
+        raise OutputError(f"{' and '.join(existing)} already {'exist' if len(existing) > 1 else 'exists'}; "
+                          "pass force=True (--force) to overwrite, or choose another path")
 
 
 def write_atomic(path: str, data: bytes) -> None:

@@ -319,6 +319,8 @@ def _build_site(gm: fx.GraphModule, calls: Counter, paths: list[list[fx.Node]], 
     reads = reason
     pieces = sorted((Piece(p[0].target, offset[p[0].name], offset[p[0].name] + _shape(p[0])[axis]) for p in paths),
                     key=lambda q: q.lo)
+    if [q.lo for q in pieces] != [0] + [q.hi for q in pieces[:-1]] or pieces[-1].hi != d:
+        return None, "its producers' channels do not tile the site exactly once (a value concatenated twice?)"
     nodes = sorted({n for p in paths for n in p[1:]}, key=lambda n: list(gm.graph.nodes).index(n))
     channel_ops = [Piece(n.target, offset[n.name], offset[n.name] + _shape(n)[axis]) for n in nodes
                    if n.op == "call_module" and _width(CHANNEL_OPS, gm.get_submodule(n.target)) is not None]
@@ -368,8 +370,10 @@ def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int,
         width = None if layer is None else _width(CONSUMERS, layer)
         if width is None:
             target = getattr(user.target, "__name__", user.target)
+            others = f" (one of its {len(readers)} readers: {', '.join(f'`{r.name}`' for r in readers)}; " \
+                     "per-unit ops are followed only when they are a value's one reader)" if len(readers) > 1 else ""
             return (f"it is read by `{user.name}` ({user.op} {target}), which is not an affine layer "
-                    "fxabstract can fold into")
+                    f"fxabstract can fold into{others}")
         if len(user.all_input_nodes) != 1:
             return f"consumer `{user.target}` reads it in an unsupported way"
         if calls[user.target] > 1:

@@ -35,6 +35,7 @@ def test_each_case_ends_as_expected_without_traceback_or_partial_file(rows, inde
             continue
         assert not outcome.traceback, f"{front}: {case.name!r} must not end in a traceback: {outcome.sees}"
         assert not outcome.partial, f"{front}: {case.name!r} must leave no partial file: {outcome.partial}"
+        assert not outcome.noise, f"{front}: {case.name!r} must print nothing but its own lines: {outcome.noise}"
         assert outcome.kind == case.expect, f"{front}: {case.name!r} must end as {case.expect}: {outcome.sees}"
         assert "\n" not in outcome.sees and outcome.sees, f"{front}: one line, naming the problem: {outcome.sees!r}"
     if cli is not None:

@@ -47,6 +47,25 @@ def test_certified_inputs_are_classified_correctly_by_the_dense_model(group_mode
     assert cert["certified"] == int(cert["mask"].sum()) and cert["inputs"] == table.numel()
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_certify_is_sound_on_untrained_networks_with_near_ties(seed):
+    """Random weights give tiny margins and ties everywhere: the rounding allowances must hold."""
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(5, 14, (1,), generator=gen))
+    table = cyclic_table(n) if seed % 2 else symmetric_table(3 + (seed % 4 == 0))
+    n = table.shape[0]
+    torch.manual_seed(seed)
+    model = GroupMLP(n, embed=4, width=16).eval()
+    keep = int(torch.randint(1, 17, (1,), generator=gen))
+    result = fxa.abstract(model, _calibration(table), keep=keep, round_to=1, sites=["hidden"],
+                          replacement="affine" if seed % 3 else "constant")
+    cert = fxa.certify(model, result, table)
+    xy, labels = domain(table)
+    with torch.no_grad():
+        right = (model(xy).argmax(-1) == labels).reshape(table.shape)
+    assert not (cert["mask"] & ~right).any(), "a certified input is misclassified"
+
+
 def test_certify_is_tight_when_nothing_is_removed(group_model):
     """keep = every unit: the deviation is fold rounding only, so every input with a visible margin is proven."""
     table, model = group_model

@@ -2,6 +2,7 @@
 fxabstract writes lands whole or not at all (failures injected at the worst moment)."""
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -12,7 +13,7 @@ import fxabstract.cli
 import fxabstract.report
 import fxabstract.saving
 from fxabstract.cli import main
-from fxabstract.errors import OutputError
+from fxabstract.errors import FxAbstractWarning, OutputError
 from test_cli import user_files  # noqa: F401  (fixture)
 from test_robustness import TrainingNet
 
@@ -51,6 +52,9 @@ def test_every_public_call_leaves_the_model_and_the_result_bitwise_unchanged(tmp
     result = results["analyse"].compile(0.5, replacement="affine")
     assert_unchanged(model, before, "Analysis.compile")
     compiled = snapshot(result.module)
+    with torch.no_grad():
+        target = int(copy.deepcopy(model).eval()(x[:1]).argmax())    # a class the data contains, for explain
+
     def intervene():
         with fxa.intervene(model, result.report):
             pass
@@ -62,6 +66,8 @@ def test_every_public_call_leaves_the_model_and_the_result_bitwise_unchanged(tmp
         "to_onnx (user's model)": lambda: fxa.to_onnx(model, x[:4], str(tmp_path / "user.onnx")),
         "to_onnx": lambda: fxa.to_onnx(result.module, x[:4], str(tmp_path / "m.onnx")),
         "save": lambda: result.save(str(tmp_path / "saved")),
+        "explain": lambda: fxa.explain(model, x, target=target),
+        "combine": lambda: fxa.combine(model, [result], x, samples=10),
     }
     for name, call in later.items():
         call()
@@ -125,3 +131,27 @@ def test_interrupted_cli_compile_leaves_no_output(user_files, monkeypatch, capsy
     assert "Traceback" not in err, err
     assert not (folder / "build").exists(), \
         f"no output, new or partial, not even the --out folder it created: {list((folder / 'build').rglob('*'))}"
+
+
+def test_an_unwritable_demo_cache_warns_and_the_demo_still_trains(tmp_path, monkeypatch):
+    from fxabstract import demo
+
+    (tmp_path / "afile").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "afile"))
+    monkeypatch.setattr(demo, "train", lambda model, x, y: model.eval())   # the cache is what is tested
+    with pytest.warns(FxAbstractWarning, match="cannot cache the demo model"):
+        model = demo.demo_model()
+    assert isinstance(model, demo.DigitsMLP), "the demo model is returned even when it cannot be cached"
+
+
+def test_certify_leaves_the_model_bitwise_unchanged():
+    from fxabstract.groups import GroupMLP, cyclic_table, domain
+
+    torch.manual_seed(0)
+    table = cyclic_table(7)
+    model = GroupMLP(7, embed=8, width=16).train()
+    xy, _ = domain(table)
+    result = fxa.abstract(model, [xy], keep=8, sites=["hidden"], round_to=1)
+    before = snapshot(model)
+    fxa.certify(model, result, table)
+    assert_unchanged(model, before, "certify")

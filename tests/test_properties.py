@@ -2,16 +2,19 @@
 input, keep = 1.0 is the identity (bitwise), the compiled module equals the original under the
 report's interventions, and the report round-trips through JSON.
 
-An architecture is a list of blocks between an optional Flatten and a Linear head. Supporting a new
-layer family (conv, residual, attention) in the property tests is one more entry in `BLOCKS`.
+Networks come from two families: MLPs built from blocks (dense with dropout, a site with two
+consumers, a residual MLP block) between an optional Flatten and a Linear head, and the random conv
+stacks of test_random_convnets.py. A new block is one more entry in `BLOCKS`; a new family is one
+more branch in `networks`.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 
+import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, reject, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -19,11 +22,13 @@ import fxabstract as fxa
 from fxabstract.verify import relative_error
 from test_exactness import hooked_vs_compiled
 from test_nothing_lost import assert_unchanged, snapshot
+from test_random_convnets import convnets
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh,
                "leaky": lambda: nn.LeakyReLU(0.05), "sigmoid": nn.Sigmoid}
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
-PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=30, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 class Dense(nn.Module):
@@ -53,11 +58,24 @@ class Fork(nn.Module):
         return self.head_a(h) + torch.tanh(self.head_b(h))
 
 
+class Residual(nn.Module):
+    """x + W2 act(W1 x): the hidden units are a site; W2's output, read by the add, is not."""
+
+    def __init__(self, d_in: int, width: int, activation: str):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d_in, width), ACTIVATIONS[activation](), nn.Linear(width, d_in)
+        self.out_features = d_in
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(x)))
+
+
 # block kind -> (strategy for its arguments after d_in, constructor)
 BLOCKS = {
     "dense": (st.tuples(st.integers(3, 32), st.sampled_from(sorted(ACTIVATIONS)), st.sampled_from([0.0, 0.3])),
               Dense),
     "fork": (st.tuples(st.integers(3, 32), st.sampled_from(sorted(ACTIVATIONS)), st.integers(3, 16)), Fork),
+    "residual": (st.tuples(st.integers(3, 32), st.sampled_from(sorted(ACTIVATIONS))), Residual),
 }
 
 
@@ -103,49 +121,92 @@ def instantiate(arch: Architecture, seed: int, dtype=torch.float32):
     return model, calibration, x(20)
 
 
-@PROPERTY
-@given(arch=architectures(), seed=st.integers(0, 2**16), training=st.booleans(),
-       replacement=st.sampled_from(["constant", "affine"]))
-def test_compile_never_mutates_the_model(arch, seed, training, replacement):
-    model, calibration, _ = instantiate(arch, seed)
-    model.train(training)
-    before = snapshot(model)
-    fxa.abstract(model, calibration, keep=0.5, replacement=replacement)
-    assert_unchanged(model, before, f"abstract on {arch}")
+@dataclass
+class Network:
+    """A drawn model with its data, from one family: MLP blocks (above) or conv stacks."""
+
+    family: str
+    model: nn.Module
+    calibration: list
+    x: torch.Tensor
+
+
+@st.composite
+def networks(draw, dtype=torch.float32) -> Network:
+    """Most examples from the MLP blocks; some from test_random_convnets' conv stacks (conv, BatchNorm,
+    depthwise, concat, padding, pool, flatten) on [B, 3, 8, 8]. A new family is one more branch."""
+    seed = draw(st.integers(0, 2**16))
+    if draw(st.sampled_from(["mlp", "mlp", "conv"])) == "mlp":
+        return Network("mlp", *instantiate(draw(architectures()), seed, dtype))
+    model = draw(convnets()).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(44, 3, 8, 8, generator=gen, dtype=dtype)
+    y = torch.randint(0, 5, (12,), generator=gen)
+    return Network("conv", model, [(x[:12], y), (x[12:24], y)], x[24:])
+
+
+def compile_or_reject(net: Network, **options):
+    """fxa.abstract, rejecting the example when a drawn conv stack has no site (one conv into the head)."""
+    try:
+        return fxa.abstract(net.model, net.calibration, **options)
+    except fxa.errors.NoSiteError:
+        reject()
 
 
 @PROPERTY
-@given(arch=architectures(), seed=st.integers(0, 2**16), replacement=st.sampled_from(["constant", "affine"]),
-       round_to=st.sampled_from([1, 8]))
-def test_keep_one_is_the_identity_bitwise(arch, seed, replacement, round_to):
-    model, calibration, x = instantiate(arch, seed)
-    result = fxa.abstract(model, calibration, keep=1.0, replacement=replacement, round_to=round_to)
+@given(net=networks(), training=st.booleans(), replacement=st.sampled_from(["constant", "affine"]))
+def test_compile_never_mutates_the_model(net, training, replacement):
+    net.model.train(training)
+    before = snapshot(net.model)
+    compile_or_reject(net, keep=0.5, replacement=replacement)
+    assert_unchanged(net.model, before, f"abstract on {net.model}")
+
+
+@PROPERTY
+@given(net=networks(), replacement=st.sampled_from(["constant", "affine"]), round_to=st.sampled_from([1, 8]))
+def test_keep_one_is_the_identity_bitwise(net, replacement, round_to):
+    result = compile_or_reject(net, keep=1.0, replacement=replacement, round_to=round_to)
     assert all(not s["replaced"] for s in result.report["sites"]), "keep=1.0 replaces no unit"
     with torch.no_grad():
-        assert torch.equal(result.module(x), model(x)), f"keep=1.0 must reproduce the model bitwise ({arch})"
+        assert torch.equal(result.module(net.x), net.model(net.x)), \
+            f"keep=1.0 must reproduce the model bitwise ({net.model})"
 
 
 @PROPERTY
-@given(arch=architectures(), seed=st.integers(0, 2**16), keep=st.floats(0.05, 0.9),
+@given(data=st.data(), keep=st.floats(0.05, 0.9),
        score=st.sampled_from(["logit-mse", "kl", "ce", "variance", "cwvar", "magnitude", "random"]),
        replacement=st.sampled_from(["constant", "affine"]), selection=st.sampled_from(["joint", "diagonal"]),
        round_to=st.sampled_from([1, 1, 8]), dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_compiled_module_equals_the_model_under_the_report_interventions(arch, seed, keep, score, replacement,
+def test_compiled_module_equals_the_model_under_the_report_interventions(data, keep, score, replacement,
                                                                           selection, round_to, dtype):
-    model, calibration, x = instantiate(arch, seed, dtype)
-    result = fxa.abstract(model, calibration, keep=keep, score=score, replacement=replacement, selection=selection,
-                          round_to=round_to)
-    event(f"units replaced: {'some' if any(s['replaced'] for s in result.report['sites']) else 'none'}")
-    z_hooks, z_compiled = hooked_vs_compiled(model, result, x)    # hooks built from the JSON round trip
+    net = data.draw(networks(dtype))
+    if net.family == "conv" and score == "cwvar":
+        reject()  # cwvar does not support conv consumers yet: test_cwvar_on_conv_sites below
+    result = compile_or_reject(net, keep=keep, score=score, replacement=replacement, selection=selection,
+                               round_to=round_to)
+    event(f"{net.family}, units replaced: {'some' if any(s['replaced'] for s in result.report['sites']) else 'none'}")
+    z_hooks, z_compiled = hooked_vs_compiled(net.model, result, net.x)    # hooks from the JSON round trip
     err = relative_error(z_hooks, z_compiled)
-    assert err <= TOL[dtype], f"exactness against hooks fails for {arch} ({score}, {replacement}): {err:.3g}"
+    assert err <= TOL[dtype], f"exactness against hooks fails ({score}, {replacement}): {err:.3g}\n{net.model}"
 
 
 @PROPERTY
-@given(arch=architectures(), seed=st.integers(0, 2**16), keep=st.floats(0.05, 1.0),
-       replacement=st.sampled_from(["constant", "affine"]))
-def test_report_round_trips_through_json(arch, seed, keep, replacement):
-    model, calibration, _ = instantiate(arch, seed)
-    report = fxa.abstract(model, calibration, keep=keep, replacement=replacement).report
+@given(net=networks(), keep=st.floats(0.05, 1.0), replacement=st.sampled_from(["constant", "affine"]))
+def test_report_round_trips_through_json(net, keep, replacement):
+    report = compile_or_reject(net, keep=keep, replacement=replacement).report
     text = json.dumps(report, allow_nan=False)            # strict JSON: no NaN or inf anywhere
     assert json.loads(text) == report, "the report must hold JSON-native values only and survive a round trip"
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="passes/scores.py: cwvar sums the consumer weight over axis 0, which is right for a Linear "
+                          "consumer only; a Conv consumer [out, in, kh, kw] or a Linear after a flatten (a block "
+                          "of features per channel) gives a tensor of the wrong shape")
+@pytest.mark.parametrize("head", ["conv", "flatten-linear"])
+def test_cwvar_on_conv_sites(head):
+    torch.manual_seed(0)
+    tail = ([nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)]
+            if head == "conv" else [nn.Flatten(), nn.Linear(8 * 64, 5)])
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), *tail).eval()
+    result = fxa.abstract(model, [torch.randn(24, 3, 8, 8)], keep=0.5, score="cwvar", round_to=1)
+    assert len(result.report["sites"][0]["scores"]) == 8, "one cwvar score per channel"

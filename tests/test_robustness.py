@@ -11,7 +11,7 @@ from torch import nn
 
 import fxabstract as fxa
 import fxabstract.abstraction
-from fxabstract.errors import FxAbstractWarning
+from fxabstract.errors import CalibrationError, FxAbstractWarning
 from fxabstract.verify import relative_error
 from test_exactness import ARCHITECTURES, build, hooked_vs_compiled
 
@@ -91,6 +91,28 @@ def test_huge_activations_give_a_finite_exact_compile(scale, replacement):
     assert_finite_and_exact(model, result, x)
 
 
+def overflow_site(m):
+    m[0].weight.mul_(1e6)                                  # past float16's 65504 at the first site
+
+
+def overflow_logits(m):
+    m[4].weight.fill_(1e38)                                # logits past float32's 3.4e38
+    m[4].bias.fill_(3e38)
+
+
+@pytest.mark.parametrize("dtype, overflow, where", [
+    (torch.float16, overflow_site, "computes NaN or inf at site '0'"),
+    (torch.float32, overflow_logits, "outputs are NaN or inf"),
+], ids=["float16-site", "float32-logits"])
+def test_overflow_is_a_calibration_error_not_a_silently_wrong_model(dtype, overflow, where):
+    """The statistics would be NaN and the compiled module garbage: compilation stops and says where."""
+    model = mlp().to(dtype)
+    with torch.no_grad():
+        overflow(model)
+    with pytest.raises(CalibrationError, match=where):
+        fxa.abstract(model, [torch.randn(32, 6, dtype=dtype)], keep=0.5, replacement="affine")
+
+
 def test_fewer_samples_than_units_warns_and_regularises(monkeypatch):
     """n = 32 samples, d = 64 units: the affine fit warns (FxAbstractWarning), raises the ridge to d/n,
     and generalises better than the unregularised fit (summed over three seeds)."""
@@ -120,9 +142,24 @@ def test_enough_samples_do_not_warn():
 
 # ----------------------------------------------------------------------------- dtypes
 
+class ConvNet(nn.Module):
+    """Conv -> BatchNorm -> ReLU read by a zero-padded conv (a bias map for constants), then a pooled head."""
+
+    in_shape = (3, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(6, 5))
+
+    def forward(self, x):
+        return self.net(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("replacement", ["constant", "affine"])
-@pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", ARCHITECTURES + [ConvNet], ids=lambda c: c.__name__)
 def test_every_float_dtype_compiles_exactly_within_its_tolerance(cls, replacement, dtype):
     model, calibration, x = build(cls, dtype)
     result = fxa.abstract(model, calibration, keep=0.5, replacement=replacement, round_to=1)

@@ -19,16 +19,29 @@ from ..sites import Site
 from .replace import Replacement
 
 
-class _Intervened(fx.Interpreter):
-    """Runs the graph with `replacement` applied to the value of node `site`."""
+class _Upstream(fx.Interpreter):
+    """One clean run that keeps the values the graph after `site` reads from, up to and including the
+    site: each measured point then runs only the part after the site (`initial_env`), with the
+    replacement applied to the site's kept value."""
 
-    def __init__(self, gm: fx.GraphModule, site: str, replacement: Replacement):
+    def __init__(self, gm: fx.GraphModule, site: str):
         super().__init__(gm)
-        self.site, self.replacement = site, replacement
+        nodes = list(gm.graph.nodes)
+        cut = next(i for i, n in enumerate(nodes) if n.name == site)
+        self.before = nodes[:cut + 1]
+        later = set(nodes[cut + 1:])
+        self.frontier = {n for n in self.before if any(u in later for u in n.users)}
+        self.kept: dict = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        return self.replacement(out) if n.name == self.site else out
+        if n in self.frontier:
+            self.kept[n] = out
+        return out
+
+    def initial_env(self) -> dict:
+        """initial_env for `_Intervened.run`: the frontier's values; placeholders for the rest before."""
+        return {n: self.kept.get(n) for n in self.before}
 
 
 def divergence(name: str, z: torch.Tensor, zi: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
@@ -49,8 +62,13 @@ def measured_curve(gm: fx.GraphModule, site: Site, steps: list[int], fit, reserv
 
     fit(k) -> SitePlan for the first k units of the site's order."""
     grid = sorted({steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, min(points, len(steps)))})
-    clean = [logits(fx.Interpreter(gm).run(*inputs)) for inputs, _ in reservoir]
+    clean, upstream = [], []
+    for inputs, _ in reservoir:
+        run = _Upstream(gm, site.node)
+        clean.append(logits(run.run(*inputs)))
+        upstream.append(run.initial_env())
     n = sum(len(z) for z in clean)
+    node = next(v for v in gm.graph.nodes if v.name == site.node)
     like = next(gm.parameters())
     values = []
     for k in grid:
@@ -59,8 +77,9 @@ def measured_curve(gm: fx.GraphModule, site: Site, steps: list[int], fit, reserv
             continue
         p = fit(k)
         rep = Replacement(p.kept, p.removed, p.beta.to(like), p.theta.to(like), site).to(like.device)
-        runner = _Intervened(gm, site.node, rep)
-        total = sum(float(divergence(name, z, logits(runner.run(*inputs)), y))
-                    for z, (inputs, y) in zip(clean, reservoir))
+        total = 0.0
+        for z, (inputs, y), env in zip(clean, reservoir, upstream):
+            env = {**env, node: rep(env[node])}
+            total += float(divergence(name, z, logits(fx.Interpreter(gm).run(*inputs, initial_env=env)), y))
         values.append(total / n)
     return torch.tensor(np.interp(np.arange(steps[-1] + 1), grid, values), dtype=torch.float64)
