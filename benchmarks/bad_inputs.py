@@ -311,7 +311,8 @@ def run_cli(case: Case, ws: Workspace, index: int, in_process: bool) -> Outcome:
     if kind == "ok" and any(line.startswith("fxabstract: warning:") for line in said):
         kind = "warning"
     sees = said[-1] if said else (stdout.strip().splitlines() or ["(nothing)"])[-1]
-    noise = [line for line in lines if not line.startswith(OWN_LINES) and "calibrate" not in line]  # tqdm bar
+    bars = ("calibrate", "measure risk", "fidelity sweep")                    # fxabstract's tqdm bars
+    noise = [line for line in lines if not line.startswith(OWN_LINES) and not any(b in line for b in bars)]
     return Outcome(sees, kind, status, tb, _partial(ws.folder, before, status != 0), noise)
 
 

@@ -8,32 +8,32 @@ be compiled at many budgets (`Analysis.compile`), which is what benchmarks and s
 """
 from __future__ import annotations
 
-import io
 import itertools
-import os
 import re
 
 import torch
 import torch.fx as fx
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import saving
 from .capture import capture
 from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
 from .data import bind, split_batch
-from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError, OutputError
+from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError
 from .passes.calibrate import Statistics, calibrate
+from .passes.distributed import all_reduce
 from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
 from .passes.select import allocate, allowed_removals, curves, fit, granularity
-from .report import check_new, dumps, site_entry, staged, summary, write_atomic
+from .report import site_entry, summary
 from .sites import Site, annotate_shapes, find_sites
 
 REPLACEMENTS = ("constant", "affine")
 ALLOCATIONS = ("measured", "predicted")
 SELECTIONS = ("joint", "diagonal")
-SAVED = ("module.pt", "report.json")
 
 
 def _count(gm: nn.Module) -> int:
@@ -49,26 +49,22 @@ def _choose(value, options, what):
 class Abstraction:
     """A compiled abstraction: the smaller `module` and the `report` that describes it."""
 
-    def __init__(self, module: fx.GraphModule, report: dict):
+    def __init__(self, module: fx.GraphModule, report: dict, example: tuple | None = None):
         self.module = module
         self.report = report
+        self.example = example        # a few calibration samples (positional inputs), for torch.export
 
     def summary(self) -> str:
         return summary(self.report)
 
-    def save(self, folder: str, force: bool = False) -> None:
-        """Write report.json and module.pt (the pickled GraphModule) into folder, atomically; an existing
-        file there is an OutputError unless force=True."""
-        check_new([os.path.join(folder, name) for name in SAVED], force)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create folder {folder}: {exc.strerror}; choose another folder") from None
-        buf = io.BytesIO()
-        torch.save(self.module, buf)
-        with staged(folder, SAVED) as staging:  # both files or neither
-            write_atomic(os.path.join(staging, SAVED[0]), buf.getvalue())
-            write_atomic(os.path.join(staging, SAVED[1]), dumps(self.report))
+    def save(self, folder: str, force: bool = False, example_inputs=None) -> None:
+        """Write module.pt2 (torch.export: no pickled code; `fxa.load` reads it), module.pt (the
+        pickled GraphModule, as before) and report.json into folder: all three or none; an existing
+        file there is an OutputError unless force=True. The export runs on example_inputs, or by
+        default on two calibration samples."""
+        example = self.example if example_inputs is None else (
+            example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+        saving.save(self.module, self.report, example, folder, force)
 
     def __repr__(self) -> str:
         return f"Abstraction(\n{self.summary()}\n)"
@@ -78,9 +74,10 @@ class Analysis:
     """The result of the data pass over one model: sites and their statistics."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[Site], ineligible: dict, stats: Statistics,
-                 score: str, seed: int):
+                 score: str, seed: int, progress: bool = False):
         self.gm, self.sites, self.ineligible, self.stats = gm, sites, ineligible, stats
         self.score, self.seed = score, seed
+        self.progress = progress      # show a bar per pass (measured risk curves: one step per site)
         self._curves: dict = {}
         self._measured_cache: dict = {}
 
@@ -111,7 +108,8 @@ class Analysis:
         cv = self._curves[key]
         if isinstance(keep, dict) or self.score not in OUTPUT_UNITS:
             allocation = "per-site"
-        for s in self.sites:
+        for s in tqdm(self.sites, desc="measure risk", unit="site", leave=False,
+                      disable=not self.progress or allocation != "measured"):
             cv[s.name].measured = None
             if allocation == "measured":
                 cv[s.name].measured = self._measured(s, cv[s.name], replacement, selection, ridge, round_to)
@@ -131,7 +129,8 @@ class Analysis:
                                  else float(cv[p.site.name].measured[len(p.removed)])) for p in plans],
             "ineligible": self.ineligible,
         }
-        return Abstraction(module, report)
+        example = tuple(v[:2] if isinstance(v, torch.Tensor) else v for v in self.stats.reservoir[0][0])
+        return Abstraction(module, report, example)
 
     def _measured(self, site: Site, cv, replacement: str, selection: str, ridge: float, round_to: int):
         """The site's measured risk curve, cached per setting."""
@@ -163,8 +162,14 @@ def _select_sites(sites: list[Site], wanted) -> list[Site]:
 
 
 def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",
-            probes: int = 16, matrices: bool = True, seed: int = 0, progress: bool = False) -> Analysis:
-    """Capture `model` (a copy) and stream `calibration` once through every selected site."""
+            probes: int = 16, matrices: bool = True, seed: int = 0, progress: bool = False, *,
+            distributed: bool = False, sequential: bool = False) -> Analysis:
+    """Capture `model` (a copy) and stream `calibration` once through every selected site.
+
+    distributed: `calibration` is this process's shard; the statistics are summed over the default
+      torch.distributed process group (passes/distributed.py), so every rank gets the same analysis.
+    sequential: hold one block's activations at a time (one block per site, passes/sequential.py)
+      instead of the whole graph's; the statistics are the same."""
     _choose(score, SCORES, "score")
     _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
     check_options(probes=probes, seed=seed, sites=sites)
@@ -180,9 +185,11 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     chosen = _select_sites(found, sites)
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
     stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
-                      seed, progress)
+                      seed, progress, sequential=sequential)
+    if distributed:   # sum over ranks first, so that every rank checks (and fails on) the same statistics
+        stats = all_reduce(stats)
     check_statistics(gm, stats)
-    return Analysis(gm, chosen, ineligible, stats, score, seed)
+    return Analysis(gm, chosen, ineligible, stats, score, seed, progress)
 
 
 def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], dict[str, str]]:
@@ -204,10 +211,15 @@ def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], 
     return gm, found, ineligible
 
 
+def needs_matrices(score: str, replacement: str, selection: str) -> bool:
+    """Whether these settings need the d x d statistics (joint selection, affine replacement)."""
+    return (selection == "joint" and score in OUTPUT_UNITS) or replacement == "affine"
+
+
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
              selection: str = "joint", round_to: int = 8, sites=None, *, curvature: str = "auto",
              probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
-             progress: bool = False) -> Abstraction:
+             progress: bool = False, distributed: bool = False, sequential: bool = False) -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (DESIGN.md, the contract).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
@@ -217,11 +229,14 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
       heuristic scores always rank diagonally.
     allocation: how a global budget of an output-unit score is split over sites: "measured" (each
       site's risk curve measured on up to 512 calibration samples) or "predicted" (second order only).
+    distributed: calibrate on this process's shard and sum the statistics over torch.distributed ranks.
+    sequential: calibrate one block of the graph at a time (for models too large to analyse whole).
     """
     _choose(replacement, REPLACEMENTS, "replacement")
     _choose(selection, SELECTIONS, "selection")
-    matrices = (selection == "joint" and score in OUTPUT_UNITS) or replacement == "affine"
-    analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress)
+    matrices = needs_matrices(score, replacement, selection)
+    analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,
+                       distributed=distributed, sequential=sequential)
     return analysis.compile(keep, replacement, selection, round_to, ridge, allocation)
 
 

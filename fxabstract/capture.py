@@ -158,7 +158,7 @@ FUNCTIONAL_LAYERS = {
     F.linear: _linear, aten.linear.default: _linear,
     F.conv1d: lambda gm, n: _conv(gm, n, 1), aten.conv1d.default: lambda gm, n: _conv(gm, n, 1),
     F.conv2d: lambda gm, n: _conv(gm, n, 2), aten.conv2d.default: lambda gm, n: _conv(gm, n, 2),
-    aten.batch_norm.default: _batch_norm,
+    aten.batch_norm.default: _batch_norm, torch.batch_norm: _batch_norm,
 }
 
 

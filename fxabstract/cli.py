@@ -3,7 +3,8 @@
     fxabstract compile                                   # the demo: a digits MLP (trained once, cached)
     fxabstract compile --model mynet:build --checkpoint weights.pt --data calib.pt --out build/
 
-Both write model.onnx and report.json into --out and print a summary table. A user's mistake is one
+Both write model.onnx, report.json and summary.png (fidelity against keep, budget per site; needs
+matplotlib) into --out and print a summary table. A user's mistake is one
 line on stderr, `fxabstract: error: ...`, and exit status 2, never a traceback.
 """
 from __future__ import annotations
@@ -19,16 +20,18 @@ import warnings
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import fxabstract as fxa
 
-from .abstraction import REPLACEMENTS, SELECTIONS
+from .abstraction import REPLACEMENTS, SELECTIONS, needs_matrices
 from .data import logits
 from .errors import FxAbstractError, FxAbstractWarning
 from .passes.scores import SCORES
-from .report import dumps, staged, write_atomic
+from .report import dumps, staged, summary_png, write_atomic
 
-OUTPUTS = ("model.onnx", "report.json")
+OUTPUTS = ("model.onnx", "report.json", "summary.png")
+SWEEP = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)     # keeps of the fidelity sweep in summary.png
 
 
 class UsageError(Exception):
@@ -209,25 +212,58 @@ def evaluate(model, result, x, y, swap_ps, trials, args) -> dict:
     return ev
 
 
+def fidelity_sweep(analysis, x, dense: torch.Tensor, args) -> list[dict]:
+    """Compile the analysis at every keep of SWEEP; top-1 agreement and logit-MSE against the dense logits."""
+    rows, analysis.progress = [], False      # one bar for the sweep, none per compile
+    for keep in tqdm(SWEEP, desc="fidelity sweep", unit="keep", leave=False):
+        r = analysis.compile(keep, args.replacement, args.selection, args.round_to)
+        with torch.no_grad():
+            z = torch.cat([logits(r.module(xb)) for xb in x.split(args.batch_size)])
+        rows.append({"keep": keep, "kept": sum(len(s["kept"]) for s in r.report["sites"]),
+                     "units": sum(s["units"] for s in r.report["sites"]),
+                     "agreement": float((z.argmax(-1) == dense.argmax(-1)).double().mean()),
+                     "logit_mse": float(0.5 * (z.double() - dense.double()).pow(2).sum(-1).mean()),
+                     "parameters": r.report["parameters"]["after"]})
+    return rows
+
+
 def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str) -> None:
-    """Compile, evaluate on (x, y), export, write report.json and print the table."""
-    result = fxa.abstract(model, batches, keep=args.keep, score=args.score, replacement=args.replacement,
-                          selection=args.selection, round_to=args.round_to, seed=args.seed, progress=True)
+    """Compile, evaluate on (x, y), export, write report.json and summary.png, and print the table."""
+    analysis = fxa.analyse(model, batches, score=args.score, seed=args.seed, progress=True,
+                           matrices=needs_matrices(args.score, args.replacement, args.selection))
+    result = analysis.compile(args.keep, args.replacement, args.selection, args.round_to)
     ev = evaluate(model, result, x, y, swap_ps, trials, args)
+    with torch.no_grad():
+        dense = torch.cat([logits(model(xb)) for xb in x.split(args.batch_size)])
+    ev["sweep"] = fidelity_sweep(analysis, x, dense, args)
     _note("exporting ONNX...")
-    onnx_path, report_path = (os.path.join(args.out, name) for name in OUTPUTS)
+    onnx_path, report_path, png_path = (os.path.join(args.out, name) for name in OUTPUTS)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # not "torchvision is not installed"
-    with staged(args.out, OUTPUTS) as staging:  # both files or neither, even on Ctrl-C
-        _write_outputs(result, ev, x, staging)
+    png = _has_matplotlib()
+    with staged(args.out, OUTPUTS if png else OUTPUTS[:2]) as staging:  # all files or none, even on Ctrl-C
+        _write_outputs(result, ev, x, staging, png)
     print_table(result, ev, where)
-    print(f"wrote {onnx_path} and {report_path}")
+    if png:
+        print(f"wrote {onnx_path}, {report_path} and {png_path}")
+    else:
+        print(f"wrote {onnx_path} and {report_path} (summary.png skipped: pip install 'fxabstract[bench]' for matplotlib)")
 
 
-def _write_outputs(result, ev: dict, x: torch.Tensor, folder: str) -> None:
-    """model.onnx and report.json into `folder`; the report names the ONNX file relative to itself,
-    so the same compile gives the same bytes whatever --out is."""
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def _write_outputs(result, ev: dict, x: torch.Tensor, folder: str, png: bool) -> None:
+    """model.onnx, report.json and (with matplotlib) summary.png into `folder`; the report names the ONNX
+    file relative to itself, so the same compile gives the same bytes whatever --out is."""
     ev["onnx"] = {**fxa.to_onnx(result.module, x[:4], os.path.join(folder, OUTPUTS[0])), "path": OUTPUTS[0]}
     write_atomic(os.path.join(folder, OUTPUTS[1]), dumps({**result.report, "evaluation": ev}))
+    if png:
+        summary_png(result.report, ev["sweep"], os.path.join(folder, OUTPUTS[2]))
 
 
 def _pct(v: float) -> str:

@@ -80,6 +80,9 @@ def test_demo_compiles_writes_onnx_and_report(demo_run):
     assert ev["agreement"] > 0.9, f"top-1 agreement with the dense model is high: {ev['agreement']}"
     assert set(ev["iia"]) == {"0.1", "0.5"}, "IIA is measured at swap p = 0.1 and 0.5"
     assert ev["onnx"]["relative_diff"] < 1e-4, "onnxruntime matches torch"
+    assert [r["keep"] for r in ev["sweep"]] == [1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625], "the fidelity sweep"
+    assert ev["sweep"][0]["agreement"] == 1.0, "keeping every unit agrees with the dense model everywhere"
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "summary.png is written beside the report"
     for line in ("top-1 agreement", "IIA, swap p = 0.1", "IIA, swap p = 0.5", "95% CI", "accuracy",
                  "ONNX parity", "parameters", "predicted risk"):
         assert line in stdout, f"the printed table has a {line!r} line:\n{stdout}"

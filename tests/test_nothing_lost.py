@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fxabstract as fxa
-import fxabstract.abstraction
 import fxabstract.cli
 import fxabstract.report
+import fxabstract.saving
 from fxabstract.cli import main
 from fxabstract.errors import FxAbstractWarning, OutputError
 from test_cli import user_files  # noqa: F401  (fixture)
@@ -107,7 +107,7 @@ def test_interrupted_save_writes_neither_file(tmp_path, monkeypatch):
     def interrupt(report):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fxabstract.abstraction, "dumps", interrupt)       # after module.pt is staged
+    monkeypatch.setattr(fxabstract.saving, "dumps", interrupt)       # after module.pt2 and module.pt are staged
     with pytest.raises(KeyboardInterrupt):
         result.save(str(tmp_path))
     assert os.listdir(tmp_path) == [], f"save must write both files or neither, found {os.listdir(tmp_path)}"

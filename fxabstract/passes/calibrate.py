@@ -20,6 +20,7 @@ from ..errors import CalibrationError
 from ..sites import Site
 from .curvature import Curvature, output_vectors
 from .moments import Moments
+from .sequential import blockwise_vjp, blocks_at_sites
 
 
 def broadcast(e: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
@@ -77,7 +78,8 @@ class Statistics:
 
 def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
               method: str = "auto", probes: int = 16, matrices: bool = True, seed: int = 0,
-              progress: bool = False, reservoir: int = 512, backward_elements: int = 2**27) -> Statistics:
+              progress: bool = False, reservoir: int = 512, backward_elements: int = 2**27,
+              sequential: bool = False) -> Statistics:
     """Stream `calibration` once; return per-site Moments and Curvature.
 
     method: "exact" (one VJP per output), "hutchinson" (`probes` VJPs), "auto" (exact when o <= 64).
@@ -85,6 +87,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
     reservoir: keep the first this many samples (inputs and targets) for measuring risks later.
     backward_elements: how many site-activation elements the vmapped backward may hold at once
       (a proxy for its memory); the probes are processed in chunks that fit.
+    sequential: back-propagate one block of the graph at a time (passes/sequential.py): same result.
     """
     runner = SiteRunner(gm, sites)
     generator = torch.Generator().manual_seed(seed)
@@ -133,14 +136,19 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             runner.eps = eps
             return logits(runner.run(*inputs)), dict(runner.acts)
 
-        z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
+        if sequential:  # the same VJP, one block of the graph at a time (passes/sequential.py)
+            z, vjp_fn, acts = blockwise_vjp(runner, blocks_at_sites(gm, sites), inputs, eps0)
+            vmapped = lambda V: vjp_fn(V, batched=True)  # noqa: E731
+        else:
+            z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
+            vmapped = torch.func.vmap(vjp_fn)
         V = output_vectors(z.detach(), divergence, chosen, probes, generator)      # [r, B, o]
         # torch.func's vjp_fn builds a graph of the backward itself unless under no_grad (16 probes:
         # 2.8 GB vs 0.8 GB on MobileNetV2 at 160 px, B = 4); a vmapped backward holds r copies of every
         # activation gradient, so past `backward_elements` the r backward passes run one by one
         with torch.no_grad():
             if V.shape[0] * sum(a.numel() for a in acts.values()) <= backward_elements:
-                (U_all,) = torch.func.vmap(vjp_fn)(V)    # site -> ([r, B, d] sum J, [r, B, d] sum J a)
+                (U_all,) = vmapped(V)                    # site -> ([r, B, d] sum J, [r, B, d] sum J a)
             else:
                 parts = [vjp_fn(v)[0] for v in V]
                 U_all = {k: tuple(torch.stack([p[k][j] for p in parts]) for j in range(2)) for k in parts[0]}
