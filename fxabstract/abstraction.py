@@ -93,11 +93,7 @@ class Analysis:
         if needs_matrices and self.stats.curvature[self.sites[0].name].H0 is None:
             raise ConfigError(f"{selection} selection with {replacement} replacement needs the d x d statistics; "
                               "analyse with matrices=True")
-        key = (replacement, selection, ridge)
-        if key not in self._curves:
-            self._curves[key] = curves(self.sites, self.stats, self.gm, self.score, replacement, selection,
-                                       ridge, self.seed)
-        cv = self._curves[key]
+        cv = self.risk_curves(replacement, selection, ridge)
         if isinstance(keep, dict) or self.score not in OUTPUT_UNITS:
             allocation = "per-site"
         for s in self.sites:
@@ -121,6 +117,17 @@ class Analysis:
             "ineligible": self.ineligible,
         }
         return Abstraction(module, report)
+
+    def risk_curves(self, replacement: str = "constant", selection: str = "joint", ridge: float = 1e-3) -> dict:
+        """Per site name: the elimination order and predicted risk curve that `compile` allocates on
+        (passes/select.py `Curves`), computed once per setting; for budgets of one's own (e.g. in MACs)."""
+        if self.score not in OUTPUT_UNITS:
+            selection = "diagonal"
+        key = (replacement, selection, ridge)
+        if key not in self._curves:
+            self._curves[key] = curves(self.sites, self.stats, self.gm, self.score, replacement, selection,
+                                       ridge, self.seed)
+        return self._curves[key]
 
     def _measured(self, site: Site, cv, replacement: str, selection: str, ridge: float, round_to: int):
         """The site's measured risk curve, cached per setting."""

@@ -23,3 +23,7 @@ class ConfigError(FxAbstractError):
 
 class ExportError(FxAbstractError):
     """Export to ONNX failed or does not match the module."""
+
+
+class DependencyError(FxAbstractError):
+    """An optional package that a feature needs is not installed."""
