@@ -44,7 +44,9 @@ from fxabstract import zoo  # noqa: E402
 from fxabstract.cost import allocate_macs, module_macs, unit_macs  # noqa: E402
 from fxabstract.data import bind  # noqa: E402
 from fxabstract.passes.fold import fold  # noqa: E402
+from fxabstract.passes.calibrate import SiteRunner, units_last  # noqa: E402
 from fxabstract.passes.measure import measured_curve  # noqa: E402
+from fxabstract.passes.moments import Moments  # noqa: E402
 from fxabstract.passes.replace import replace  # noqa: E402
 from fxabstract.passes.select import fit  # noqa: E402
 from fxabstract.photos import crops  # noqa: E402
@@ -127,6 +129,32 @@ def measured_curves(analysis, replacement: str, selection: str, reservoir: list,
     return out
 
 
+def with_fit_moments(analysis, x: torch.Tensor):
+    """A copy of `analysis` whose affine fits use plain moments over its calibration data plus the extra crops
+    `x` (a forward-only pass: cheap next to the curvature pass); its curvature and risk curves are unchanged."""
+    runner = SiteRunner(analysis.gm, analysis.sites)
+    extra = {s.name: Moments.empty(s.n_units, True) for s in analysis.sites}
+    with torch.no_grad():
+        for b in x.split(32):
+            runner.eps = {}
+            runner.run(*bind(analysis.gm, (b,), {}))
+            for s in analysis.sites:
+                extra[s.name].update(units_last(runner.acts[s.node], s.axis).reshape(-1, s.n_units))
+    st = analysis.stats
+    stats = dataclasses.replace(st, moments={k: v + extra[k] for k, v in st.moments.items()},
+                                curvature={k: dataclasses.replace(v, sw=None) for k, v in st.curvature.items()})
+    return fxa.Analysis(analysis.gm, analysis.sites, analysis.ineligible, stats, analysis.score, analysis.seed)
+
+
+def hybrid(analysis, fitted, keep: dict) -> torch.nn.Module:
+    """Units chosen by joint constant selection on `analysis` (exact second-order risk at conv sites), each
+    replaced by an affine map fitted on `fitted`'s moments (plain least squares, THEORY §3)."""
+    cv = analysis.risk_curves("constant", "joint", RIDGE)
+    plans = [fit(s, cv[s.name], s.n_units - keep[s.name], fitted.stats, fitted.score, "affine", "joint", RIDGE)
+             for s in analysis.sites]
+    return fold(replace(analysis.gm, plans))
+
+
 def count_params(m) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -150,6 +178,9 @@ def run(args) -> tuple[list[dict], dict]:
     info["units"] = sum(s.n_units for s in base.sites)
     heuristic = {s: fxa.Analysis(base.gm, base.sites, base.ineligible, base.stats, s, 0) for s in ("variance",
                                                                                                   "magnitude")}
+    t = time.perf_counter()
+    fitted = with_fit_moments(base, crops(CAL_PHOTOS, args.fit_extra, args.size, seed=10)) if args.fit_extra else None
+    info["timings"]["fit moments"] = time.perf_counter() - t
     macs = module_macs(base.gm, x_eval[:1])
     per_unit = {s.name: unit_macs(s, macs) for s in base.sites}
     reservoir = [(bind(base.gm, (b,), {}), None) for b in x_cal[:args.reservoir].split(16)]
@@ -173,6 +204,19 @@ def run(args) -> tuple[list[dict], dict]:
             ("variance + affine (layer-local least squares)", "baseline",
              lambda: heuristic["variance"].compile(uniform, "affine", round_to=1).module),
         ]
+        if fitted is not None:
+            var_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "variance", 0)
+            n_fit = args.cal + args.fit_extra
+            candidates += [
+                (f"variance + affine, least squares on {n_fit} crops", "baseline",
+                 lambda: var_fitted.compile(uniform, "affine", round_to=1).module),
+                (f"logit-mse constant-joint selection + affine on {n_fit} crops, uniform per block", "fxabstract",
+                 lambda: hybrid(base, fitted, uniform)),
+                (f"logit-mse constant-joint selection + affine on {n_fit} crops, MACs global (predicted)",
+                 "fxabstract",
+                 lambda: hybrid(base, fitted, allocate_macs(base.sites, base.risk_curves("constant", "joint", RIDGE),
+                                                            macs, target))),
+            ]
         for score, rep, sel in GLOBAL:
             def build(score=score, rep=rep, sel=sel, curves=None):
                 a = analyses[score]
@@ -311,7 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes")
     ap.add_argument("--reservoir", type=int, default=48, help="calibration crops for the measured curves")
     ap.add_argument("--points", type=int, default=7, help="measured points per curve")
-    ap.add_argument("--measured", default="logit-mse/constant/joint,logit-mse/constant/diagonal",
+    ap.add_argument("--fit-extra", type=int, default=576, help="extra calibration crops for the affine fits (forward only)")
+    ap.add_argument("--measured", default="logit-mse/constant/joint",
                     help="score/replacement/selection settings also allocated on measured curves ('' = none)")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--repeats-1", type=int, default=30)
@@ -323,6 +368,7 @@ def main(argv=None) -> int:
     args.ratios = [float(f) for f in args.ratios.split(",")]
     if args.quick:
         args.size, args.cal, args.eval, args.probes, args.reservoir, args.points = 64, 32, 32, 2, 16, 3
+        args.fit_extra = 32
         args.ratios, args.repeats_1, args.repeats_32 = [0.1, 0.3], 0, 0
     torch.set_num_threads(1)
     rows, info = run(args)
