@@ -10,12 +10,15 @@ Calibration and evaluation use disjoint photos (fxabstract.photos). Methods, at 
     replacement constants set to 0, then the same fold);
   - variance + mean fold (VBP): lowest Var(a_j), replaced by E[a_j];
   - variance + affine: the same units, each replaced by least squares on the kept units of its block
-    (unweighted: layer-local least-squares compensation);
+    (unweighted: layer-local least-squares compensation), fitted on the calibration crops, and on those plus
+    `--fit-extra` more crops of the same photos (forward passes only);
 - fxabstract with output-unit scores (logit-mse, kl) x replacement (constant, affine) x selection (joint,
   diagonal), under one global budget matched in MACs: removals go to the cheapest risk per MAC saved over all
   blocks until at least the MACs of the uniform removal are saved (fxabstract.cost.allocate_macs), on the
   predicted (second-order) risk curves, and for the `--measured` settings on KL curves measured on a
-  reservoir of calibration crops.
+  reservoir of calibration crops;
+- the units of joint selection with constant replacement (MAC-matched or uniform counts), each replaced by its
+  least-squares affine map fitted on the calibration crops plus the extra crops.
 Figures: top-1 agreement with the dense model, top-5 overlap, mean KL(dense || compiled), parameters,
 MACs per image (fxabstract.cost), and onnxruntime latency (one thread; median of repeats; batch 1 and 32).
 
@@ -48,7 +51,8 @@ from fxabstract.passes.calibrate import SiteRunner, units_last  # noqa: E402
 from fxabstract.passes.measure import measured_curve  # noqa: E402
 from fxabstract.passes.moments import Moments  # noqa: E402
 from fxabstract.passes.replace import replace  # noqa: E402
-from fxabstract.passes.select import fit  # noqa: E402
+from fxabstract.passes import risk  # noqa: E402
+from fxabstract.passes.select import Curves, fit  # noqa: E402
 from fxabstract.photos import crops  # noqa: E402
 from fxabstract.report import write_atomic  # noqa: E402
 
@@ -82,27 +86,29 @@ def fidelity(module, x: torch.Tensor, z_dense: torch.Tensor) -> dict:
             "kl": float((lp.exp() * (lp - lq)).sum(-1).mean())}
 
 
-def onnx_latency(module, x: torch.Tensor, repeats: dict[int, int]) -> dict[int, float]:
-    """Median onnxruntime latency in ms (one thread) per batch size."""
+def onnx_latency(modules: list, x: torch.Tensor, repeats: dict[int, int]) -> list[dict[int, float]]:
+    """Median onnxruntime latency in ms (one thread) per module and batch size, the modules timed in turn
+    within each repeat (round robin), so that a shared machine's load affects them alike."""
     import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "m.onnx")
-        fxa.to_onnx(module, x[:2], path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-        session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        out = {}
+        sessions = []
+        for i, module in enumerate(modules):
+            path = os.path.join(tmp, f"m{i}.onnx")
+            fxa.to_onnx(module, x[:2], path)
+            sessions.append(ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"]))
+        times = [{b: [] for b in repeats} for _ in modules]
         for b, reps in repeats.items():
             xb = x[:b].numpy()
-            session.run(None, {name: xb})                     # warm-up
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                session.run(None, {name: xb})
-                times.append(time.perf_counter() - t)
-            out[b] = 1e3 * statistics.median(times)
-    return out
+            for rep in range(reps + 1):                             # the first round is a warm-up
+                for session, t_m in zip(sessions, times):
+                    name = session.get_inputs()[0].name
+                    t = time.perf_counter()
+                    session.run(None, {name: xb})
+                    if rep:
+                        t_m[b].append(time.perf_counter() - t)
+    return [{b: 1e3 * statistics.median(v) for b, v in t_m.items()} for t_m in times]
 
 
 def zero_replacement(analysis, keep: dict) -> torch.nn.Module:
@@ -146,13 +152,28 @@ def with_fit_moments(analysis, x: torch.Tensor):
     return fxa.Analysis(analysis.gm, analysis.sites, analysis.ineligible, stats, analysis.score, analysis.seed)
 
 
-def hybrid(analysis, fitted, keep: dict) -> torch.nn.Module:
-    """Units chosen by joint constant selection on `analysis` (exact second-order risk at conv sites), each
-    replaced by an affine map fitted on `fitted`'s moments (plain least squares, THEORY §3)."""
-    cv = analysis.risk_curves("constant", "joint", RIDGE)
+def hybrid(analysis, fitted, keep: dict, curves: dict | None = None) -> torch.nn.Module:
+    """Units chosen by `curves`' elimination orders (default: joint constant selection on `analysis`, whose
+    second-order risk is exact at conv sites), each replaced by an affine map fitted on `fitted`'s moments
+    (plain least squares, THEORY §3)."""
+    cv = analysis.risk_curves("constant", "joint", RIDGE) if curves is None else curves
     plans = [fit(s, cv[s.name], s.n_units - keep[s.name], fitted.stats, fitted.score, "affine", "joint", RIDGE)
              for s in analysis.sites]
     return fold(replace(analysis.gm, plans))
+
+
+def consumer_joint_curves(analysis, fitted) -> dict:
+    """Per site, greedy joint elimination for affine replacement with the consumer's Gram matrix as the
+    curvature: the risk left is 1/2 tr(W_P Cov(a_P | a_K) W_P^T) (THEORY §3, the linear-head case applied at the
+    consumer: layer-local OBS), on the plain covariance of `fitted`."""
+    out = {}
+    for s in analysis.sites:
+        G = sum((lambda W: W @ W.T)(analysis.gm.get_submodule(c).weight.detach().double().transpose(0, 1)
+                                    .reshape(s.n_units, -1)) for c in s.consumers)      # [d, d] W^T W
+        order, curve = risk.joint_affine_order(G, fitted.stats.moments[s.name].cov, RIDGE, s.n_units - 1)
+        zero = torch.zeros(s.n_units, dtype=torch.float64)
+        out[s.name] = Curves(zero, zero, order, curve)
+    return out
 
 
 def count_params(m) -> int:
@@ -184,6 +205,9 @@ def run(args) -> tuple[list[dict], dict]:
     macs = module_macs(base.gm, x_eval[:1])
     per_unit = {s.name: unit_macs(s, macs) for s in base.sites}
     reservoir = [(bind(base.gm, (b,), {}), None) for b in x_cal[:args.reservoir].split(16)]
+    t = time.perf_counter()
+    consumer_curves = consumer_joint_curves(base, fitted) if fitted is not None else None
+    info["timings"]["consumer-weighted joint orders"] = time.perf_counter() - t
     measured = {}
     for key in args.measured:
         score, rep, sel = key.split("/")
@@ -212,6 +236,8 @@ def run(args) -> tuple[list[dict], dict]:
                  lambda: var_fitted.compile(uniform, "affine", round_to=1).module),
                 (f"logit-mse constant-joint selection + affine on {n_fit} crops, uniform per block", "fxabstract",
                  lambda: hybrid(base, fitted, uniform)),
+                (f"consumer-weighted joint affine (layer-local OBS) on {n_fit} crops, uniform per block",
+                 "fxabstract", lambda: hybrid(base, fitted, uniform, consumer_curves)),
                 (f"logit-mse constant-joint selection + affine on {n_fit} crops, MACs global (predicted)",
                  "fxabstract",
                  lambda: hybrid(base, fitted, allocate_macs(base.sites, base.risk_curves("constant", "joint", RIDGE),
@@ -301,14 +327,28 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         "the least risk per MAC saved first across blocks; (predicted) uses the second-order risk curves, "
         f"(measured KL) the single-site KL curves measured on the first {args.reservoir} calibration crops at "
         f"{args.points} points up to 80% of each block (`passes.measure.measured_curve`), linear in between.",
+        f"- Affine fits on more data: least squares needs only the site moments, a forward pass, while the "
+        f"curvature needs {args.probes} backward passes per crop. The `... on {args.cal + args.fit_extra} crops` rows fit the "
+        f"affine replacements on plain moments over the {args.cal} calibration crops plus {args.fit_extra} more crops "
+        "of the same calibration photos (seed 10), done in this script (`with_fit_moments`), not an fxabstract option. "
+        "`constant-joint selection + affine`: the units that joint selection with constant replacement removes "
+        "(its second-order risk is exact at conv sites, where the affine one is not: "
+        "tests/test_conv_affine_risk.py), each replaced by its least-squares affine map.",
+        "- `consumer-weighted joint affine (layer-local OBS)`: per block, greedy joint elimination for affine "
+        "replacement (`passes.risk.joint_affine_order`) with the projection conv's Gram matrix W^T W as the "
+        "curvature and the plain covariance of the site, i.e. the risk left 1/2 tr(W_P Cov(a_P | a_K) W_P^T) at the "
+        "consumer's output (THEORY §3, linear-head case), then least-squares affine maps; uniform counts per "
+        "block. Assembled here from fxabstract's passes (`consumer_joint_curves`): `fxa.abstract` ranks cwvar "
+        "diagonally and has no such option yet. The `constant-joint selection + affine` and `(measured KL)` rows "
+        "are likewise assembled here.",
         "- Magnitude without compensation emulates Torch-Pruning's default (L2 magnitude importance, no weight "
         "update): the lowest-L2-norm rows of each expansion conv are removed and the removed channels contribute "
         "0 to the projection (fxabstract's `magnitude` ranking with constants 0, folded).",
         "- Figures on the evaluation crops: top-1 agreement with the dense model, top-5 overlap (|top5 dense ∩ "
         "top5 compiled| / 5), mean KL(p_dense || p_compiled). MACs per image count every Conv and Linear "
         "(depthwise included; `fxabstract.cost`). Latency: onnxruntime, one thread, median of "
-        f"{args.repeats_1} runs at batch 1 and {args.repeats_32} at batch 32, measured one model after another in "
-        "one run (dense, the uniform baselines, and the best fxabstract row per ratio).",
+        f"{args.repeats_1} runs at batch 1 and {args.repeats_32} at batch 32, the models timed in turn within each "
+        "repeat (dense, variance + mean fold (the uniform shapes) and the best fxabstract row per ratio).",
         "",
         "## Results",
         "",
@@ -359,7 +399,7 @@ def main(argv=None) -> int:
     ap.add_argument("--measured", default="logit-mse/constant/joint",
                     help="score/replacement/selection settings also allocated on measured curves ('' = none)")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
-    ap.add_argument("--repeats-1", type=int, default=30)
+    ap.add_argument("--repeats-1", type=int, default=20)
     ap.add_argument("--repeats-32", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data, two ratios, no latency")
     args = ap.parse_args(argv)
@@ -376,10 +416,11 @@ def main(argv=None) -> int:
         uniform_macs = {r["ratio"]: r["macs"] for r in rows if r["method"].startswith("variance + mean fold")}
         best = best_rows(rows, uniform_macs)
         x = crops(EVAL_PHOTOS, 32, args.size, seed=2)
-        for r in rows:
-            if r["group"] in ("dense", "baseline") or best.get(r["ratio"]) is r:
-                r["latency"] = onnx_latency(r["module"], x, {1: args.repeats_1, 32: args.repeats_32})
-                log(f"latency {r['ratio']:.0%} {r['method']}: {fmt_lat(r)} ms")
+        timed = [r for r in rows if r["group"] == "dense" or r["method"].startswith("variance + mean fold")
+                 or best.get(r["ratio"]) is r]
+        for r, lat in zip(timed, onnx_latency([r["module"] for r in timed], x, {1: args.repeats_1, 32: args.repeats_32})):
+            r["latency"] = lat
+            log(f"latency {r['ratio']:.0%} {r['method']}: {fmt_lat(r)} ms")
     os.makedirs(args.out, exist_ok=True)
     write_markdown(rows, info, args, os.path.join(args.out, "mobilenet_v2.md"))
     plot(rows, os.path.join(args.out, "mobilenet_v2.png"))
