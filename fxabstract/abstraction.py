@@ -101,11 +101,7 @@ class Analysis:
         if needs_matrices and self.stats.curvature[self.sites[0].name].H0 is None:
             raise ConfigError(f"{selection} selection with {replacement} replacement needs the d x d statistics; "
                               "analyse with matrices=True")
-        key = (replacement, selection, ridge)
-        if key not in self._curves:
-            self._curves[key] = curves(self.sites, self.stats, self.gm, self.score, replacement, selection,
-                                       ridge, self.seed)
-        cv = self._curves[key]
+        cv = self.risk_curves(replacement, selection, ridge)
         if isinstance(keep, dict) or self.score not in OUTPUT_UNITS:
             allocation = "per-site"
         for s in tqdm(self.sites, desc="measure risk", unit="site", leave=False,
@@ -131,6 +127,17 @@ class Analysis:
         }
         example = tuple(v[:2] if isinstance(v, torch.Tensor) else v for v in self.stats.reservoir[0][0])
         return Abstraction(module, report, example)
+
+    def risk_curves(self, replacement: str = "constant", selection: str = "joint", ridge: float = 1e-3) -> dict:
+        """Per site name: the elimination order and predicted risk curve that `compile` allocates on
+        (passes/select.py `Curves`), computed once per setting; for budgets of one's own (e.g. in MACs)."""
+        if self.score not in OUTPUT_UNITS:
+            selection = "diagonal"
+        key = (replacement, selection, ridge)
+        if key not in self._curves:
+            self._curves[key] = curves(self.sites, self.stats, self.gm, self.score, replacement, selection,
+                                       ridge, self.seed)
+        return self._curves[key]
 
     def _measured(self, site: Site, cv, replacement: str, selection: str, ridge: float, round_to: int):
         """The site's measured risk curve, cached per setting."""

@@ -31,3 +31,6 @@ class OutputError(FxAbstractError):
 
 class FxAbstractWarning(UserWarning):
     """Something the user should know that does not stop compilation (e.g. a tiny calibration set)."""
+
+class DependencyError(FxAbstractError):
+    """An optional package that a feature needs is not installed."""

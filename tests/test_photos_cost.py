@@ -1,0 +1,88 @@
+"""Real photos as crops (fxabstract.photos) and MAC counting / MAC budgets (fxabstract.cost)."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fxabstract as fxa
+from fxabstract import photos, zoo
+from fxabstract.cost import allocate_macs, module_macs, unit_macs
+from fxabstract.errors import ConfigError, DependencyError
+
+
+def test_crops_are_seeded_normalised_and_sized():
+    a = photos.crops(["astronaut", "china"], n=6, size=32, seed=0)
+    b = photos.crops(["astronaut", "china"], n=6, size=32, seed=0)
+    c = photos.crops(["astronaut", "china"], n=6, size=32, seed=1)
+    assert a.shape == (6, 3, 32, 32), "n crops of size x size, RGB"
+    assert torch.equal(a, b), "the same seed must give the same crops"
+    assert not torch.equal(a, c), "another seed must give other crops"
+    raw = a * torch.tensor(photos.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(photos.IMAGENET_MEAN).view(1, 3, 1, 1)
+    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5, "un-normalised crops must be images in [0, 1]"
+
+
+def test_every_listed_photo_loads_without_download():
+    for name in photos.PHOTOS:
+        image = photos.photo(name)
+        assert image.shape[0] == 3 and min(image.shape[1:]) >= 256, f"{name}: an RGB photo, got {tuple(image.shape)}"
+
+
+def test_unknown_photo_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown photo"):
+        photos.crops(["lena"], n=1)
+
+
+def test_missing_scikit_image_says_how_to_install(monkeypatch):
+    photos.photo.cache_clear()
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    with pytest.raises(DependencyError, match="pip install scikit-image"):
+        photos.photo("coffee")
+    photos.photo.cache_clear()
+
+
+def test_module_macs_counts_linear_conv_and_depthwise():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    macs = module_macs(model, torch.randn(5, 3, 6, 6))
+    assert macs == {"0": 8 * 36 * 3 * 9, "2": 8 * 36 * 1 * 9, "5": 4 * 8}, f"MACs per sample per layer: {macs}"
+
+
+def test_unit_macs_is_what_removing_the_unit_saves():
+    """Removing k units of a site lowers the compiled module's MACs by exactly the sum of their unit MACs."""
+    torch.manual_seed(0)
+    model = zoo.MobileNetV2(10, width_mult=0.25, last_channel=64).eval()
+    x = torch.randn(4, 3, 32, 32)
+    analysis = fxa.analyse(model, [x], sites=r"features\.2\.conv\.0\.0", curvature="hutchinson", probes=1,
+                           matrices=False)
+    site = analysis.sites[0]
+    before = sum(module_macs(analysis.gm, x[:1]).values())
+    result = analysis.compile({site.name: site.n_units - 3}, "constant", "diagonal", round_to=1)
+    after = sum(module_macs(result.module, x[:1]).values())
+    per_unit = unit_macs(site, module_macs(analysis.gm, x[:1]))
+    removed = [r["unit"] for r in result.report["sites"][0]["replaced"]]
+    assert before - after == pytest.approx(float(per_unit[removed].sum())), "unit MACs must match the compiled saving"
+
+
+def test_allocate_macs_meets_the_target_cheapest_risk_per_mac_first():
+    torch.manual_seed(0)
+    model = zoo.MobileNetV2(10, width_mult=0.25, last_channel=64).eval()
+    x = torch.randn(4, 3, 32, 32)
+    analysis = fxa.analyse(model, [x], sites=r"features\.(2|16)\.conv\.0\.0", curvature="hutchinson", probes=1,
+                           matrices=False)
+    macs = module_macs(analysis.gm, x[:1])
+    cv = analysis.risk_curves("constant", "diagonal")
+    early, late = analysis.sites
+    for s, slope in ((early, 1.0), (late, 1.0)):  # equal risk per unit: the MACs per unit decide
+        cv[s.name].curve = slope * torch.arange(s.n_units, dtype=torch.float64)
+    cost = {s.name: float(unit_macs(s, macs)[0]) for s in analysis.sites}
+    assert cost[early.name] > cost[late.name], "an early high-resolution block costs more MACs per channel"
+    target = 2.5 * cost[early.name]
+    keep = allocate_macs(analysis.sites, cv, macs, target)
+    saved = sum(cost[s.name] * (s.n_units - keep[s.name]) for s in analysis.sites)
+    assert saved >= target, f"the allocation must save at least the target MACs ({saved} < {target})"
+    assert keep[early.name] == early.n_units - 3 and keep[late.name] == late.n_units, \
+        f"equal risk per unit: the cheapest risk per MAC is the early block, got {keep}"
