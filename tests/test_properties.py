@@ -198,15 +198,31 @@ def test_report_round_trips_through_json(net, keep, replacement):
     assert json.loads(text) == report, "the report must hold JSON-native values only and survive a round trip"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="passes/scores.py: cwvar sums the consumer weight over axis 0, which is right for a Linear "
-                          "consumer only; a Conv consumer [out, in, kh, kw] or a Linear after a flatten (a block "
-                          "of features per channel) gives a tensor of the wrong shape")
 @pytest.mark.parametrize("head", ["conv", "flatten-linear"])
 def test_cwvar_on_conv_sites(head):
+    """cwvar = 1/2 ||W[:, j]||^2 Var(a_j) with the consumer's column j summed over its kernel taps (Conv)
+    or over the block of features channel j feeds (Linear after a flatten)."""
     torch.manual_seed(0)
     tail = ([nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)]
             if head == "conv" else [nn.Flatten(), nn.Linear(8 * 64, 5)])
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), *tail).eval()
-    result = fxa.abstract(model, [torch.randn(24, 3, 8, 8)], keep=0.5, score="cwvar", round_to=1)
-    assert len(result.report["sites"][0]["scores"]) == 8, "one cwvar score per channel"
+    x = torch.randn(24, 3, 8, 8)
+    result = fxa.abstract(model, [x], keep=0.5, score="cwvar", round_to=1)
+    W = (model[2] if head == "conv" else model[3]).weight.detach().double()
+    with torch.no_grad():
+        a = model[1](model[0](x)).double().movedim(1, -1).reshape(-1, 8)    # every position is a sample
+    expected = 0.5 * W.reshape(W.shape[0], 8, -1).pow(2).sum((0, 2)) * a.var(0, unbiased=False)
+    got = torch.tensor(result.report["sites"][0]["scores"], dtype=torch.float64)
+    assert torch.allclose(got, expected, rtol=1e-6), f"cwvar per channel: {got} != {expected}"
+
+
+def test_magnitude_covers_every_producer_of_a_concat_site():
+    from fxabstract import zoo
+    torch.manual_seed(0)
+    model = zoo.SqueezeNet().eval()
+    result = fxa.abstract(model, [torch.randn(8, 3, 32, 32)], keep=0.5, score="magnitude")
+    site = next(s for s in result.report["sites"] if s["name"] == "features.2.expand1x1")
+    rows = torch.cat([model.get_submodule(f"features.2.expand{k}").weight.detach().double().flatten(1).norm(dim=1)
+                      for k in ("1x1", "3x3")])
+    assert torch.allclose(torch.tensor(site["scores"], dtype=torch.float64), rows), \
+        "magnitude must be the row norms of both concatenated producers, in cat order"

@@ -28,6 +28,13 @@ def optimal_constants(score: str, stats: Statistics, name: str) -> torch.Tensor:
     return torch.where(k.sh > 0, num / k.sh.clamp_min(1e-300), m.mean)
 
 
+def consumer_column_norms2(gm: fx.GraphModule, site: Site, consumer: str) -> torch.Tensor:
+    """||W[:, j]||^2 per unit j of the consumer's weight: over its outputs, and over the kernel taps
+    (Conv) or the block of features a flattened unit feeds (Linear after a flatten): [d]."""
+    W = gm.get_submodule(consumer).weight.detach().double()
+    return W.reshape(W.shape[0], site.n_units, -1).pow(2).sum((0, 2))
+
+
 def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [d], constants [d]) for one site; lower score = cheaper to replace."""
@@ -36,10 +43,10 @@ def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,
     if score == "variance":                                     # VBP: s_j = Var(a_j)
         s = m.var
     elif score == "cwvar":                                      # s_j = 1/2 ||W[:, j]||^2 Var(a_j)
-        col2 = sum(gm.get_submodule(t).weight.detach().double().pow(2).sum(0) for t in site.consumers)
-        s = 0.5 * col2 * m.var
+        s = 0.5 * sum(consumer_column_norms2(gm, site, c) for c in site.consumers) * m.var
     elif score == "magnitude":                                  # L2 norm of the producer's row j
-        s = gm.get_submodule(site.producer).weight.detach().double().flatten(1).norm(dim=1)
+        s = torch.cat([gm.get_submodule(q.module).weight.detach().double().flatten(1).norm(dim=1)
+                       for q in site.pieces if q.lo != q.hi and (q is site.pieces[0] or q.lo > 0)])
     elif score == "random":
         s = torch.rand(site.n_units, generator=generator, dtype=torch.float64)
     else:  # s_j = E[g (c - a)] + 1/2 E[h (c - a)^2]: the constant score of THEORY §3 (g = 0 unless ce)
