@@ -180,8 +180,6 @@ def test_keep_one_is_the_identity_bitwise(net, replacement, round_to):
 def test_compiled_module_equals_the_model_under_the_report_interventions(data, keep, score, replacement,
                                                                           selection, round_to, dtype):
     net = data.draw(networks(dtype))
-    if net.family == "conv" and score == "cwvar":
-        reject()  # cwvar does not support conv consumers yet: test_cwvar_on_conv_sites below
     result = compile_or_reject(net, keep=keep, score=score, replacement=replacement, selection=selection,
                                round_to=round_to)
     event(f"{net.family}, units replaced: {'some' if any(s['replaced'] for s in result.report['sites']) else 'none'}")
