@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 
 import fxabstract as fxa  # noqa: E402
 from fxabstract import zoo  # noqa: E402
+from fxabstract.zoo import randomize_batch_norm  # noqa: E402
 from fxabstract import zoo_transformers as zt  # noqa: E402
 from fxabstract.cost import module_macs  # noqa: E402
 from fxabstract.report import write_atomic  # noqa: E402
@@ -168,19 +169,6 @@ ARCHITECTURES = {
     "gated_conv_lm": (GatedConvLM, lambda n: _ids(n, 16, 64)),
 }
 REAL = {"mobilenet_v2_real (ImageNet)"}
-
-
-def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial running statistics and affine parameters for every BatchNorm (random-weight rows)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- one row

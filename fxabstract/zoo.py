@@ -19,6 +19,20 @@ def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, a
     return nn.Sequential(*layers, act(inplace=True)) if act else nn.Sequential(*layers)
 
 
+def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial running statistics and affine parameters for every BatchNorm (random-weight models:
+    a freshly built BatchNorm is the identity in eval mode, which would hide per-channel folding bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return model.eval()
+
+
 # --------------------------------------------------------------------------- ResNets
 
 class BasicBlock(nn.Module):

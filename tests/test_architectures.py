@@ -10,29 +10,16 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxabstract as fxa
-from fxabstract import zoo
+from fxabstract import photos, zoo
+from fxabstract.zoo import randomize_batch_norm
 from fxabstract import zoo_transformers as zt
 from fxabstract.passes.fold import BiasMapConv
 from fxabstract.verify import intervene, relative_error
 
 TOL = 1e-5
-
-
-def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial running statistics and affine parameters."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return model.eval()
 
 
 # name -> (factory, input shape without batch, front end the capture must use)
@@ -208,24 +195,6 @@ def test_hugging_face_bert_compiles_exactly_through_torch_export(tmp_path):
     assert _check_exact(model, result, input_ids=ids, attention_mask=mask) <= TOL, "BERT: compiled vs hooks"
 
 
-def _photo_crops(n_per_photo: int, size: int, seed: int = 0) -> torch.Tensor:
-    """ImageNet-normalised random crops of scikit-image's bundled photos: [N, 3, size, size]."""
-    data = pytest.importorskip("skimage.data")
-    gen = torch.Generator().manual_seed(seed)
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    crops = []
-    for photo in (data.astronaut(), data.coffee(), data.chelsea(), data.rocket()):
-        t = torch.tensor(photo).permute(2, 0, 1).float() / 255
-        for _ in range(n_per_photo):
-            s = int(torch.randint(120, min(t.shape[1:]), (1,), generator=gen))
-            i = int(torch.randint(0, t.shape[1] - s + 1, (1,), generator=gen))
-            j = int(torch.randint(0, t.shape[2] - s + 1, (1,), generator=gen))
-            crop = F.interpolate(t[None, :, i:i + s, j:j + s], size=size, mode="bilinear", antialias=True)[0]
-            crops.append((crop - mean) / std)
-    return torch.stack(crops)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("replacement", ["constant", "affine"])
 def test_real_mobilenet_v2_compiles_exactly_and_exports(replacement, tmp_path):
@@ -234,7 +203,8 @@ def test_real_mobilenet_v2_compiles_exactly_and_exports(replacement, tmp_path):
     model = zoo.mobilenet_v2()
     model.load_state_dict(torch.load(path, weights_only=True))
     model.eval()
-    x = _photo_crops(8, 96)
+    pytest.importorskip("skimage")
+    x = photos.crops(["astronaut", "coffee", "chelsea", "rocket"], n=32, size=96, seed=0)
     result = fxa.abstract(model, x.split(8), keep=0.5, replacement=replacement, allocation="predicted",
                           sites=r"features\.\d+\.conv\.0\.0")
     assert len(result.report["sites"]) == 16, "every expansion conv of MobileNetV2 must be a site"
