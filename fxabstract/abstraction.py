@@ -97,8 +97,8 @@ class Analysis:
                                        {s.name: s.n_units for s in self.sites}, ridge)
         if self.score not in OUTPUT_UNITS:
             selection = "diagonal"  # heuristic scores have no cross terms: they rank diagonally
-        needs_matrices = selection == "joint" or replacement == "affine"
-        if needs_matrices and self.stats.curvature[self.sites[0].name].H0 is None:
+        has_matrices = self.stats.curvature[self.sites[0].name].H0 is not None
+        if needs_matrices(self.score, replacement, selection) and not has_matrices:
             raise ConfigError(f"{selection} selection with {replacement} replacement needs the d x d statistics; "
                               "analyse with matrices=True")
         cv = self.risk_curves(replacement, selection, ridge)

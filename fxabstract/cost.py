@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from .passes.select import cheapest_removals
 from .sites import Site
 
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -67,28 +68,9 @@ def allocate_macs(sites: list[Site], curves: dict, macs: dict[str, int], target:
     curves: `Analysis.risk_curves(...)`; each site's measured curve is used where set, else the
     predicted one. A channel of an early high-resolution block saves far more MACs than one of a
     late block, so a budget in MACs differs from a budget in units."""
-    from .passes.select import allowed_removals
-    steps, saved, risk, pos = {}, {}, {}, {}
+    saved = {}                                      # site -> [d + 1] MACs saved by removing the first k units
     for s in sites:
-        cv = curves[s.name]
-        steps[s.name] = allowed_removals(s.n_units, round_to)
-        per_unit = unit_macs(s, macs)[torch.tensor(cv.order, dtype=torch.long)]
-        saved[s.name] = torch.cat([per_unit.new_zeros(1), per_unit.cumsum(0)])   # MACs saved by the first k
-        risk[s.name] = cv.curve if cv.measured is None else cv.measured
-        pos[s.name] = 0
-    total = 0.0
-    while total < target:
-        best = None
-        for s in sites:
-            st, i = steps[s.name], pos[s.name]
-            if i + 1 >= len(st):
-                continue
-            gain = float(saved[s.name][st[i + 1]] - saved[s.name][st[i]])
-            cost = float(risk[s.name][st[i + 1]] - risk[s.name][st[i]]) / max(gain, 1e-12)
-            if best is None or cost < best[0]:
-                best = (cost, s.name, gain)
-        if best is None:
-            break
-        pos[best[1]] += 1
-        total += best[2]
-    return {s.name: s.n_units - steps[s.name][pos[s.name]] for s in sites}
+        per_unit = unit_macs(s, macs)[torch.tensor(curves[s.name].order, dtype=torch.long)]
+        saved[s.name] = torch.cat([per_unit.new_zeros(1), per_unit.cumsum(0)])
+    removed = cheapest_removals(sites, curves, saved, target, round_to)
+    return {s.name: s.n_units - removed[s.name] for s in sites}

@@ -280,20 +280,22 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     groups: dict[str, list[str]] = {}
     for name, path in paths.items():
         groups.setdefault(path[-1].name, []).append(name)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = list(head_sites)
-    for end_name, members in groups.items():
-        site, reason = _build_site(gm, calls, [paths[m] for m in members], axes[members[0]])
+    for members in groups.values():
+        site, reason = _build_site(gm, calls, tied, order, [paths[m] for m in members], axes[members[0]])
         if reason:
             for m in members:
                 ineligible[m] = reason
         else:
             sites.append(site)
-    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    sites.sort(key=lambda s: order[s.node])
+    position = {n.name: i for n, i in order.items()}
+    sites.sort(key=lambda s: position[s.node])
     return sites, ineligible
 
 
-def _build_site(gm: fx.GraphModule, calls: Counter, paths: list[list[fx.Node]], axis: int):
+def _build_site(gm: fx.GraphModule, calls: Counter, tied: dict, order: dict, paths: list[list[fx.Node]],
+                axis: int):
     """(Site, None), or (None, why not) for the producers whose paths end at the same node."""
     end = paths[0][-1]
     shape = _shape(end)
@@ -313,7 +315,7 @@ def _build_site(gm: fx.GraphModule, calls: Counter, paths: list[list[fx.Node]], 
                                       "which is not the output of an eligible producer")
                 off += sum(_shape(t)[axis] for t in tensors[:tensors.index(prev)])
             offset[prev.name] = off
-    reason = _consumer_problem(gm, end, calls, d, axis, tied_modules(gm))
+    reason = _consumer_problem(gm, end, calls, d, axis, tied)
     if isinstance(reason, str):
         return None, reason
     reads = reason
@@ -321,7 +323,7 @@ def _build_site(gm: fx.GraphModule, calls: Counter, paths: list[list[fx.Node]], 
                     key=lambda q: q.lo)
     if [q.lo for q in pieces] != [0] + [q.hi for q in pieces[:-1]] or pieces[-1].hi != d:
         return None, "its producers' channels do not tile the site exactly once (a value concatenated twice?)"
-    nodes = sorted({n for p in paths for n in p[1:]}, key=lambda n: list(gm.graph.nodes).index(n))
+    nodes = sorted({n for p in paths for n in p[1:]}, key=order.get)
     channel_ops = [Piece(n.target, offset[n.name], offset[n.name] + _shape(n)[axis]) for n in nodes
                    if n.op == "call_module" and _width(CHANNEL_OPS, gm.get_submodule(n.target)) is not None]
     site = Site(pieces[0].module, end.name, [n.name for n in nodes], list(reads), d,

@@ -153,26 +153,36 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
                                         min(s.n_units, round(frac * s.n_units / step[s.name]) * step[s.name]))
                 for s in sites}
     target = total - target_kept
+    units = {s.name: torch.arange(s.n_units + 1, dtype=torch.float64) for s in sites}
+    return cheapest_removals(sites, cv, units, target, round_to, overshoot=False)
+
+
+def cheapest_removals(sites: list[Site], cv: dict[str, Curves], gains: dict[str, torch.Tensor], target: float,
+                      round_to: int, overshoot: bool = True) -> dict[str, int]:
+    """Units removed per site: the cheapest next removal globally (risks are in output units, THEORY
+    §3) until `target` is gained. Each step moves one site to its next allowed count (`granularity`),
+    the one with the least risk per unit of gain; gains[site][k] is the gain of removing its first k
+    units (units, MACs). overshoot=False skips a step that would pass the target by more than half."""
     allowed = {s.name: allowed_removals(s.n_units, granularity(s, round_to)) for s in sites}
     pos = {s.name: 0 for s in sites}
-    removed = 0
-    while removed < target:  # cheapest next removal globally (risks are in output units)
+    gained = 0.0
+    while gained < target:
         best = None
         for s in sites:
             steps, i = allowed[s.name], pos[s.name]
             if i + 1 >= len(steps):
                 continue
-            size = steps[i + 1] - steps[i]
-            if removed + size > target + size // 2:  # would overshoot the budget by more than half a step
+            gain = float(gains[s.name][steps[i + 1]] - gains[s.name][steps[i]])
+            if not overshoot and gained + gain > target + gain // 2:
                 continue
             curve = cv[s.name].curve if cv[s.name].measured is None else cv[s.name].measured
-            cost = float(curve[steps[i + 1]] - curve[steps[i]]) / size
+            cost = float(curve[steps[i + 1]] - curve[steps[i]]) / max(gain, 1e-12)
             if best is None or cost < best[0]:
-                best = (cost, s.name, size)
+                best = (cost, s.name, gain)
         if best is None:
             break
         pos[best[1]] += 1
-        removed += best[2]
+        gained += best[2]
     return {s.name: allowed[s.name][pos[s.name]] for s in sites}
 
 
