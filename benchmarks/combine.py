@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxabstract as fxa  # noqa: E402
 from fxabstract.demo import demo_model, digits_data  # noqa: E402
-from fxabstract.report import write_atomic  # noqa: E402
+from fxabstract.report import write_atomic, write_png  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANDIDATES = (("fc1", 32), ("fc1", 16), ("fc2", 32), ("fc2", 16), (None, 0.125), (None, 0.0625))
@@ -127,7 +127,6 @@ def write(args, candidates, runs, elapsed) -> None:
 
 
 def plot(args, names, runs) -> None:
-    import io
 
     import matplotlib
     matplotlib.use("Agg")
@@ -143,10 +142,8 @@ def plot(args, names, runs) -> None:
     ax.set_ylabel("faithfulness (IIA, p = 0.5, held-out masks)")
     ax.set_title("digits MLP: strength vs faithfulness (run 0)")
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    write_atomic(os.path.join(args.out, "combine.png"), buf.getvalue())
+    write_png(fig, os.path.join(args.out, "combine.png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 import torch
 
 import fxabstract as fxa
-from fxabstract.report import write_atomic
+from fxabstract.report import write_atomic, write_png
 from fxabstract.demo import demo_model, digits_data
 
 SCORES = ("logit-mse", "kl", "ce", "variance", "cwvar", "magnitude", "random")
@@ -325,10 +325,8 @@ def figure(rows, fractions, path):
     axes[0, 0].legend(fontsize=9, loc="lower right")
     fig.suptitle("digits MLP 64-256-256-10: fidelity vs keep (default selection; solid = joint, dashed = diagonal)")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    write_png(fig, path, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxabstract as fxa  # noqa: E402
 from fxabstract.demo import demo_model, digits_data, train  # noqa: E402
 from fxabstract.explain import UnitProbe  # noqa: E402
-from fxabstract.report import write_atomic  # noqa: E402
+from fxabstract.report import write_atomic, write_png  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("fxabstract", "grad x act", "integrated grad")
@@ -168,7 +168,6 @@ def write(args, results, elapsed) -> None:
 
 
 def plot(args, results) -> None:
-    import io
 
     import matplotlib
     matplotlib.use("Agg")
@@ -184,10 +183,8 @@ def plot(args, results) -> None:
         ax.set_xlabel("units deleted (top-k)")
     axes[0].set_ylabel("class-logit drop")
     axes[0].legend(fontsize=7)
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    write_atomic(os.path.join(args.out, "explain.png"), buf.getvalue())
+    write_png(fig, os.path.join(args.out, "explain.png"), dpi=110)
 
 
 if __name__ == "__main__":

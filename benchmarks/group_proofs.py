@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxabstract as fxa  # noqa: E402
 from fxabstract.groups import brute_force_accuracy, cyclic_table, domain, symmetric_table, train_group_model  # noqa: E402
-from fxabstract.report import write_atomic  # noqa: E402
+from fxabstract.report import write_atomic, write_png  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRACTIONS = (0.25, 0.375, 0.5, 0.625, 0.75)
@@ -151,7 +151,6 @@ def write_results(args, models, rows, elapsed) -> None:
 
 
 def plot(args, rows) -> None:
-    import io
 
     import matplotlib
     matplotlib.use("Agg")
@@ -166,10 +165,8 @@ def plot(args, rows) -> None:
     ax.set_ylabel("certified accuracy bound")
     ax.set_title("fxa.certify on group-operation networks")
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    write_atomic(os.path.join(args.out, "group_proofs.png"), buf.getvalue())
+    write_png(fig, os.path.join(args.out, "group_proofs.png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from fxabstract.passes.replace import replace  # noqa: E402
 from fxabstract.passes import risk  # noqa: E402
 from fxabstract.passes.select import Curves, fit  # noqa: E402
 from fxabstract.photos import crops  # noqa: E402
-from fxabstract.report import write_atomic  # noqa: E402
+from fxabstract.report import write_atomic, write_png  # noqa: E402
 
 CAL_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 EVAL_PHOTOS = ("chelsea", "china", "flower", "retina")
@@ -297,8 +297,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig.legend(loc="lower center", ncol=2, fontsize=7.5, frameon=False)
     fig.subplots_adjust(bottom=0.32, top=0.92, wspace=0.22)
     fig.suptitle("MobileNetV2 (ImageNet weights), no fine-tuning: disjoint real photos for calibration and evaluation")
-    fig.savefig(path + ".tmp.png", dpi=110)
-    os.replace(path + ".tmp.png", path)
+    write_png(fig, path)
 
 
 def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:

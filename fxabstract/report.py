@@ -58,6 +58,13 @@ def check_new(paths: list[str], force: bool) -> None:
                           "pass force=True (--force) to overwrite, or choose another path")
 
 
+def write_png(fig, path: str, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG file, written atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    write_atomic(path, buf.getvalue())
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: never a half-written file.
     An OSError (missing or read-only folder, disk full) is an OutputError; the temporary file is removed."""
@@ -132,8 +139,6 @@ def summary_png(report: dict, sweep: list[dict], path: str) -> bool:
     right.invert_yaxis()
     right.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    write_png(fig, path)
     plt.close(fig)
-    write_atomic(path, buf.getvalue())
     return True

@@ -6,7 +6,6 @@ torchvision's, so its ImageNet weights load with `load_state_dict`.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
