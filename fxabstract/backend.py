@@ -155,15 +155,6 @@ def _frame_argnames() -> list[str]:
     return list(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
 
 
-def _batch_norm_args(node: fx.Node, env: dict) -> tuple:
-    """F.batch_norm's arguments in the order of torch.batch_norm (aten's), which `modularize` reads."""
-    bound = inspect.signature(F.batch_norm).bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    a = {k: env[v] if isinstance(v, fx.Node) else v for k, v in bound.arguments.items()}
-    return (a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"], a["training"], a["momentum"],
-            a["eps"], torch.backends.cudnn.enabled)
-
-
 def lift(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule | None, list[int], str | None]:
     """Dynamo's graph -> (a GraphModule over the frame's tensor arguments, with parameters and buffers
     as attributes; the positions of those arguments among Dynamo's inputs; or a problem)."""
@@ -201,8 +192,6 @@ def lift(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule | Non
     for node in gm.graph.nodes:
         if node.op == "call_method" and node.target == "item" and isinstance(env.get(node.args[0]), (int, float)):
             env[node] = env[node.args[0]]             # .item() of a number attribute made constant above
-        elif node.op == "call_function" and node.target is F.batch_norm:
-            env[node] = graph.call_function(torch.batch_norm, _batch_norm_args(node, env))
         elif node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
     lifted = fx.GraphModule(root, graph)

@@ -141,7 +141,22 @@ def _conv(gm, node, dims):
 
 
 def _batch_norm(gm, node):
+    """aten.batch_norm / torch.batch_norm: (input, weight, bias, running_mean, running_var, training, ...)."""
     x, w, b, rm, rv, training, _momentum, eps = node.args[:8]
+    return _batch_norm_layer(gm, x, w, b, rm, rv, training, eps)
+
+
+def _functional_batch_norm(gm, node):
+    """F.batch_norm: (input, running_mean, running_var, weight, bias, training, momentum, eps), by keyword
+    too (Dynamo's graphs)."""
+    bound = inspect.signature(F.batch_norm).bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    return _batch_norm_layer(gm, a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"],
+                             a["training"], a["eps"])
+
+
+def _batch_norm_layer(gm, x, w, b, rm, rv, training, eps):
     if training or any(_attr(gm, v) is None for v in (rm, rv)) or any(
             v is not None and _attr(gm, v) is None for v in (w, b)):
         return None
@@ -158,8 +173,9 @@ FUNCTIONAL_LAYERS = {
     F.linear: _linear, aten.linear.default: _linear,
     F.conv1d: lambda gm, n: _conv(gm, n, 1), aten.conv1d.default: lambda gm, n: _conv(gm, n, 1),
     F.conv2d: lambda gm, n: _conv(gm, n, 2), aten.conv2d.default: lambda gm, n: _conv(gm, n, 2),
-    aten.batch_norm.default: _batch_norm, torch.batch_norm: _batch_norm,
+    aten.batch_norm.default: _batch_norm, torch.batch_norm: _batch_norm, F.batch_norm: _functional_batch_norm,
 }
+BY_KEYWORD = {F.batch_norm}     # handlers that bind keyword arguments; the others read positions only
 
 
 def _module_path(gm: fx.GraphModule, attrs: dict[str, fx.Node]) -> str:
@@ -192,7 +208,8 @@ def _exists(gm: fx.GraphModule, path: str) -> bool:
 def modularize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite function-level layers over attribute parameters as call_module nodes, in place."""
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS or node.kwargs:
+        if node.op != "call_function" or node.target not in FUNCTIONAL_LAYERS or (
+                node.kwargs and node.target not in BY_KEYWORD):
             continue
         found = FUNCTIONAL_LAYERS[node.target](gm, node)
         if found is None:

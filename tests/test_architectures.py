@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxabstract as fxa
@@ -273,3 +274,26 @@ def test_interchange_interventions_on_channel_and_flattened_sites():
         agree = (model(x[base]).argmax(-1) == half.module(x[base]).argmax(-1)).double().mean().item()
     got = fxa.iia(model, half, x, swap_p=0.0, trials=300)["conv1"]["iia"]
     assert abs(got - agree) < 1e-12, f"IIA at p = 0 must be the plain agreement: {got} vs {agree}"
+
+
+def test_functional_batch_norm_is_a_per_channel_op():
+    """F.batch_norm over attribute buffers (hand-written models, Dynamo's graphs) becomes a BatchNorm
+    layer in the graph, so its channels are deleted with the site's units."""
+    class FunctionalBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+            self.register_buffer("mean", torch.rand(8) - 0.5)
+            self.register_buffer("var", torch.rand(8) + 0.5)
+            self.gamma, self.beta = nn.Parameter(torch.rand(8) + 0.5), nn.Parameter(torch.rand(8) - 0.5)
+
+        def forward(self, x):
+            h = F.batch_norm(self.conv(x), self.mean, self.var, weight=self.gamma, bias=self.beta, eps=1e-5)
+            return self.head(F.relu(h)).flatten(1)
+
+    torch.manual_seed(0)
+    model, x = FunctionalBN().eval(), torch.randn(16, 3, 6, 6)
+    result = fxa.abstract(model, [x], keep={"conv": 4}, round_to=1, allocation="predicted")
+    site = result.report["sites"][0]
+    assert len(site["channel_ops"]) == 1 and site["channel_ops"][0]["units"] == [0, 8], site["channel_ops"]
+    assert _check_exact(model, result, x) <= TOL, "functional BatchNorm: compiled vs hooks"
