@@ -37,9 +37,10 @@ def units_last(a: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 class SiteRunner(fx.Interpreter):
-    """Runs the graph, records each site's value and perturbs it: a + shift + a * scale, with
+    """Runs the graph, records each site's value and perturbs it: a + shift + a * scale (+ pos), with
     shift, scale: [B, d] shared by every position, so that d z / d shift = sum over positions of
-    J (the Jacobian of a unit held constant) and d z / d scale = sum over positions of J a."""
+    J (the Jacobian of a unit held constant) and d z / d scale = sum over positions of J a; the optional
+    pos has the site value's shape, so d z / d pos = J at each position."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[Site]):
         super().__init__(gm)
@@ -52,9 +53,11 @@ class SiteRunner(fx.Interpreter):
         if n.name in self.axis:
             self.acts[n.name] = out.detach()
             if n.name in self.eps:
-                shift, scale = self.eps[n.name]
+                shift, scale, *pos = self.eps[n.name]
                 ax = self.axis[n.name]
                 out = out + broadcast(shift, out.dim(), ax) + out.detach() * broadcast(scale, out.dim(), ax)
+                if pos:
+                    out = out + pos[0]
         return out
 
 
@@ -133,7 +136,8 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             kept_samples.append(([v[:take] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v
                                   for v in inputs], None if targets is None else targets[:take]))
         zero = lambda s: torch.zeros(B, s.n_units, dtype=params.dtype, device=params.device)  # noqa: E731
-        eps0 = {s.node: (zero(s), zero(s)) for s in sites}
+        full = lambda s: torch.zeros(B, *s.shape, dtype=params.dtype, device=params.device)  # noqa: E731
+        eps0 = {s.node: (zero(s), zero(s)) + ((full(s),) if matrices else ()) for s in sites}
 
         def forward(eps):
             runner.eps = eps
@@ -151,11 +155,12 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         # 2.8 GB vs 0.8 GB on MobileNetV2 at 160 px, B = 4); a vmapped backward holds r copies of every
         # activation gradient, so past `backward_elements` the r backward passes run one by one
         with torch.no_grad():
-            if V.shape[0] * sum(a.numel() for a in acts.values()) <= backward_elements:
-                (U_all,) = vmapped(V)                    # site -> ([r, B, d] sum J, [r, B, d] sum J a)
+            if V.shape[0] * sum(a.numel() for a in acts.values()) * (2 if matrices else 1) <= backward_elements:
+                (U_all,) = vmapped(V)    # site -> ([r, B, d] sum J, [r, B, d] sum J a[, [r, B, ...] J per position])
             else:
                 parts = [vjp_fn(v)[0] for v in V]
-                U_all = {k: tuple(torch.stack([p[k][j] for p in parts]) for j in range(2)) for k in parts[0]}
+                U_all = {k: tuple(torch.stack([p[k][j] for p in parts]) for j in range(len(parts[0][k])))
+                         for k in parts[0]}
         g_all = None
         if divergence == "ce":
             if targets.numel() != B or targets.min() < 0 or targets.max() >= z.shape[1]:
@@ -167,7 +172,9 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         for s in sites:
             a = units_last(acts[s.node], s.axis)                                      # [B, positions, d]
             moments[s.name].update(a.reshape(-1, s.n_units))
-            curvature[s.name].update(a, *U_all[s.node], *(g_all[s.node] if g_all is not None else (None, None)))
+            Us, Ua, *Up = U_all[s.node]
+            Up = [units_last(u.flatten(0, 1), s.axis).unflatten(0, u.shape[:2]) for u in Up]   # [r, B, positions, d]
+            curvature[s.name].update(a, Us, Ua, *(g_all[s.node][:2] if g_all is not None else (None, None)), *Up)
     if not moments:
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
     return Statistics(moments, curvature, divergence, chosen, probes if chosen == "hutchinson" else None, outputs,

@@ -16,6 +16,8 @@ included. From them we accumulate, as float64 sums over samples (mergeable like 
   sum h = sum Us^2, sum h a = sum Us Ua, sum h a^2 = sum Ua^2       (THEORY §3: c*, s_j)
   Us^T Us, Us^T Ua, Ua^T Ua        -> d x d sums for joint selection  (THEORY §3, "Additivity fails")
   w = tr H(x) as a sample weight   -> sum w, sum w a, sum w a a^T over positions (affine fit)
+  sum over positions of U(pos)^T U(pos) -> Hp, the curvature of a per-position perturbation
+    (affine risk: an affine replacement's residual differs from position to position)
 and, for CE with labels, the gradient g = J^T (p - y) likewise summed: sum g, sum g a.
 """
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Curvature:
     sw: torch.Tensor | None = None   # []     sum w, w = tr H(x)    (affine)
     swa: torch.Tensor | None = None  # [d]    sum w a               (affine)
     swaa: torch.Tensor | None = None  # [d, d] sum w a a^T          (affine)
+    Hp: torch.Tensor | None = None   # [d, d] sum over samples and positions of U(pos)^T U(pos)  (affine)
 
     @classmethod
     def empty(cls, d: int, gradient: bool, matrices: bool, device=None) -> "Curvature":
@@ -68,14 +71,15 @@ class Curvature:
         if gradient:
             c.sg, c.sga = z(d), z(d)
         if matrices:
-            c.H0, c.H1, c.H2, c.sw, c.swa, c.swaa = z(d, d), z(d, d), z(d, d), z(()), z(d), z(d, d)
+            c.H0, c.H1, c.H2, c.sw, c.swa, c.swaa, c.Hp = z(d, d), z(d, d), z(d, d), z(()), z(d), z(d, d), z(d, d)
         return c
 
     def update(self, a: torch.Tensor, Us: torch.Tensor, Ua: torch.Tensor, gs: torch.Tensor | None = None,
-               ga: torch.Tensor | None = None) -> None:
+               ga: torch.Tensor | None = None, Up: torch.Tensor | None = None) -> None:
         """Add a batch of n samples. a: [n, positions, d] activations; Us, Ua: [r, n, d] the factors
         summed over positions, Us = sum_pos U(pos), Ua = sum_pos U(pos) a(pos) (so H(x) = Us^T Us is the
-        curvature of holding a unit constant over every position); gs, ga: [n, d] likewise for g (ce)."""
+        curvature of holding a unit constant over every position); gs, ga: [n, d] likewise for g (ce);
+        Up: [r, n, positions, d] the factors per position (needed with the d x d sums)."""
         a, Us, Ua = (t.detach().to(torch.float64) for t in (a, Us, Ua))
         n, positions, d = a.shape
         self.n += n
@@ -96,9 +100,11 @@ class Curvature:
             self.sw += wf.sum()
             self.swa += wf @ af
             self.swaa += (af * wf[:, None]).T @ af
+            Upf = Up.detach().to(torch.float64).reshape(-1, d)  # [r*n*positions, d]
+            self.Hp += Upf.T @ Upf
 
     def __add__(self, other: "Curvature") -> "Curvature":
         add = lambda x, y: None if x is None else x + y  # noqa: E731
         return Curvature(self.n + other.n, *(add(getattr(self, k), getattr(other, k))
                                              for k in ("sh", "sha", "sha2", "sg", "sga", "H0", "H1", "H2",
-                                                       "sw", "swa", "swaa")))
+                                                       "sw", "swa", "swaa", "Hp")))

@@ -6,6 +6,11 @@ Constant replacement, removed set P, constants c:
 Affine replacement, kept set K (OBS restricted to whole units, with H(x) ~ w(x) Hbar):
     R(K) = 1/2 tr(Hbar_PP Cov(a_P | a_K)),  computed as 1/2 tr(Hbar S) - 1/2 tr(B A), A = S_KK^-1,
     B = (S Hbar S)_KK; removing q from K raises it by 1/2 (A B A)_qq / A_qq (rank-one update of A).
+    At a site with several positions per sample (conv pixels, tokens) the residual of an affine map
+    differs from position to position, so Hbar = E[sum_pos U(pos)^T U(pos)] (`affine_curvature`), the
+    curvature of a per-position perturbation, with S the per-position covariance: exact to second order
+    when the residuals at different positions are uncorrelated; equal to the summed curvature E[H(x)] at
+    one position.
 """
 from __future__ import annotations
 
@@ -34,6 +39,12 @@ def weighted_moments(stats: Statistics, name: str, weighted: bool) -> tuple[torc
         mu = k.swa / k.sw
         return mu, k.swaa / k.sw - torch.outer(mu, mu)
     return m.mean, m.cov
+
+
+def affine_curvature(stats: Statistics, name: str) -> torch.Tensor:
+    """Hbar [d, d] for the affine risk: the per-position curvature summed over positions, per sample."""
+    k = stats.curvature[name]
+    return (k.Hp if k.Hp is not None else k.H0) / k.n
 
 
 def ridge_of(S: torch.Tensor, ridge: float) -> torch.Tensor:

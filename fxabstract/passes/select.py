@@ -72,7 +72,7 @@ def group_order(site: Site, stats: Statistics, scores: torch.Tensor, c: torch.Te
         M = risk.constant_matrix(stats, site.name, c)
         heads, curve = risk.joint_constant_order(G.T @ M @ G, G.T @ risk.linear_term(stats, site.name, c), h - 1)
     else:
-        k = stats.curvature[site.name]
+        Hbar = risk.affine_curvature(stats, site.name)
         _, S = risk.weighted_moments(stats, site.name, weighted=True)
         heads, values = [], [0.0]
         for _ in range(h - 1):
@@ -81,7 +81,7 @@ def group_order(site: Site, stats: Statistics, scores: torch.Tensor, c: torch.Te
                 P = [u for r in heads + [q] for u in range(r * g, (r + 1) * g)]
                 K = sorted(set(range(d)) - set(P))
                 _, theta = risk.fit_affine(S.new_zeros(d), S, K, sorted(P), ridge)
-                value = risk.affine_risk(k.H0 / k.n, S, K, sorted(P), theta)
+                value = risk.affine_risk(Hbar, S, K, sorted(P), theta)
                 if best is None or value < best[0]:
                     best = (value, q)
             heads.append(best[1])
@@ -108,9 +108,8 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
             M = risk.constant_matrix(stats, s.name, c)
             order, curve = risk.joint_constant_order(M, risk.linear_term(stats, s.name, c), n)
         else:
-            k = stats.curvature[s.name]
             _, S = risk.weighted_moments(stats, s.name, weighted=True)
-            order, curve = risk.joint_affine_order(k.H0 / k.n, S, ridge, n)
+            order, curve = risk.joint_affine_order(risk.affine_curvature(stats, s.name), S, ridge, n)
         out[s.name] = Curves(sc, c, order, curve)
     return out
 
@@ -196,7 +195,6 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
             removed.remove(mine[-1])
     P = sorted(removed)
     K = sorted(set(range(site.n_units)) - set(P))
-    k = stats.curvature[site.name]
     if replacement == "constant":
         cP = cv.constants[P]
         return SitePlan(site, K, P, "constant", cP, torch.zeros(len(P), len(K), dtype=torch.float64),
@@ -204,4 +202,4 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
     mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS)
     beta, theta = risk.fit_affine(mu, S, K, P, ridge)
     return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
-                    risk.affine_risk(k.H0 / k.n, S, K, P, theta))
+                    risk.affine_risk(risk.affine_curvature(stats, site.name), S, K, P, theta))
