@@ -19,13 +19,13 @@ from tqdm.auto import tqdm
 from . import saving
 from .capture import capture
 from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
-from .data import bind, split_batch
+from .data import bind, first_tensor, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError
-from .passes.calibrate import Statistics, calibrate
+from .passes.calibrate import Statistics, add_fit_data, calibrate
 from .passes.distributed import all_reduce
 from .passes.fold import fold
 from .passes.replace import replace
-from .passes.scores import OUTPUT_UNITS, SCORES
+from .passes.scores import JOINT_SCORES, OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
 from .passes.select import allocate, allowed_removals, curves, fit, granularity
 from .report import site_entry, summary
@@ -95,8 +95,8 @@ class Analysis:
         check_ridge(ridge)
         ridge = tiny_calibration_ridge({s.name: self.stats.moments[s.name].n for s in self.sites},
                                        {s.name: s.n_units for s in self.sites}, ridge)
-        if self.score not in OUTPUT_UNITS:
-            selection = "diagonal"  # heuristic scores have no cross terms: they rank diagonally
+        if self.score not in JOINT_SCORES:
+            selection = "diagonal"  # variance, magnitude, random have no cross terms: they rank diagonally
         has_matrices = self.stats.curvature[self.sites[0].name].H0 is not None
         if needs_matrices(self.score, replacement, selection) and not has_matrices:
             raise ConfigError(f"{selection} selection with {replacement} replacement needs the d x d statistics; "
@@ -119,6 +119,7 @@ class Analysis:
             "curvature": {"divergence": self.stats.divergence, "method": self.stats.method,
                           "probes": self.stats.probes},
             "calibration_samples": self.stats.curvature[self.sites[0].name].n,
+            "fit_samples": self.stats.fit_samples,
             "parameters": {"before": _count(self.gm), "after": _count(module)},
             "predicted_risk": sum(p.predicted_risk for p in plans),
             "sites": [site_entry(p, None if cv[p.site.name].measured is None
@@ -131,7 +132,7 @@ class Analysis:
     def risk_curves(self, replacement: str = "constant", selection: str = "joint", ridge: float = 1e-3) -> dict:
         """Per site name: the elimination order and predicted risk curve that `compile` allocates on
         (passes/select.py `Curves`), computed once per setting; for budgets of one's own (e.g. in MACs)."""
-        if self.score not in OUTPUT_UNITS:
+        if self.score not in JOINT_SCORES:
             selection = "diagonal"
         key = (replacement, selection, ridge)
         if key not in self._curves:
@@ -170,13 +171,16 @@ def _select_sites(sites: list[Site], wanted) -> list[Site]:
 
 def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",
             probes: int = 16, matrices: bool = True, seed: int = 0, progress: bool = False, *,
-            distributed: bool = False, sequential: bool = False) -> Analysis:
+            distributed: bool = False, sequential: bool = False, fit_data=None) -> Analysis:
     """Capture `model` (a copy) and stream `calibration` once through every selected site.
 
     distributed: `calibration` is this process's shard; the statistics are summed over the default
       torch.distributed process group (passes/distributed.py), so every rank gets the same analysis.
     sequential: hold one block's activations at a time (one block per site, passes/sequential.py)
-      instead of the whole graph's; the statistics are the same."""
+      instead of the whole graph's; the statistics are the same.
+    fit_data: more batches (like `calibration`) run forward only, to fit affine replacements on the plain
+      moments of calibration + fit_data (passes/calibrate.py `add_fit_data`): a forward pass costs a
+      fraction of the curvature pass, and least squares gains from more samples."""
     _choose(score, SCORES, "score")
     _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
     check_options(probes=probes, seed=seed, sites=sites)
@@ -193,6 +197,8 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
     stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
                       seed, progress, sequential=sequential)
+    if fit_data is not None:
+        stats = add_fit_data(gm, chosen, stats, _same_kind(checked_batches(fit_data, "fit_data"), first, "fit_data"), progress)
     if distributed:   # sum over ranks first, so that every rank checks (and fails on) the same statistics
         stats = all_reduce(stats)
     check_statistics(gm, stats)
@@ -218,32 +224,46 @@ def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], 
     return gm, found, ineligible
 
 
+def _same_kind(batches, first, what: str):
+    """`batches`, checked to hold inputs of the calibration's shape (but for the batch axis) and dtype."""
+    ref = first_tensor(*split_batch(first)[:2])
+    for batch in batches:
+        x = first_tensor(*split_batch(batch)[:2])
+        if x.shape[1:] != ref.shape[1:] or x.dtype != ref.dtype:
+            raise CalibrationError(f"{what} batches hold inputs of shape {tuple(x.shape[1:])} {x.dtype}, the calibration "
+                                   f"data {tuple(ref.shape[1:])} {ref.dtype}; give {what} of the calibration's kind")
+        yield batch
+
+
 def needs_matrices(score: str, replacement: str, selection: str) -> bool:
     """Whether these settings need the d x d statistics (joint selection, affine replacement)."""
-    return (selection == "joint" and score in OUTPUT_UNITS) or replacement == "affine"
+    return (selection == "joint" and score in JOINT_SCORES) or replacement == "affine"
 
 
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
              selection: str = "joint", round_to: int = 8, sites=None, *, curvature: str = "auto",
              probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
-             progress: bool = False, distributed: bool = False, sequential: bool = False) -> Abstraction:
+             progress: bool = False, distributed: bool = False, sequential: bool = False,
+             fit_data=None) -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (DESIGN.md, the contract).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
     score: logit-mse | kl | ce | variance | cwvar | magnitude | random. The first three are risks in
       output units and share one global budget; the others keep the same fraction at every site.
     selection: joint (cross terms between removed units, THEORY §3) | diagonal (closed-form ranking);
-      heuristic scores always rank diagonally.
+      variance, magnitude and random always rank diagonally; cwvar's joint selection is layer-local
+      (the consumers' Gram matrix W^T W as the curvature: optimal brain surgeon at the consumer).
     allocation: how a global budget of an output-unit score is split over sites: "measured" (each
       site's risk curve measured on up to 512 calibration samples) or "predicted" (second order only).
     distributed: calibrate on this process's shard and sum the statistics over torch.distributed ranks.
     sequential: calibrate one block of the graph at a time (for models too large to analyse whole).
+    fit_data: extra batches, forward only, on which affine replacements are fitted (with the calibration).
     """
     _choose(replacement, REPLACEMENTS, "replacement")
     _choose(selection, SELECTIONS, "selection")
     matrices = needs_matrices(score, replacement, selection)
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,
-                       distributed=distributed, sequential=sequential)
+                       distributed=distributed, sequential=sequential, fit_data=fit_data)
     return analysis.compile(keep, replacement, selection, round_to, ridge, allocation)
 
 

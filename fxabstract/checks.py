@@ -28,16 +28,16 @@ def _describe(signature: list) -> str:
                      for name, dtype, shape in signature)
 
 
-def checked_batches(calibration):
+def checked_batches(calibration, what: str = "calibration"):
     """Yield the calibration batches, each checked: non-empty, finite, and with the inputs' trailing
     shapes and dtypes of the first batch (the sites' shapes are fixed by it)."""
     if isinstance(calibration, (torch.Tensor, str, bytes, dict)):
-        raise CalibrationError(f"calibration is a {type(calibration).__name__}, not an iterable of batches; "
+        raise CalibrationError(f"{what} is a {type(calibration).__name__}, not an iterable of batches; "
                                "pass a list of batches such as [x] or x.split(256), or a DataLoader")
     try:
         iterator = iter(calibration)
     except TypeError:
-        raise CalibrationError(f"calibration is a {type(calibration).__name__}, not an iterable of batches; "
+        raise CalibrationError(f"{what} is a {type(calibration).__name__}, not an iterable of batches; "
                                "pass a list of batches, a DataLoader or a generator") from None
     first = None
     for i, batch in enumerate(iterator):
@@ -45,22 +45,22 @@ def checked_batches(calibration):
         tensors = _tensors(args, kwargs)
         for name, t in tensors:
             if t.dim() == 0 or t.shape[0] == 0:
-                raise CalibrationError(f"calibration batch {i}: {name} has no samples (shape {list(t.shape)}); "
+                raise CalibrationError(f"{what} batch {i}: {name} has no samples (shape {list(t.shape)}); "
                                        "the first axis is the batch axis, drop empty batches")
             if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
-                raise CalibrationError(f"calibration batch {i}: {name} contains NaN or inf; "
+                raise CalibrationError(f"{what} batch {i}: {name} contains NaN or inf; "
                                        "clean or drop those samples")
         if isinstance(targets, torch.Tensor) and targets.is_floating_point() and not torch.isfinite(targets).all():
-            raise CalibrationError(f"calibration batch {i}: the targets contain NaN or inf; "
+            raise CalibrationError(f"{what} batch {i}: the targets contain NaN or inf; "
                                    "clean or drop those samples")
         if len({t.shape[0] for _, t in tensors}) > 1:
-            raise CalibrationError(f"calibration batch {i}: its inputs have different batch sizes "
+            raise CalibrationError(f"{what} batch {i}: its inputs have different batch sizes "
                                    f"{[t.shape[0] for _, t in tensors]}; give every input the same first axis")
         signature = [(name, t.dtype, tuple(t.shape[1:])) for name, t in tensors]
         if first is None:
             first = signature
         elif signature != first:
-            raise CalibrationError(f"calibration batch {i} has {_describe(signature)} but batch 0 had "
+            raise CalibrationError(f"{what} batch {i} has {_describe(signature)} but batch 0 had "
                                    f"{_describe(first)}; give every batch the same shapes (but the batch axis) "
                                    "and dtypes")
         yield batch

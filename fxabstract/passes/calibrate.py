@@ -9,6 +9,7 @@ For each batch we run the graph once under `torch.func.vjp`, with zero perturbat
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -73,12 +74,13 @@ class Statistics:
     outputs: int                     # o, the flattened output width
     reservoir: list = field(default_factory=list)   # [(bound inputs, targets)]: the first samples, bounded
     nonfinite_outputs: int = 0       # samples whose outputs held NaN or inf (overflow): checks.py refuses them
+    fit_samples: int = 0             # samples of forward-only fit data added to `moments` (`add_fit_data`)
 
     def __add__(self, other: "Statistics") -> "Statistics":
         return Statistics({k: v + other.moments[k] for k, v in self.moments.items()},
                           {k: v + other.curvature[k] for k, v in self.curvature.items()},
                           self.divergence, self.method, self.probes, self.outputs, self.reservoir,
-                          self.nonfinite_outputs + other.nonfinite_outputs)
+                          self.nonfinite_outputs + other.nonfinite_outputs, self.fit_samples + other.fit_samples)
 
 
 def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
@@ -179,3 +181,25 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
     return Statistics(moments, curvature, divergence, chosen, probes if chosen == "hutchinson" else None, outputs,
                       kept_samples, nonfinite)
+
+
+@torch.no_grad()
+def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batches, progress: bool = False) -> Statistics:
+    """`stats` with the plain moments of `batches` added to every site's: a forward pass only, far cheaper
+    per sample than the curvature pass, so affine replacements can be fitted on much more data. The
+    affine fit then uses these plain moments (calibration + fit data) instead of the curvature-weighted ones
+    of the calibration data alone (passes/select.py `fit`); curvature, scores and orders are unchanged."""
+    runner = SiteRunner(gm, sites)
+    params = next(gm.parameters())
+    moments = {name: Moments(m.n, m.s1.clone(), m.s2.clone()) for name, m in stats.moments.items()}
+    samples = 0
+    for batch in tqdm(batches, desc="fit data", unit="batch", disable=not progress, leave=False):
+        args, kwargs, _ = split_batch(batch)
+        args = tuple(a.to(params.device) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.to(params.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        runner.eps, runner.acts = {}, {}
+        runner.run(*bind(gm, args, kwargs))
+        samples += first_tensor(args, kwargs).shape[0]
+        for s in sites:
+            moments[s.name].update(units_last(runner.acts[s.node], s.axis).reshape(-1, s.n_units))
+    return dataclasses.replace(stats, moments=moments, fit_samples=stats.fit_samples + samples)

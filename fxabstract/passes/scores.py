@@ -4,7 +4,9 @@
 
 `OUTPUT_UNITS` scores are expected risks in the model's output units: they add across sites, so one
 global ranking allocates the budget. The others (variance, cwvar, magnitude, random) are not, and
-selection falls back to the same fraction of units per site for them.
+selection falls back to the same fraction of units per site for them. `JOINT_SCORES` have cross terms
+between units and so support joint selection: the output-unit scores, and cwvar, whose curvature is the
+consumers' Gram matrix W^T W (`consumer_gram`: THEORY §3's linear-head case applied at the consumer).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .calibrate import Statistics
 
 SCORES = ("logit-mse", "kl", "ce", "variance", "cwvar", "magnitude", "random")
 OUTPUT_UNITS = ("logit-mse", "kl", "ce")
+JOINT_SCORES = OUTPUT_UNITS + ("cwvar",)
 
 
 def optimal_constants(score: str, stats: Statistics, name: str) -> torch.Tensor:
@@ -33,6 +36,18 @@ def consumer_column_norms2(gm: fx.GraphModule, site: Site, consumer: str) -> tor
     (Conv) or the block of features a flattened unit feeds (Linear after a flatten): [d]."""
     W = gm.get_submodule(consumer).weight.detach().double()
     return W.reshape(W.shape[0], site.n_units, -1).pow(2).sum((0, 2))
+
+
+def consumer_gram(gm: fx.GraphModule, site: Site) -> torch.Tensor:
+    """G = sum over the consumers of W^T W over the units (outputs and kernel taps / flattened blocks
+    summed): [d, d], whose diagonal is `consumer_column_norms2`; the risk of a perturbation delta of the
+    site, measured at the consumers' outputs, is 1/2 delta^T G delta (THEORY §3, linear head)."""
+    G = torch.zeros(site.n_units, site.n_units, dtype=torch.float64)
+    for consumer in site.consumers:
+        W = gm.get_submodule(consumer).weight.detach().double()
+        Wu = W.reshape(W.shape[0], site.n_units, -1).transpose(0, 1).reshape(site.n_units, -1)   # [d, out * taps]
+        G += Wu @ Wu.T
+    return G
 
 
 def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..sites import Site
 from . import risk
 from .calibrate import Statistics
-from .scores import OUTPUT_UNITS, unit_scores
+from .scores import OUTPUT_UNITS, consumer_gram, unit_scores
 
 
 @dataclass
@@ -101,7 +101,14 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
         sc, c = unit_scores(score, s, stats, gm, gen)
         n = s.n_units - 1
         if s.group > 1:
-            order, curve = group_order(s, stats, sc, c, replacement, selection, ridge)
+            order, curve = group_order(s, stats, sc, c, replacement, selection if score in OUTPUT_UNITS else "diagonal",
+                                       ridge)
+        elif score == "cwvar" and selection == "joint":   # layer-local: the consumers' Gram as curvature
+            G, S = consumer_gram(gm, s), stats.moments[s.name].cov
+            if replacement == "constant":                 # constant = mean: R(P) = 1/2 1_P^T (G * S) 1_P
+                order, curve = risk.joint_constant_order(G * S, torch.zeros_like(sc), n)
+            else:                                         # OBS: R(K) = 1/2 tr(G_PP Cov(a_P | a_K))
+                order, curve = risk.joint_affine_order(G, S, ridge, n)
         elif selection == "diagonal":
             order, curve = risk.diagonal_order(sc, n)
         elif replacement == "constant":
@@ -199,7 +206,7 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
         cP = cv.constants[P]
         return SitePlan(site, K, P, "constant", cP, torch.zeros(len(P), len(K), dtype=torch.float64),
                         cv.scores, risk.constant_risk(stats, site.name, P, cP))
-    mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS)
+    mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS and not stats.fit_samples)
     beta, theta = risk.fit_affine(mu, S, K, P, ridge)
     return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
                     risk.affine_risk(risk.affine_curvature(stats, site.name), S, K, P, theta))
