@@ -198,7 +198,8 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
                       seed, progress, sequential=sequential)
     if fit_data is not None:
-        stats = add_fit_data(gm, chosen, stats, _same_kind(checked_batches(fit_data, "fit_data"), first, "fit_data"), progress)
+        extra = _same_kind(checked_batches(fit_data, "fit_data"), first, "fit_data")
+        stats = add_fit_data(gm, chosen, stats, extra, progress)
     if distributed:   # sum over ranks first, so that every rank checks (and fails on) the same statistics
         stats = all_reduce(stats)
     check_statistics(gm, stats)

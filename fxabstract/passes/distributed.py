@@ -61,9 +61,9 @@ def all_reduce(stats: Statistics, group=None, reservoir: int = 512) -> Statistic
     for name in names:   # the same order on every rank
         _sum_fields(stats.moments[name], group)
         _sum_fields(stats.curvature[name], group)
-    count = torch.tensor([stats.nonfinite_outputs], dtype=torch.float64)
-    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
-    stats.nonfinite_outputs = int(count.item())
+    counts = torch.tensor([stats.nonfinite_outputs, stats.fit_samples], dtype=torch.float64)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)    # every rank then fits alike (fit_data)
+    stats.nonfinite_outputs, stats.fit_samples = (int(c) for c in counts.tolist())
     chunks = [None] * len(everyone)
     dist.all_gather_object(chunks, [(list(i), t) for i, t in stats.reservoir], group=group)
     stats.reservoir = _truncate([c for rank in chunks for c in rank], reservoir)
