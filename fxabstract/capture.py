@@ -160,7 +160,7 @@ def _batch_norm_layer(gm, x, w, b, rm, rv, training, eps):
     if training or any(_attr(gm, v) is None for v in (rm, rv)) or any(
             v is not None and _attr(gm, v) is None for v in (w, b)):
         return None
-    m = ChannelBatchNorm(_tensor(gm, rm.target).shape[0], eps=eps, affine=w is not None)
+    m = ChannelBatchNorm(_tensor(gm, rm.target).shape[0], eps=eps, affine=w is not None).eval()  # running stats
     return m, {"weight": w, "bias": b, "running_mean": rm, "running_var": rv}, x
 
 
