@@ -181,6 +181,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
         path = _Path(_follow(gm, calls, node, axis), axis, [Piece(name, 0, d)])
         pending.setdefault(path.nodes[-1], []).append(path)
     region: dict[str, str] = {}                       # union-find over producers
+
     def root(m: str) -> str:
         while region.setdefault(m, m) != m:
             m = region[m]

@@ -112,6 +112,9 @@ def split_outputs(readers: list[fx.Node], value: fx.Node, axis: int):
         split = readers[0]
         if call[2] % rank != axis % rank:
             return None
+        sizes = call[1] if isinstance(call[1], (list, tuple)) else [call[1]]
+        if not all(isinstance(v, int) for v in sizes):
+            return f"the split `{split.name}` has sizes that are not constants"
         intervals = split_intervals(split, d)
         outputs = []
         for user in split.users:

@@ -40,6 +40,11 @@ class Untraceable(nn.Module):
         return x
 
 
+def _front(model: nn.Module, front_end: str) -> tuple[nn.Module, str]:
+    """The model (wrapped so that fx cannot trace it, for "export") in eval mode, and its module prefix."""
+    return (Untraceable(model) if front_end == "export" else model).eval(), "inner." if front_end == "export" else ""
+
+
 def _pieces(h: torch.Tensor, form: str, dim: int):
     """h split along dim into pieces of 8 and 16 units (24 in all), or 10/10/4, or 5/7/12."""
     if form == "split":
@@ -88,14 +93,12 @@ def _compile(model, x, replacement="affine", **kw):
 @pytest.mark.parametrize("form", FORMS)
 def test_each_split_form_gives_one_site_per_piece_and_folds_exactly(form, kind, front_end):
     torch.manual_seed(0)
-    model = SplitForms(form, kind).eval()
-    model = Untraceable(model) if front_end == "export" else model
+    model, prefix = _front(SplitForms(form, kind), front_end)
     x = _inputs(kind)
     result = _compile(model, x)
     sites = result.report["sites"]
     sizes = SIZES[form]
     assert [s["units"] for s in sites] == sizes, f"one site per piece of sizes {sizes}: {result.report}"
-    prefix = "inner." if front_end == "export" else ""
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
     assert [s["producers"] for s in sites] == [
         [{"module": prefix + "producer", "units": [0, n], "rows": [a, a + n]}] for a, n in zip(starts, sizes)], \
@@ -115,11 +118,9 @@ def test_split_conv_net_with_unequal_pieces_compiles_exactly(replacement, front_
     """zoo.SplitConvNet: a stem split 24/40 into a ReLU -> conv branch and a BatchNorm -> depthwise ->
     ReLU -> conv branch, and a head Linear sliced into a gated half (a * sigmoid(g))."""
     torch.manual_seed(0)
-    model = randomize_batch_norm(zoo.SplitConvNet())
-    model = Untraceable(model) if front_end == "export" else model.eval()
+    model, p = _front(randomize_batch_norm(zoo.SplitConvNet()), front_end)
     x = torch.randn(48, 3, 8, 8)
     result = _compile(model, x, replacement)
-    p = "inner." if front_end == "export" else ""
     by_name = {s["name"]: s for s in result.report["sites"]}
     assert sorted(by_name) == [p + "fc1", p + "stem.piece0", p + "stem.piece1"], sorted(by_name)
     b = by_name[p + "stem.piece1"]
@@ -144,11 +145,9 @@ def test_gated_ffn_units_pair_rows_of_the_fused_producer(replacement, front_end,
     """zt.GatedFFN: block 0 is fc1 (32 -> 128) chunked into a, g and fc2(a * silu(g)); block 1 is
     SwiGLU's fc2(up(x) * silu(gate(x))). Unit j of the first is fc1 rows {j, 64 + j}."""
     torch.manual_seed(0)
-    model = zt.GatedFFN().eval()
-    model = Untraceable(model) if front_end == "export" else model
+    model, p = _front(zt.GatedFFN(), front_end)
     x = torch.randn(48, 6, 16)
     result = _compile(model, x, replacement)
-    p = "inner." if front_end == "export" else ""
     fused, two = result.report["sites"]
     assert fused["name"] == p + "ffns.0.fc1" and fused["units"] == 64 and fused["consumers"] == [p + "ffns.0.fc2"]
     assert two["name"] == p + "ffns.1.up" and [q["module"] for q in two["producers"]] == [p + "ffns.1.up",
@@ -199,6 +198,37 @@ def test_a_piece_spanning_two_concatenated_producers():
     assert piece1["producers"] == [{"module": "c1", "units": [0, 8], "rows": [8, 16]},
                                    {"module": "c2", "units": [8, 24]}], piece1["producers"]
     assert _check_exact(model, result, x) <= TOL, "cat then split: compiled vs hooks"
+
+
+class NestedSplit(nn.Module):
+    """conv -> BN -> ReLU (32 channels, one BN before the split) -> split 16 / 16; the first half
+    chunked again into two pieces with their own consumers, the second pooled, flattened, into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.a1, self.a2, self.fc = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1), nn.Linear(16 * 4, 4)
+
+    def forward(self, x):
+        a, b = F.relu(self.bn(self.conv(x))).split([16, 16], 1)
+        a1, a2 = a.chunk(2, 1)
+        y = self.a1(a1) + self.a2(torch.sigmoid(a2))
+        return y.flatten(1).sum(1, keepdim=True) + self.fc(F.max_pool2d(b, 2).flatten(1))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_nested_splits_share_the_batch_norm_before_them(front_end):
+    torch.manual_seed(0)
+    model, p = _front(randomize_batch_norm(NestedSplit()), front_end)
+    x = torch.randn(48, 3, 4, 4)
+    result = _compile(model, x, replacement="affine")
+    sites = result.report["sites"]
+    assert [s["name"] for s in sites] == [p + f"conv.piece{k}" for k in range(3)]
+    assert [s["channel_ops"] for s in sites] == [[{"module": p + "bn", "units": [0, n], "rows": [a, a + n]}]
+                                                 for a, n in ((0, 8), (8, 8), (16, 16))], "BN rows per piece"
+    assert sites[2]["reads"] == {p + "fc": "flattened"}, "the last piece is pooled and flattened into fc"
+    assert result.module.get_submodule(p + "bn").num_features == sum(len(s["kept"]) for s in sites)
+    assert _check_exact(model, result, x) <= TOL, f"nested splits ({front_end}): compiled vs hooks"
 
 
 def test_a_piece_is_never_emptied():
