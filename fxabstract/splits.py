@@ -24,6 +24,8 @@ import operator
 import torch
 import torch.fx as fx
 
+from .ops import _shape
+
 aten = torch.ops.aten
 
 # split-like call -> the torch function that splits the same way (dim as the third argument)
@@ -37,10 +39,6 @@ SPLIT_METHODS = {"split": torch.split, "chunk": torch.chunk, "tensor_split": tor
 PARAMETERS = ("split_size_or_sections", "split_size", "split_sizes", "chunks", "sections", "indices",
               "indices_or_sections", "tensor_indices_or_sections")
 GLU = {torch.nn.functional.glu, aten.glu.default}
-
-
-def _shape(node) -> tuple:
-    return node.meta.get("fxa_shape") or () if isinstance(node, fx.Node) else ()
 
 
 def _split_call(node: fx.Node):
@@ -104,10 +102,11 @@ def split_outputs(readers: list[fx.Node], value: fx.Node, axis: int):
     """How `value` (units on `axis`) is split by its readers: [(output node, lo, hi)] (a glu is one
     output listed for both halves); a reason (str) when a split there cannot be followed; or None when
     `value` is not split (its readers are then checked as consumers)."""
-    rank = len(_shape(value))
-    d = _shape(value)[axis] if rank else 0
+    shape = _shape(value) or ()
+    rank = len(shape)
     if not readers or not rank:
         return None
+    d = shape[axis]
     if len(readers) == 1 and (call := _split_call(readers[0])) is not None:
         split = readers[0]
         if call[2] % rank != axis % rank:
@@ -177,7 +176,7 @@ def _resize_split(split: fx.Node, removed: dict[str, int]) -> None:
 
 def _move_slices(x: fx.Node, removed: dict[str, int]) -> None:
     """Every slice of x moves down by the units removed before it and shrinks by its own."""
-    rank = len(_shape(x))
+    rank = len(_shape(x) or ())
     slices = [(s, _slice(s, rank)) for s in x.users if _slice(s, rank) is not None]
     d = _shape(x)[slices[0][1][0]]
     spans = [(s, _bound(a, 0, d), _bound(b, d, d)) for s, (_, a, b, _) in slices]
