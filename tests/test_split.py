@@ -88,14 +88,15 @@ def _compile(model, x, replacement="affine", **kw):
     return fxa.abstract(model, x.split(16), round_to=1, replacement=replacement, allocation="predicted", **kw)
 
 
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
 @pytest.mark.parametrize("front_end", ["fx", "export"])
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 @pytest.mark.parametrize("form", FORMS)
-def test_each_split_form_gives_one_site_per_piece_and_folds_exactly(form, kind, front_end):
+def test_each_split_form_gives_one_site_per_piece_and_folds_exactly(form, kind, front_end, replacement):
     torch.manual_seed(0)
     model, prefix = _front(SplitForms(form, kind), front_end)
     x = _inputs(kind)
-    result = _compile(model, x)
+    result = _compile(model, x, replacement)
     sites = result.report["sites"]
     sizes = SIZES[form]
     assert [s["units"] for s in sites] == sizes, f"one site per piece of sizes {sizes}: {result.report}"
@@ -108,7 +109,7 @@ def test_each_split_form_gives_one_site_per_piece_and_folds_exactly(form, kind, 
     assert 0 < min(len(s["kept"]) for s in sites), "every piece keeps a unit"
     assert result.module.get_submodule(prefix + "producer").weight.shape[0] == kept, "the producer keeps the kept rows"
     err = _check_exact(model, result, x)
-    assert err <= TOL, f"{form}/{kind}/{front_end}: compiled vs hooks relative error {err:.2e}"
+    assert err <= TOL, f"{form}/{kind}/{front_end}/{replacement}: compiled vs hooks relative error {err:.2e}"
     assert _check_exact(model, result, x[:5]) <= TOL, "another batch size"
 
 
