@@ -222,6 +222,8 @@ def _merge(gm: fx.GraphModule, order: dict, group: list[_Path]):
     """The units of every path of the group numbered in their common end value: (pieces, channel
     ops, split pieces, chain nodes), or why they do not tile it."""
     end, axis = group[0].nodes[-1], group[0].axis
+    if len({p.axis % len(_shape(end)) for p in group}) > 1:
+        return f"its units meet units on another axis at `{end.name}` (a Linear's features and a Conv's channels)"
     on_path = {n for p in group for n in p.nodes}
     offset: dict[fx.Node, int] = {end: 0}             # node -> the end's unit of its unit 0
     for path in group:

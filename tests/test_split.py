@@ -276,3 +276,19 @@ def test_splits_that_cannot_be_followed_are_ineligible_with_the_node_named(how, 
     assert "producer" not in {q.module for s in sites for q in s.pieces}, "no piece of a refused split is a site"
     got = ineligible["producer"]
     assert got.startswith(reason), f"expected the reason to start with {reason!r}, got {got!r}"
+
+
+def test_a_product_of_channels_and_features_is_not_a_gated_site():
+    """Conv1d channels (axis 1) times Linear features (axis 2) of the same shape: unit j of one is not
+    unit j of the other, so the product is refused rather than folded wrong."""
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.linear, self.out = nn.Conv1d(8, 8, 1), nn.Linear(8, 8), nn.Conv1d(8, 3, 1)
+
+        def forward(self, x):                                    # [B, 8, 8]
+            return self.out(self.conv(x) * self.linear(x)).flatten(1)
+
+    _, sites, ineligible = capture_sites(Mixed().eval(), torch.randn(4, 8, 8))
+    assert not sites, [s.name for s in sites]
+    assert "another axis at `mul`" in ineligible["conv"] and ineligible["linear"] == ineligible["conv"], ineligible
