@@ -75,7 +75,7 @@ class Piece:
 class Site:
     """One site: the value read by `consumers`, produced by `producers` through `chain`."""
 
-    name: str                 # stable name: the first producer's module path
+    name: str                 # stable name: the first producer's module path (+ `.piece<k>`: a split's pieces)
     node: str                 # graph node whose value is the site (read by the consumers)
     chain: list[str]          # graph nodes of the per-unit ops between the producers and the site
     consumers: list[str]      # module paths of the affine layers that read the site
