@@ -136,10 +136,17 @@ def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> li
             return path
         (user,) = readers
         if not ((is_per_unit(gm, user, path[-1], axis, _shape(path[-1])[axis])
-                 and (user.op != "call_module" or calls[user.target] == 1))
+                 and (user.op != "call_module" or calls[user.target] == 1 or _stateless(gm, user)))
                 or is_cat(user, axis) or is_product(user)):
             return path
         path.append(user)
+
+
+def _stateless(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A module without parameters or buffers (an activation, a pooling): calling it more than once
+    (`self.act(a)`, `self.act(b)`) shares nothing that a fold would slice."""
+    mod = gm.get_submodule(node.target)
+    return next(mod.parameters(), None) is None and next(mod.buffers(), None) is None
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:

@@ -292,3 +292,27 @@ def test_a_product_of_channels_and_features_is_not_a_gated_site():
     _, sites, ineligible = capture_sites(Mixed().eval(), torch.randn(4, 8, 8))
     assert not sites, [s.name for s in sites]
     assert "another axis at `mul`" in ineligible["conv"] and ineligible["linear"] == ineligible["conv"], ineligible
+
+
+
+class SharedAct(nn.Module):
+    """One ReLU module called on both pieces of a split and again after a residual add, as
+    torchvision's BasicBlock calls `self.relu` twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.relu = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()
+        self.a, self.b, self.head = nn.Conv2d(6, 8, 1), nn.Conv2d(10, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        a, b = self.stem(x).split([6, 10], 1)
+        y = self.relu(self.a(self.relu(a)) + self.b(self.relu(b)))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_parameter_free_module_called_on_every_piece_is_followed():
+    torch.manual_seed(0)
+    model, x = SharedAct().eval(), torch.randn(48, 3, 4, 4)
+    result = _compile(model, x)
+    assert [s["name"] for s in result.report["sites"]] == ["stem.piece0", "stem.piece1"], result.report["ineligible"]
+    assert _check_exact(model, result, x) <= TOL, "shared activation module: compiled vs hooks"
