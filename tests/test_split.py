@@ -19,6 +19,7 @@ from torch import nn
 import fxabstract as fxa
 from fxabstract import zoo
 from fxabstract.abstraction import capture_sites
+from fxabstract.cost import module_macs, unit_macs
 from fxabstract import zoo_transformers as zt
 from fxabstract.zoo import randomize_batch_norm
 
@@ -316,3 +317,20 @@ def test_a_parameter_free_module_called_on_every_piece_is_followed():
     result = _compile(model, x)
     assert [s["name"] for s in result.report["sites"]] == ["stem.piece0", "stem.piece1"], result.report["ineligible"]
     assert _check_exact(model, result, x) <= TOL, "shared activation module: compiled vs hooks"
+
+
+def test_magnitude_and_macs_of_a_piece_count_the_rows_it_carries():
+    """The magnitude score of piece 1 is the norm of the stem's rows 24..64; removing one of its units
+    saves 1/64 of the stem's MACs (one row of 64), not 1/40."""
+    torch.manual_seed(0)
+    model, x = zoo.SplitConvNet().eval(), torch.randn(48, 3, 8, 8)
+    analysis = fxa.analyse(model, x.split(16), score="magnitude")
+    site = analysis.sites[1]
+    assert site.name == "stem.piece1"
+    scores = analysis.risk_curves("constant", "diagonal")[site.name].scores
+    rows = model.stem.weight.detach().double().flatten(1)[24:].norm(dim=1)
+    assert torch.allclose(scores, rows), "magnitude: the norms of the stem rows piece 1 carries"
+    macs = module_macs(model, x[:1])
+    per_unit = unit_macs(site, macs)
+    expected = macs["stem"] / 64 + macs["dw_b"] / 40 + macs["conv_b"] / 40      # BatchNorm: no MACs counted
+    assert torch.allclose(per_unit, torch.full((40,), expected, dtype=torch.float64)), (per_unit[0], expected)

@@ -45,7 +45,7 @@ def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,
     elif score == "cwvar":                                      # s_j = 1/2 ||W[:, j]||^2 Var(a_j)
         s = 0.5 * sum(consumer_column_norms2(gm, site, c) for c in site.consumers) * m.var
     elif score == "magnitude":                                  # L2 norm of the producer's row j
-        s = torch.empty(site.n_units, dtype=torch.float64)
+        s = torch.zeros(site.n_units, dtype=torch.float64)
         for q in reversed(site.pieces):                         # where pieces share units, the first one's
             W = gm.get_submodule(q.module).weight.detach().double().flatten(1)
             s[q.lo:q.hi] = W[q.start:q.start + q.hi - q.lo].norm(dim=1)
