@@ -47,7 +47,7 @@ def _front(model: nn.Module, front_end: str) -> tuple[nn.Module, str]:
 
 
 def _pieces(h: torch.Tensor, form: str, dim: int):
-    """h split along dim into pieces of 8 and 16 units (24 in all), or 10/10/4, or 5/7/12."""
+    """h (24 units on dim) split into the pieces SIZES[form] lists."""
     if form == "split":
         return h.split([8, 16], dim=dim)
     if form == "split_int":
