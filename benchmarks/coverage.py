@@ -167,6 +167,8 @@ ARCHITECTURES = {
     "resnet1d": (ResNet1d, lambda n: torch.randn(n, 2, 64)),
     "unet_encoder": (UNetEncoder, lambda n: torch.randn(n, 3, 16, 16)),
     "gated_conv_lm": (GatedConvLM, lambda n: _ids(n, 16, 64)),
+    "split_conv (unequal split + sliced gate)": (zoo.SplitConvNet, lambda n: torch.randn(n, 3, 8, 8)),
+    "glu_ffn (chunked GLU + SwiGLU)": (zt.GatedFFN, lambda n: torch.randn(n, 6, 16)),
 }
 REAL = {"mobilenet_v2_real (ImageNet)"}
 

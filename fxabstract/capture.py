@@ -68,6 +68,7 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
         if isinstance(node.type, str):  # which GraphModule cannot pickle
             node.type = None
     modularize(gm)
+    drop_whole_slices(gm)
     if not exported:  # torch.export's module is already in eval form and refuses .eval()
         gm.eval()
     return gm
@@ -103,6 +104,18 @@ def _export(model: nn.Module, example: tuple[tuple, dict], fx_error: str) -> fx.
         raise CaptureError(f"{fx_error}; torch.export failed too at {_user_frame(exc)}: {_first_line(exc)}; "
                            "make that line traceable (no data-dependent Python control flow)") from None
     return program.module()
+
+
+def drop_whole_slices(gm: fx.GraphModule) -> None:
+    """Remove torch.export's no-op slices (`x[:, a:b]` is exported as x[0:2**63-1] on the batch axis,
+    then a slice on axis 1), so that a slice of the units reads the value itself; in place."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == aten.slice.Tensor and not node.kwargs \
+                and tuple(node.args[2:]) in ((), (0, 2**63 - 1), (0, 2**63 - 1, 1), (None, None), (None, None, 1)):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
 
 
 # --------------------------------------------------------------------------- modularize
@@ -160,7 +173,7 @@ def _batch_norm_layer(gm, x, w, b, rm, rv, training, eps):
     if training or any(_attr(gm, v) is None for v in (rm, rv)) or any(
             v is not None and _attr(gm, v) is None for v in (w, b)):
         return None
-    m = ChannelBatchNorm(_tensor(gm, rm.target).shape[0], eps=eps, affine=w is not None)
+    m = ChannelBatchNorm(_tensor(gm, rm.target).shape[0], eps=eps, affine=w is not None).eval()  # running stats
     return m, {"weight": w, "bias": b, "running_mean": rm, "running_var": rv}, x
 
 

@@ -54,7 +54,7 @@ def unit_macs(site: Site, macs: dict[str, int]) -> torch.Tensor:
     cost = torch.zeros(site.n_units, dtype=torch.float64)
     for piece in site.pieces + site.channel_ops:
         if piece.module in macs:
-            cost[piece.lo:piece.hi] += macs[piece.module] / (piece.hi - piece.lo)
+            cost[piece.lo:piece.hi] += macs[piece.module] / piece.total
     for name in site.consumers:  # each unit is an equal share of the consumer's input (a block if flattened)
         cost += macs.get(name, 0) / site.n_units
     return cost

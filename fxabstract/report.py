@@ -18,6 +18,15 @@ from .errors import OutputError
 from .passes.select import SitePlan
 
 
+def _piece(q) -> dict:
+    """A layer's share of a site: its units, and which of its rows they are when not all of them
+    (a piece of a split value, a GLU half)."""
+    entry = {"module": q.module, "units": [q.lo, q.hi]}
+    if q.start or q.total != q.hi - q.lo:
+        entry["rows"] = [q.start, q.start + q.hi - q.lo]
+    return entry
+
+
 def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
     s = p.site
     replaced = []
@@ -29,8 +38,8 @@ def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
                              "theta": [float(t) for t in p.theta[i]]})
     return {"name": s.name, "producer": s.producer, "node": s.node, "chain": s.chain,
             "consumers": s.consumers, "units": s.n_units, "axis": s.axis, "shape": list(s.shape),
-            "reads": s.reads, "producers": [{"module": q.module, "units": [q.lo, q.hi]} for q in s.pieces],
-            "channel_ops": [{"module": q.module, "units": [q.lo, q.hi]} for q in s.channel_ops],
+            "reads": s.reads, "producers": [_piece(q) for q in s.pieces],
+            "channel_ops": [_piece(q) for q in s.channel_ops],
             "bias_maps": s.bias_maps, "group": s.group, "kept": p.kept, "replaced": replaced,
             "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk,
             "measured_risk": measured_risk}

@@ -7,7 +7,12 @@ units: Linear, Conv1d/2d), followed by a chain of per-unit ops, read only by aff
   pooling, and per-channel layers whose channel j is deleted with the unit (BatchNorm, depthwise
   convolutions, per-channel PReLU). A `cat` along the unit axis joins several producers' units
   into one site (SqueezeNet's fire modules, DenseNet-style blocks): each unit belongs to exactly
-  one producer, at an offset.
+  one producer, at an offset. A product `a * b` of two producers' paths is one site of gated units
+  (SwiGLU's `up(x) * silu(gate(x))`): unit j is row j of both.
+- A value split along the unit axis (split, chunk, tensor_split, constant slices; splits.py) is
+  followed piece by piece: each piece is a site of its own, whose units are the producer rows it
+  carries; GLU (`F.glu`, or `a, g = h.chunk(2); a * act(g)`) gives one site whose unit j is the
+  pair of rows {j, d/2 + j}. Producers linked through splits are eligible together or not at all.
 - Consumers read the units affinely: a Linear on the last axis ("features"), a Conv with groups=1
   on the channel axis ("channels"), or a Linear after a flatten of a channel-axis site
   ("flattened": unit j is a block of features). Removing unit j deletes producer row j, every
@@ -19,95 +24,58 @@ units: Linear, Conv1d/2d), followed by a chain of per-unit ops, read only by aff
     >>> sites[0].name, sites[0].node, sites[0].consumers, sites[0].n_units
     ('0', '_1', ['2'], 8)
 
-Layer support is a table (`PRODUCERS`, `CONSUMERS`, `CHANNEL_OPS`), Torch-Pruning style: a new layer
-type is one entry here plus one in `passes/fold.py`.
+Layer support is a table (`PRODUCERS`, `CONSUMERS`, `CHANNEL_OPS` in ops.py), Torch-Pruning style: a
+new layer type is one entry there plus one in `passes/fold.py`.
 """
 from __future__ import annotations
 
-import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from .capture import ChannelBatchNorm
-
-aten = torch.ops.aten
-CONVS = (nn.Conv1d, nn.Conv2d)
-
-
-def _plain_conv(m) -> bool:
-    return m.groups == 1 and m.padding_mode == "zeros"
-
-
-# Layer types whose output features are units (producers) / that read a site affinely (consumers):
-# each entry returns the width, or None when this instance cannot serve (grouped convs).
-PRODUCERS = {nn.Linear: lambda m: m.out_features,
-             **{c: (lambda m: m.out_channels if m.groups == 1 else None) for c in CONVS}}
-CONSUMERS = {nn.Linear: lambda m: m.in_features,
-             **{c: (lambda m: m.in_channels if _plain_conv(m) else None) for c in CONVS}}
-# Per-channel layers on the channel axis (dim 1): channel j is deleted with unit j (passes/fold.py).
-CHANNEL_OPS = {
-    nn.BatchNorm1d: lambda m: m.num_features, nn.BatchNorm2d: lambda m: m.num_features,
-    ChannelBatchNorm: lambda m: m.num_features,
-    nn.PReLU: lambda m: m.num_parameters if m.num_parameters > 1 else None,
-    **{c: (lambda m: m.in_channels if m.groups == m.in_channels == m.out_channels else None) for c in CONVS},
-}
-POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
-POOL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, aten.max_pool1d.default, aten.max_pool2d.default,
-    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool1d.default,
-    aten.adaptive_avg_pool2d.default,
-}
-
-# Per-unit elementwise ops: applied to each feature independently, with no parameters per unit.
-ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU,
-    nn.CELU, nn.Softplus, nn.Softsign, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Tanhshrink,
-    nn.LogSigmoid, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
-)
-IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)  # in eval mode
-ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.softplus,
-    F.softsign, F.hardswish, F.hardsigmoid, F.hardtanh, F.tanhshrink, F.logsigmoid, F.dropout,
-    F.alpha_dropout, F.tanh, F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.abs, torch.clamp,
-    torch.nn.functional.relu_, torch.sigmoid_, torch.tanh_,
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
-    aten.hardtanh.default, aten.hardtanh_.default, aten.tanh.default, aten.sigmoid.default,
-    aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default, aten.leaky_relu.default,
-    aten.elu.default, aten.mish.default, aten.dropout.default, aten.clone.default, aten.abs.default,
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
-    aten.clamp.default,
-}
-ELEMENTWISE_METHODS = {
-    "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "abs", "clamp", "clamp_min", "clamp_max",
-    "neg", "add", "sub", "mul", "div", "contiguous",
-}
-IDENTITY_FUNCTIONS = {F.dropout, F.alpha_dropout, aten.dropout.default, aten.clone.default}
-CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
-FLATTEN_FUNCTIONS = {torch.flatten, aten.flatten.using_ints}
+from .ops import (CHANNEL_OPS, CONSUMERS, CONVS, PRODUCERS, _module, _readers, _shape, _width, is_cat,
+                  is_flatten, is_identity, is_per_unit, is_product)
+from .splits import split_outputs
 
 
 @dataclass
 class Piece:
-    """One producer's share of a site's units: units [lo, hi) are its output rows 0..hi-lo."""
+    """A layer's share of a site's units: units [lo, hi) are its output rows (channels) start ..
+    start + hi - lo, out of `rows` (0: hi - lo, the whole layer). A split value's pieces take part of
+    a layer's rows; a gated unit (GLU) takes one row from each half."""
 
     module: str
     lo: int
     hi: int
+    start: int = 0
+    rows: int = 0
+
+    @property
+    def total(self) -> int:
+        """The layer's rows (channels) in all."""
+        return self.rows or self.hi - self.lo
+
+    def rows_of(self, units) -> list[int]:
+        """The layer's rows for those of `units` that fall in this piece."""
+        return [self.start + u - self.lo for u in units if self.lo <= u < self.hi]
+
+    def restrict(self, lo: int, hi: int) -> Piece | None:
+        """This piece's part of units [lo, hi), numbered from lo (the units of a piece of a split)."""
+        a, b = max(self.lo, lo), min(self.hi, hi)
+        return Piece(self.module, a - lo, b - lo, self.start + a - self.lo, self.total) if a < b else None
+
+    def shifted(self, offset: int) -> Piece:
+        return Piece(self.module, self.lo + offset, self.hi + offset, self.start, self.rows)
 
 
 @dataclass
 class Site:
     """One site: the value read by `consumers`, produced by `producers` through `chain`."""
 
-    name: str                 # stable name: the first producer's module path
+    name: str                 # stable name: the first producer's module path (+ `.piece<k>`: a split's pieces)
     node: str                 # graph node whose value is the site (read by the consumers)
     chain: list[str]          # graph nodes of the per-unit ops between the producers and the site
     consumers: list[str]      # module paths of the affine layers that read the site
@@ -120,6 +88,7 @@ class Site:
     bias_maps: list[str] = field(default_factory=list)         # zero-padded conv consumers: spatial bias maps
     group: int = 1            # units are removed in groups of this many (an attention head's width)
     head_shapes: list[str] = field(default_factory=list)       # nodes whose literal head count fold rewrites
+    splits: list[Piece] = field(default_factory=list)          # split pieces (graph nodes) and the units each carries
 
     @property
     def producer(self) -> str:
@@ -142,99 +111,50 @@ def annotate_shapes(gm: fx.GraphModule, inputs: list) -> None:
     _ShapeRecorder(gm).run(*inputs)
 
 
-def _shape(node) -> tuple | None:
-    return node.meta.get("fxa_shape") if isinstance(node, fx.Node) else None
-
-
-# --------------------------------------------------------------------------- op classes
-
-def _module(gm: fx.GraphModule, node: fx.Node):
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _width(table: dict, mod) -> int | None:
-    fn = table.get(type(mod))
-    return None if fn is None else fn(mod)
-
-
-def is_elementwise(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
-    """True if `node` applies a per-unit op to `source` and reads no other graph value."""
-    others = [a for a in node.all_input_nodes if a is not source]
-    if others or not node.args or node.args[0] is not source:
-        return False
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return isinstance(mod, ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1)
-    if node.op == "call_function":
-        return node.target in ELEMENTWISE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in ELEMENTWISE_METHODS
-    return False
-
-
-def is_per_unit(gm: fx.GraphModule, node: fx.Node, source: fx.Node, axis: int, d: int) -> bool:
-    """Elementwise, or (on the channel axis) pooling and per-channel layers of width d."""
-    if is_elementwise(gm, node, source):
-        return True
-    if axis != 1 or [a for a in node.all_input_nodes if a is not source] or node.args[:1] != (source,):
-        return False
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return isinstance(mod, POOL_MODULES) or _width(CHANNEL_OPS, mod) == d
-    return node.op == "call_function" and node.target in POOL_FUNCTIONS
-
-
-def is_cat(node: fx.Node, axis: int) -> bool:
-    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
-        return False
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    rank = len(_shape(node) or ())
-    return rank > 0 and dim % rank == axis % rank
-
-
-def is_batch_size(node: fx.Node) -> bool:
-    """x.size(0) / x.shape[0]: reads the batch size only, which removing units does not change."""
-    if node.op == "call_method" and node.target == "size":
-        return node.args[1:] == (0,) or node.kwargs.get("dim") == 0
-    if node.op == "call_function" and node.target in (aten.sym_size.int,):
-        return node.args[1] == 0
-    return False
-
-
-def _readers(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if not is_batch_size(u)]
-
-
-def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Flattens every axis after the batch (nn.Flatten(), torch.flatten(x, 1), x.view(B, -1), ...)."""
-    rank = len(_shape(node.args[0]) or ()) if node.args else 0
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim in (-1, rank - 1)
-    if node.op == "call_function" and node.target in FLATTEN_FUNCTIONS:
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-        return start == 1 and end in (-1, rank - 1)
-    if node.op == "call_method" and node.target == "flatten":
-        return node.args[1:2] == (1,) and node.args[2:3] in ((), (-1,))
-    if node.op == "call_method" and node.target in ("view", "reshape"):
-        shape = node.args[1:] if len(node.args) > 2 else tuple(node.args[1])
-        return len(shape) == 2 and isinstance(shape[0], fx.Node) and is_batch_size(shape[0]) and shape[1] == -1
-    return False
-
-
-def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Dropout and Identity, which are identities in eval mode."""
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES)
-    return node.op == "call_function" and node.target in IDENTITY_FUNCTIONS and len(node.all_input_nodes) == 1
-
-
 # --------------------------------------------------------------------------- the finder
+
+@dataclass
+class _Path:
+    """Graph nodes from a source (a producer's output, or a piece of a split value) to where following
+    stops, and the source's units: layer rows, per-channel layers and split pieces, in source units."""
+
+    nodes: list[fx.Node]
+    axis: int
+    pieces: list[Piece]
+    channel_ops: list[Piece] = field(default_factory=list)
+    splits: list[Piece] = field(default_factory=list)
+    before: list[fx.Node] = field(default_factory=list)    # nodes between the producers and the source
+    piece: str | None = None                                # the split piece this path starts at
+
+
+def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> list[fx.Node]:
+    """start, then each node that is the one reader of the last and keeps its units: per-unit, cat, product."""
+    path = [start]
+    while True:
+        readers = _readers(path[-1])
+        if len(readers) != 1:
+            return path
+        (user,) = readers
+        if not ((is_per_unit(gm, user, path[-1], axis, _shape(path[-1])[axis])
+                 and (user.op != "call_module" or calls[user.target] == 1 or _stateless(gm, user)))
+                or is_cat(user, axis) or is_product(user)):
+            return path
+        path.append(user)
+
+
+def _stateless(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A module without parameters or buffers (an activation, a pooling): calling it more than once
+    (`self.act(a)`, `self.act(b)`) shares nothing that a fold would slice."""
+    mod = gm.get_submodule(node.target)
+    return next(mod.parameters(), None) is None and next(mod.buffers(), None) is None
+
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     """Every eligible site in graph order, and the reason each other producer is not one.
 
+    Paths are followed from every producer; paths that meet (cat, product) end at one site; a value
+    split along the unit axis starts one path per piece (splits.py). Producers connected this way
+    form a region, which is eligible whole or not at all: a split's rows are deleted consistently.
     Needs `annotate_shapes` to have run (shapes decide the unit axis, flatten blocks and bias maps)."""
     from .heads import find_head_sites  # heads.py builds on this module's Site
 
@@ -242,8 +162,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     tied = tied_modules(gm)
     head_sites, claimed = find_head_sites(gm, calls, set(tied))
     ineligible: dict[str, str] = {}
-    paths: dict[str, list[fx.Node]] = {}      # producer module -> [producer node, ..., site node]
-    axes: dict[str, int] = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    pending: dict[fx.Node, list[_Path]] = {}          # path end -> the paths that end there
     for node in gm.graph.nodes:
         mod = _module(gm, node)
         if mod is None or type(mod) not in PRODUCERS or node.target in claimed:
@@ -265,70 +185,127 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
             ineligible[name] = "its output shape is unknown (the layer did not run on the calibration batch)"
             continue
         axis = 1 if isinstance(mod, CONVS) else len(shape) - 1
-        path = [node]
-        while True:
-            readers = _readers(path[-1])
-            if len(readers) != 1:
-                break
-            (user,) = readers
-            if (is_per_unit(gm, user, path[-1], axis, _shape(path[-1])[axis])
-                    and (user.op != "call_module" or calls[user.target] == 1)) or is_cat(user, axis):
-                path.append(user)
-                continue
-            break
-        paths[name], axes[name] = path, axis
-    groups: dict[str, list[str]] = {}
-    for name, path in paths.items():
-        groups.setdefault(path[-1].name, []).append(name)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    sites = list(head_sites)
-    for members in groups.values():
-        site, reason = _build_site(gm, calls, tied, order, [paths[m] for m in members], axes[members[0]])
+        path = _Path(_follow(gm, calls, node, axis), axis, [Piece(name, 0, d)])
+        pending.setdefault(path.nodes[-1], []).append(path)
+    region: dict[str, str] = {}                       # union-find over producers
+
+    def root(m: str) -> str:
+        while region.setdefault(m, m) != m:
+            m = region[m]
+        return m
+    built, failures = [], []
+    while pending:
+        end = min(pending, key=order.get)             # every path into `end` starts before it: all are here
+        group = pending.pop(end)
+        producers = sorted({q.module for p in group for q in p.pieces}, key=str)
+        for m in producers[1:]:
+            region[root(m)] = root(producers[0])
+        merged = _merge(gm, order, group)
+        outputs = None if isinstance(merged, str) else split_outputs(_readers(end), end, group[0].axis)
+        reason = merged if isinstance(merged, str) else outputs if isinstance(outputs, str) else None
+        if reason is None and outputs:
+            for path in _pieces(gm, calls, end, outputs, merged, group[0].axis):
+                pending.setdefault(path.nodes[-1], []).append(path)
+        elif reason is None:
+            site, reason = _build_site(gm, calls, tied, end, merged, group[0].axis)
+            built.append(site)
         if reason:
-            for m in members:
-                ineligible[m] = reason
-        else:
-            sites.append(site)
+            piece = next((p.piece for p in group if p.piece), None)
+            failures.append((producers[0], reason if piece is None else f"its split piece `{piece}`: {reason}"))
+    failed: dict[str, str] = {}
+    for m, reason in failures:                        # the first failure in graph order names the region
+        failed.setdefault(root(m), reason)
+    for m in list(region):
+        if root(m) in failed:
+            ineligible[m] = failed[root(m)]
+    sites = head_sites + [s for s in built if s is not None and root(s.producer) not in failed]
+    _name_pieces(sites)
     position = {n.name: i for n, i in order.items()}
     sites.sort(key=lambda s: position[s.node])
     return sites, ineligible
 
 
-def _build_site(gm: fx.GraphModule, calls: Counter, tied: dict, order: dict, paths: list[list[fx.Node]],
-                axis: int):
-    """(Site, None), or (None, why not) for the producers whose paths end at the same node."""
-    end = paths[0][-1]
-    shape = _shape(end)
-    d = shape[axis]
-    on_path = {n for p in paths for n in p}
-    offset: dict[str, int] = {}           # node -> the site unit of its channel 0
-    for path in paths:
+def _merge(gm: fx.GraphModule, order: dict, group: list[_Path]):
+    """The units of every path of the group numbered in their common end value: (pieces, channel
+    ops, split pieces, chain nodes), or why they do not tile it."""
+    end, axis = group[0].nodes[-1], group[0].axis
+    if len({p.axis % len(_shape(end)) for p in group}) > 1:
+        return f"its units meet units on another axis at `{end.name}` (a Linear's features and a Conv's channels)"
+    on_path = {n for p in group for n in p.nodes}
+    offset: dict[fx.Node, int] = {end: 0}             # node -> the end's unit of its unit 0
+    for path in group:
         off = 0
-        offset[end.name] = 0
-        for i in range(len(path) - 1, 0, -1):
-            node, prev = path[i], path[i - 1]
+        for node, prev in zip(path.nodes[:0:-1], path.nodes[-2::-1]):
             if is_cat(node, axis):
                 tensors = list(node.args[0])
                 for t in tensors:
                     if t not in on_path:
-                        return None, (f"it is concatenated (`{node.name}`) with `{getattr(t, 'name', t)}`, "
-                                      "which is not the output of an eligible producer")
+                        return (f"it is concatenated (`{node.name}`) with `{getattr(t, 'name', t)}`, "
+                                "which is not the output of an eligible producer")
                 off += sum(_shape(t)[axis] for t in tensors[:tensors.index(prev)])
-            offset[prev.name] = off
-    reason = _consumer_problem(gm, end, calls, d, axis, tied)
-    if isinstance(reason, str):
-        return None, reason
-    reads = reason
-    pieces = sorted((Piece(p[0].target, offset[p[0].name], offset[p[0].name] + _shape(p[0])[axis]) for p in paths),
-                    key=lambda q: q.lo)
-    if [q.lo for q in pieces] != [0] + [q.hi for q in pieces[:-1]] or pieces[-1].hi != d:
-        return None, "its producers' channels do not tile the site exactly once (a value concatenated twice?)"
-    nodes = sorted({n for p in paths for n in p[1:]}, key=order.get)
-    channel_ops = [Piece(n.target, offset[n.name], offset[n.name] + _shape(n)[axis]) for n in nodes
-                   if n.op == "call_module" and _width(CHANNEL_OPS, gm.get_submodule(n.target)) is not None]
-    site = Site(pieces[0].module, end.name, [n.name for n in nodes], list(reads), d,
+            elif is_product(node):
+                other = next(a for a in node.all_input_nodes if a is not prev)
+                if other not in on_path:
+                    return (f"it is multiplied (`{node.name}`) by `{other.name}`, which is not the output of an "
+                            "eligible producer (gated units need both factors from producers)")
+            offset[prev] = off
+    pieces = [q.shifted(offset[p.nodes[0]]) for p in group for q in p.pieces]
+    splits = [q.shifted(offset[p.nodes[0]]) for p in group for q in p.splits]
+    nodes = sorted({n for p in group for n in p.nodes[1:]}, key=order.get)
+    channel_ops = [q.shifted(offset[p.nodes[0]]) for p in group for q in p.channel_ops] + [
+        Piece(n.target, offset[n], offset[n] + _shape(n)[axis]) for n in nodes
+        if n.op == "call_module" and _width(CHANNEL_OPS, gm.get_submodule(n.target)) is not None]
+    d = _shape(end)[axis]
+    covered = Counter(u for q in pieces for u in range(q.lo, q.hi))
+    rows = Counter((q.module, r) for q in pieces for r in range(q.start, q.start + q.hi - q.lo))
+    if set(covered) != set(range(d)) or max(rows.values()) > 1:
+        return "its producers' channels do not tile the site exactly once (a value concatenated twice?)"
+    chain = sorted({n for p in group for n in p.before} | set(nodes) | {p.nodes[0] for p in group if p.piece},
+                   key=order.get)
+    return pieces, channel_ops, splits, chain
+
+
+def _pieces(gm: fx.GraphModule, calls: Counter, end: fx.Node, outputs: list, merged, axis: int) -> list[_Path]:
+    """One path per piece of the split value `end`: its units are an interval (two, for a GLU) of end's."""
+    pieces, channel_ops, splits, chain = merged
+    spans: dict[fx.Node, list[tuple[int, int]]] = {}
+    for out, lo, hi in outputs:
+        spans.setdefault(out, []).append((lo, hi))
+    paths = []
+    for out, cuts in spans.items():
+        def cut(qs):
+            return [r for q in qs for lo, hi in cuts if (r := q.restrict(lo, hi)) is not None]
+        split = [out.args[0]] if out.args[0] is not end else []          # getitem: the split node before it
+        own = [Piece(out.name, 0, cuts[0][1] - cuts[0][0])] if len(cuts) == 1 else []   # a GLU needs no rewrite
+        paths.append(_Path(_follow(gm, calls, out, axis), axis, cut(pieces), cut(channel_ops), cut(splits) + own,
+                           chain + split, out.name))
+    return paths
+
+
+def _name_pieces(sites: list[Site]) -> None:
+    """Sites that share a first producer (the pieces of a split) are named `<producer>.piece<k>`, in
+    the order of that producer's rows."""
+    shared = Counter(s.name for s in sites)
+    for name in [n for n, c in shared.items() if c > 1]:
+        mine = sorted((s for s in sites if s.name == name), key=lambda s: s.pieces[0].start)
+        for k, s in enumerate(mine):
+            s.name = f"{name}.piece{k}"
+
+
+def _build_site(gm: fx.GraphModule, calls: Counter, tied: dict, end: fx.Node, merged, axis: int):
+    """(Site, None) for the value `end` whose units `merged` describes, or (None, why not)."""
+    pieces, channel_ops, splits, chain = merged
+    shape = _shape(end)
+    d = shape[axis]
+    reads = _consumer_problem(gm, end, calls, d, axis, tied)
+    if isinstance(reads, str):
+        return None, reads
+    first = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
+    pieces = sorted(pieces, key=lambda q: (q.lo, first[q.module], q.start))
+    channel_ops = sorted(channel_ops, key=lambda q: (first[q.module], q.lo))
+    site = Site(pieces[0].module, end.name, [n.name for n in chain], list(reads), d,
                 axis=1 if axis == 1 else -1, shape=tuple(shape[1:]), pieces=pieces, channel_ops=channel_ops,
-                reads=reads, bias_maps=[c for c in reads if _zero_padded(gm.get_submodule(c))])
+                reads=reads, bias_maps=[c for c in reads if _zero_padded(gm.get_submodule(c))], splits=splits)
     return site, None
 
 

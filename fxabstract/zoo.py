@@ -258,3 +258,25 @@ class LeNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+class SplitConvNet(nn.Module):
+    """A stem conv split unequally into two branches (ReLU -> 3x3 conv; BatchNorm -> depthwise ->
+    ReLU -> 1x1 conv) that are summed, then a gated head whose Linear output is sliced in halves
+    (a * sigmoid(g)): each branch's piece of the stem is a site, and so are the gated units."""
+
+    def __init__(self, classes: int = 10, sizes: tuple = (24, 40), width: int = 16):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.stem = nn.Conv2d(3, sum(sizes), 3, padding=1)
+        self.conv_a = nn.Conv2d(sizes[0], width, 3, padding=1)
+        self.bn_b = nn.BatchNorm2d(sizes[1])
+        self.dw_b = nn.Conv2d(sizes[1], sizes[1], 3, padding=1, groups=sizes[1])
+        self.conv_b = nn.Conv2d(sizes[1], width, 1)
+        self.fc1, self.fc2 = nn.Linear(width * 4, 64), nn.Linear(32, classes)
+
+    def forward(self, x):
+        a, b = self.stem(x).split(self.sizes, dim=1)
+        y = self.conv_a(F.relu(a)) + self.conv_b(F.relu(self.dw_b(self.bn_b(b))))
+        h = self.fc1(torch.flatten(F.adaptive_avg_pool2d(F.relu(y), 2), 1))
+        return self.fc2(h[:, :32] * torch.sigmoid(h[:, 32:]))

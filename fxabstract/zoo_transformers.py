@@ -1,5 +1,6 @@
-"""Reference sequence architectures (own definitions): a ViT, a GPT-style decoder, a Conformer-style
-block (convolution + attention) and an MLP-Mixer. Their FFN intermediate neurons are the sites.
+"""Reference sequence architectures (own definitions): a ViT, a GPT-style decoder, GLU FFNs, a
+Conformer-style block (convolution + attention) and an MLP-Mixer. Their FFN intermediate neurons are
+the sites.
 
     >>> gpt = GPT(vocab=64, dim=32, depth=2, heads=4, context=16)
     >>> gpt(torch.randint(0, 64, (2, 16))).shape           # [B, T, vocab]
@@ -85,6 +86,41 @@ class GPT(nn.Module):
     def forward(self, idx):
         positions = torch.arange(idx.size(1), device=idx.device)
         return self.head(self.norm(self.blocks(self.tok(idx) + self.pos(positions))))
+
+
+class GatedMLP(nn.Module):
+    """A GLU FFN, fc2(a * silu(g)): fused (one Linear dim -> 2 hidden, chunked in halves) or, as in
+    LLaMA's SwiGLU, two Linears (up, gate). Either way the hidden units are one site."""
+
+    def __init__(self, dim: int, hidden: int, fused: bool = True):
+        super().__init__()
+        self.fused = fused
+        if fused:
+            self.fc1 = nn.Linear(dim, 2 * hidden)
+        else:
+            self.up, self.gate = nn.Linear(dim, hidden), nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, g = self.fc1(x).chunk(2, dim=-1) if self.fused else (self.up(x), self.gate(x))
+        return self.fc2(a * F.silu(g))
+
+
+class GatedFFN(nn.Module):
+    """A sequence model of pre-norm GLU FFN blocks with residuals (fused, then two-Linear), mean pool, head."""
+
+    def __init__(self, features: int = 16, dim: int = 32, hidden: int = 64, classes: int = 10):
+        super().__init__()
+        self.inp = nn.Linear(features, dim)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2))
+        self.ffns = nn.ModuleList([GatedMLP(dim, hidden, fused=True), GatedMLP(dim, hidden, fused=False)])
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):                                                # [B, T, features]
+        x = self.inp(x)
+        for norm, ffn in zip(self.norms, self.ffns):
+            x = x + ffn(norm(x))
+        return self.head(x.mean(1))
 
 
 class ConformerBlock(nn.Module):

@@ -1,5 +1,5 @@
 """Property (THEORY §1): on randomly generated conv networks — conv / BatchNorm / activation / pool /
-depthwise / concat / padding / flatten in random order — compiling a replacement equals applying
+depthwise / concat / split / padding / flatten in random order — compiling a replacement equals applying
 the report's interventions to the original with hooks, to float precision."""
 from __future__ import annotations
 
@@ -27,12 +27,27 @@ class Branches(nn.Module):
         return torch.cat([self.act(self.left(x)), self.act(self.right(x))], 1)
 
 
+class SplitBranches(nn.Module):
+    """A conv split unequally along channels; each piece through an activation and its own 1x1 conv,
+    re-joined by cat (each piece is a site; the cat of the branch convs is one more)."""
+
+    def __init__(self, cin: int, sizes: list[int], outs: list[int], act):
+        super().__init__()
+        self.sizes, self.acts = sizes, nn.ModuleList(act() for _ in sizes)
+        self.stem = nn.Conv2d(cin, sum(sizes), 3, padding=1)
+        self.branches = nn.ModuleList(nn.Conv2d(s, o, 1) for s, o in zip(sizes, outs))
+
+    def forward(self, x):
+        pieces = self.stem(x).split(self.sizes, 1)         # indexed, not iterated: fx traces it
+        return torch.cat([branch(act(pieces[i])) for i, (act, branch) in enumerate(zip(self.acts, self.branches))], 1)
+
+
 @st.composite
 def convnets(draw):
     """A random conv stack on [B, 3, 8, 8] inputs, ending in flatten + Linear (or pool + Linear)."""
     layers, c, size = [], 3, 8
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "conv", "depthwise", "branches", "pool"]))
+        kind = draw(st.sampled_from(["conv", "conv", "depthwise", "branches", "split", "pool"]))
         act = draw(st.sampled_from(ACTIVATIONS))
         if kind == "pool" and size >= 4:
             layers.append(draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2)])))
@@ -43,6 +58,11 @@ def convnets(draw):
             a, b = draw(st.integers(2, 8)), draw(st.integers(2, 8))
             layers.append(Branches(c, a, b, act))
             c = a + b
+        elif kind == "split":
+            sizes = draw(st.lists(st.integers(1, 6), min_size=2, max_size=3))
+            outs = draw(st.lists(st.integers(2, 6), min_size=len(sizes), max_size=len(sizes)))
+            layers.append(SplitBranches(c, sizes, outs, act))
+            c = sum(outs)
         else:
             out, k = draw(st.integers(2, 12)), draw(st.sampled_from([1, 3]))
             pad = draw(st.sampled_from([0, k // 2])) if size > 2 else k // 2

@@ -76,6 +76,19 @@ def test_redundant_units_are_removed_at_no_cost(degenerate, replacement):
     assert risk <= 1e-5 * scale, f"removing {degenerate.__name__} units must cost nothing: risk {risk:.3g}"
 
 
+@pytest.mark.parametrize("selection", ["joint", "diagonal"])
+def test_a_site_whose_units_are_all_dead_gets_a_finite_affine_fit(selection):
+    """Every unit of fc1 dead: its covariance is 0, so only the ridge's floor makes the fit solvable,
+    and the affine replacement must come out as theta = 0 (the constant), not NaN."""
+    model = mlp(d=2)                                   # two units (with 16 LAPACK happened to return 0)
+    with torch.no_grad():
+        model[0].bias[:] = -1e3
+    x = torch.randn(64, 6)
+    result = fxa.abstract(model, [x], keep={"0": 1, "2": 10}, replacement="affine", selection=selection,
+                          round_to=1, allocation="predicted")
+    assert_finite_and_exact(model, result, x)
+
+
 @pytest.mark.parametrize("replacement", ["constant", "affine"])
 @pytest.mark.parametrize("scale", ["weights", "inputs"])
 def test_huge_activations_give_a_finite_exact_compile(scale, replacement):

@@ -6,7 +6,8 @@ intervened graph computed (THEORY §1, exact transformation).
     weight folding  W' = W[:, K] + W[:, P] theta                (1x1 mixing of the input channels)
     zero padding    a constant channel is zero at the padded border, so beta folds into a spatial
                     bias map conv(beta, W[:, P]) for the traced input size (`BiasMapConv`), exactly
-    producers       rows K only; per-channel layers (BatchNorm, depthwise conv, PReLU) channels K
+    producers       rows K only; per-channel layers (BatchNorm, depthwise conv, PReLU) channels K;
+                    a split of the producer's output takes the sizes of its pieces that are left
 
 Layer support is a table, one entry per type: how to keep only some outputs (or channels), how to
 fold a replacement into its inputs. Arithmetic is float64, cast back to the layer's dtype.
@@ -22,6 +23,7 @@ from torch import nn
 
 from ..capture import ChannelBatchNorm
 from ..heads import set_head_count
+from ..splits import rewrite_splits
 from .replace import Replacement
 
 
@@ -146,13 +148,15 @@ def _set_module(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
-def _local(K: list[int], lo: int, hi: int) -> torch.Tensor:
-    return torch.tensor([k - lo for k in K if lo <= k < hi], dtype=torch.long)
-
-
 def fold(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of gm with every Replacement folded away."""
+    """A copy of gm with every Replacement folded away.
+
+    Rows (channels) are deleted once per layer after every site is folded: the pieces of a split
+    value are several sites that delete rows of one producer (and the split takes the new sizes)."""
     gm = copy.deepcopy(gm)
+    deleted: dict[str, set[int]] = {}         # producer or per-channel layer -> its rows to delete
+    rows: dict[str, tuple[dict, int]] = {}    # the same layer -> (its table, its rows in all)
+    split_lost: dict[str, int] = {}           # split piece node -> units it no longer carries
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Replacement):
             continue
@@ -161,18 +165,26 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         for consumer, how in site.reads.items():
             layer = gm.get_submodule(consumer)
             _set_module(gm, consumer, FOLD_INPUTS[type(layer)](layer, r, how))
-        kept = r.kept.tolist()
-        for piece in site.pieces:
-            layer = gm.get_submodule(piece.module)
-            _set_module(gm, piece.module, KEEP_OUTPUTS[type(layer)](layer, _local(kept, piece.lo, piece.hi)))
-        for op in site.channel_ops:
-            layer = gm.get_submodule(op.module)
-            _set_module(gm, op.module, KEEP_CHANNELS[type(layer)](layer, _local(kept, op.lo, op.hi)))
+        removed = r.removed.tolist()
+        for table, pieces in ((KEEP_OUTPUTS, site.pieces), (KEEP_CHANNELS, site.channel_ops)):
+            for piece in pieces:
+                deleted.setdefault(piece.module, set()).update(piece.rows_of(removed))
+                rows[piece.module] = (table, piece.total)
+        for piece in site.splits:
+            split_lost[piece.module] = split_lost.get(piece.module, 0) + len(piece.rows_of(removed))
         if site.head_shapes:                                  # attention heads: fewer heads in the views
-            set_head_count(gm, site, len(kept) // site.group)
+            set_head_count(gm, site, len(r.kept) // site.group)
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)
+    for path, drop in deleted.items():
+        if not drop:
+            continue
+        table, total = rows[path]
+        layer = gm.get_submodule(path)
+        keep = torch.tensor([i for i in range(total) if i not in drop], dtype=torch.long)
+        _set_module(gm, path, table[type(layer)](layer, keep))
+    rewrite_splits(gm, {piece: n for piece, n in split_lost.items() if n})
     gm.graph.lint()
     gm.recompile()
     return gm

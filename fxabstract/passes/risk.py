@@ -49,9 +49,10 @@ def affine_curvature(stats: Statistics, name: str) -> torch.Tensor:
 
 def ridge_of(S: torch.Tensor, ridge: float) -> torch.Tensor:
     """Per-unit ridge [d, d]: `ridge` times each unit's own variance, so rescaling a unit (THEORY §3,
-    scaling invariance) rescales its ridge with it; a tiny floor keeps dead units invertible."""
+    scaling invariance) rescales its ridge with it; a tiny floor keeps dead units invertible (at least
+    1e-100 when every unit of the site is constant: the inverse of a subnormal overflows)."""
     diag = S.diagonal()
-    return torch.diag(ridge * diag + 1e-12 * float(diag.mean().clamp_min(1e-300)))
+    return torch.diag(ridge * diag + float((1e-12 * diag.mean()).clamp_min(1e-100)))
 
 
 def diagonal_order(scores: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:

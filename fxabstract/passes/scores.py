@@ -60,8 +60,10 @@ def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,
     elif score == "cwvar":                                      # s_j = 1/2 ||W[:, j]||^2 Var(a_j)
         s = 0.5 * sum(consumer_column_norms2(gm, site, c) for c in site.consumers) * m.var
     elif score == "magnitude":                                  # L2 norm of the producer's row j
-        s = torch.cat([gm.get_submodule(q.module).weight.detach().double().flatten(1).norm(dim=1)
-                       for q in site.pieces if q.lo != q.hi and (q is site.pieces[0] or q.lo > 0)])
+        s = torch.zeros(site.n_units, dtype=torch.float64)
+        for q in reversed(site.pieces):                         # where pieces share units, the first one's
+            W = gm.get_submodule(q.module).weight.detach().double().flatten(1)
+            s[q.lo:q.hi] = W[q.start:q.start + q.hi - q.lo].norm(dim=1)
     elif score == "random":
         s = torch.rand(site.n_units, generator=generator, dtype=torch.float64)
     else:  # s_j = E[g (c - a)] + 1/2 E[h (c - a)^2]: the constant score of THEORY §3 (g = 0 unless ce)

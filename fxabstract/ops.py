@@ -1,0 +1,173 @@
+"""Op classes for the site finder (sites.py): which layers produce units, which read them affinely,
+which act on each unit separately, which join or flatten them. Layer support is a table
+(`PRODUCERS`, `CONSUMERS`, `CHANNEL_OPS`), Torch-Pruning style: a new layer type is one entry here
+plus one in `passes/fold.py`.
+
+    >>> is_per_unit(gm, relu_node, conv_node, axis=1, d=16)
+    True
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import ChannelBatchNorm
+
+aten = torch.ops.aten
+CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _plain_conv(m) -> bool:
+    return m.groups == 1 and m.padding_mode == "zeros"
+
+
+# Layer types whose output features are units (producers) / that read a site affinely (consumers):
+# each entry returns the width, or None when this instance cannot serve (grouped convs).
+PRODUCERS = {nn.Linear: lambda m: m.out_features,
+             **{c: (lambda m: m.out_channels if m.groups == 1 else None) for c in CONVS}}
+CONSUMERS = {nn.Linear: lambda m: m.in_features,
+             **{c: (lambda m: m.in_channels if _plain_conv(m) else None) for c in CONVS}}
+# Per-channel layers on the channel axis (dim 1): channel j is deleted with unit j (passes/fold.py).
+CHANNEL_OPS = {
+    nn.BatchNorm1d: lambda m: m.num_features, nn.BatchNorm2d: lambda m: m.num_features,
+    ChannelBatchNorm: lambda m: m.num_features,
+    nn.PReLU: lambda m: m.num_parameters if m.num_parameters > 1 else None,
+    **{c: (lambda m: m.in_channels if m.groups == m.in_channels == m.out_channels else None) for c in CONVS},
+}
+POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, aten.max_pool1d.default, aten.max_pool2d.default,
+    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool1d.default,
+    aten.adaptive_avg_pool2d.default,
+}
+
+# Per-unit elementwise ops: applied to each feature independently, with no parameters per unit.
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU,
+    nn.CELU, nn.Softplus, nn.Softsign, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+)
+IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)  # in eval mode
+ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu, F.softplus,
+    F.softsign, F.hardswish, F.hardsigmoid, F.hardtanh, F.tanhshrink, F.logsigmoid, F.dropout,
+    F.alpha_dropout, F.tanh, F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.abs, torch.clamp,
+    torch.nn.functional.relu_, torch.sigmoid_, torch.tanh_,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
+    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+    aten.hardtanh.default, aten.hardtanh_.default, aten.tanh.default, aten.sigmoid.default,
+    aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default, aten.leaky_relu.default,
+    aten.elu.default, aten.mish.default, aten.dropout.default, aten.clone.default, aten.abs.default,
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
+    aten.clamp.default,
+}
+ELEMENTWISE_METHODS = {
+    "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "abs", "clamp", "clamp_min", "clamp_max",
+    "neg", "add", "sub", "mul", "div", "contiguous",
+}
+IDENTITY_FUNCTIONS = {F.dropout, F.alpha_dropout, aten.dropout.default, aten.clone.default}
+CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
+PRODUCT_FUNCTIONS = {operator.mul, torch.mul, aten.mul.Tensor}
+FLATTEN_FUNCTIONS = {torch.flatten, aten.flatten.using_ints}
+
+def _shape(node) -> tuple | None:
+    return node.meta.get("fxa_shape") if isinstance(node, fx.Node) else None
+
+
+# --------------------------------------------------------------------------- op classes
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _width(table: dict, mod) -> int | None:
+    fn = table.get(type(mod))
+    return None if fn is None else fn(mod)
+
+
+def is_elementwise(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
+    """True if `node` applies a per-unit op to `source` and reads no other graph value."""
+    others = [a for a in node.all_input_nodes if a is not source]
+    if others or not node.args or node.args[0] is not source:
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, ELEMENTWISE_MODULES) or (isinstance(mod, nn.PReLU) and mod.num_parameters == 1)
+    if node.op == "call_function":
+        return node.target in ELEMENTWISE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ELEMENTWISE_METHODS
+    return False
+
+
+def is_per_unit(gm: fx.GraphModule, node: fx.Node, source: fx.Node, axis: int, d: int) -> bool:
+    """Elementwise, or (on the channel axis) pooling and per-channel layers of width d."""
+    if is_elementwise(gm, node, source):
+        return True
+    if axis != 1 or [a for a in node.all_input_nodes if a is not source] or node.args[:1] != (source,):
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, POOL_MODULES) or _width(CHANNEL_OPS, mod) == d
+    return node.op == "call_function" and node.target in POOL_FUNCTIONS
+
+
+def is_cat(node: fx.Node, axis: int) -> bool:
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    rank = len(_shape(node) or ())
+    return rank > 0 and dim % rank == axis % rank
+
+
+def is_product(node: fx.Node) -> bool:
+    """a * b of two values of the same shape (gated units: a unit is the product of one unit of each)."""
+    mul = (node.op == "call_function" and node.target in PRODUCT_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "mul")
+    operands = node.args[:2]
+    return (mul and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in operands)
+            and operands[0] is not operands[1] and _shape(operands[0]) == _shape(operands[1]) == _shape(node))
+
+
+def is_batch_size(node: fx.Node) -> bool:
+    """x.size(0) / x.shape[0]: reads the batch size only, which removing units does not change."""
+    if node.op == "call_method" and node.target == "size":
+        return node.args[1:] == (0,) or node.kwargs.get("dim") == 0
+    if node.op == "call_function" and node.target in (aten.sym_size.int,):
+        return node.args[1] == 0
+    return False
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if not is_batch_size(u)]
+
+
+def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Flattens every axis after the batch (nn.Flatten(), torch.flatten(x, 1), x.view(B, -1), ...)."""
+    rank = len(_shape(node.args[0]) or ()) if node.args else 0
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim in (-1, rank - 1)
+    if node.op == "call_function" and node.target in FLATTEN_FUNCTIONS:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end in (-1, rank - 1)
+    if node.op == "call_method" and node.target == "flatten":
+        return node.args[1:2] == (1,) and node.args[2:3] in ((), (-1,))
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shape = node.args[1:] if len(node.args) > 2 else tuple(node.args[1])
+        return len(shape) == 2 and isinstance(shape[0], fx.Node) and is_batch_size(shape[0]) and shape[1] == -1
+    return False
+
+
+def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Dropout and Identity, which are identities in eval mode."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES)
+    return node.op == "call_function" and node.target in IDENTITY_FUNCTIONS and len(node.all_input_nodes) == 1
