@@ -16,8 +16,10 @@ included. From them we accumulate, as float64 sums over samples (mergeable like 
   sum h = sum Us^2, sum h a = sum Us Ua, sum h a^2 = sum Ua^2       (THEORY §3: c*, s_j)
   Us^T Us, Us^T Ua, Ua^T Ua        -> d x d sums for joint selection  (THEORY §3, "Additivity fails")
   w = tr H(x) as a sample weight   -> sum w, sum w a, sum w a a^T over positions (affine fit)
-  sum over positions of U(pos)^T U(pos) -> Hp, the curvature of a per-position perturbation
-    (affine risk: an affine replacement's residual differs from position to position)
+  sum over positions of U(pos)^T U(pos) -> Hp, the curvature of a per-position perturbation, and the
+    per-sample means over positions abar -> sum abar, sum abar abar^T (affine risk: an affine
+    replacement's residual differs from position to position; risk.py splits it into the per-sample
+    mean, weighted by the summed curvature, and the deviations from it, weighted by Hp)
 and, for CE with labels, the gradient g = J^T (p - y) likewise summed: sum g, sum g a.
 """
 from __future__ import annotations
@@ -63,6 +65,9 @@ class Curvature:
     swa: torch.Tensor | None = None  # [d]    sum w a               (affine)
     swaa: torch.Tensor | None = None  # [d, d] sum w a a^T          (affine)
     Hp: torch.Tensor | None = None   # [d, d] sum over samples and positions of U(pos)^T U(pos)  (affine)
+    sab: torch.Tensor | None = None  # [d]    sum abar, abar = a averaged over a sample's positions (affine)
+    Sbb: torch.Tensor | None = None  # [d, d] sum abar abar^T                                   (affine)
+    rows: int = 0                    # sum over samples of their positions
 
     @classmethod
     def empty(cls, d: int, gradient: bool, matrices: bool, device=None) -> "Curvature":
@@ -71,7 +76,8 @@ class Curvature:
         if gradient:
             c.sg, c.sga = z(d), z(d)
         if matrices:
-            c.H0, c.H1, c.H2, c.sw, c.swa, c.swaa, c.Hp = z(d, d), z(d, d), z(d, d), z(()), z(d), z(d, d), z(d, d)
+            c.H0, c.H1, c.H2, c.sw, c.swa, c.swaa = z(d, d), z(d, d), z(d, d), z(()), z(d), z(d, d)
+            c.Hp, c.sab, c.Sbb = z(d, d), z(d), z(d, d)
         return c
 
     def update(self, a: torch.Tensor, Us: torch.Tensor, Ua: torch.Tensor, gs: torch.Tensor | None = None,
@@ -83,6 +89,7 @@ class Curvature:
         a, Us, Ua = (t.detach().to(torch.float64) for t in (a, Us, Ua))
         n, positions, d = a.shape
         self.n += n
+        self.rows += n * positions
         self.sh += (Us * Us).sum((0, 1))
         self.sha += (Us * Ua).sum((0, 1))
         self.sha2 += (Ua * Ua).sum((0, 1))
@@ -102,9 +109,12 @@ class Curvature:
             self.swaa += (af * wf[:, None]).T @ af
             Upf = Up.detach().to(torch.float64).reshape(-1, d)  # [r*n*positions, d]
             self.Hp += Upf.T @ Upf
+            abar = a.mean(1)                                 # [n, d]
+            self.sab += abar.sum(0)
+            self.Sbb += abar.T @ abar
 
     def __add__(self, other: "Curvature") -> "Curvature":
         add = lambda x, y: None if x is None else x + y  # noqa: E731
         return Curvature(self.n + other.n, *(add(getattr(self, k), getattr(other, k))
                                              for k in ("sh", "sha", "sha2", "sg", "sga", "H0", "H1", "H2",
-                                                       "sw", "swa", "swaa", "Hp")))
+                                                       "sw", "swa", "swaa", "Hp", "sab", "Sbb", "rows")))

@@ -6,11 +6,15 @@ Constant replacement, removed set P, constants c:
 Affine replacement, kept set K (OBS restricted to whole units, with H(x) ~ w(x) Hbar):
     R(K) = 1/2 tr(Hbar_PP Cov(a_P | a_K)),  computed as 1/2 tr(Hbar S) - 1/2 tr(B A), A = S_KK^-1,
     B = (S Hbar S)_KK; removing q from K raises it by 1/2 (A B A)_qq / A_qq (rank-one update of A).
-    At a site with several positions per sample (conv pixels, tokens) the residual of an affine map
-    differs from position to position, so Hbar = E[sum_pos U(pos)^T U(pos)] (`affine_curvature`), the
-    curvature of a per-position perturbation, with S the per-position covariance: exact to second order
-    when the residuals at different positions are uncorrelated; equal to the summed curvature E[H(x)] at
-    one position.
+    At a site with several positions per sample (conv pixels, tokens) an affine map's residual r(pos)
+    differs from position to position. Split it into the sample's mean rbar and the deviations from it:
+    sum_pos U(pos) r(pos) = Us rbar + sum_pos (U(pos) - Ubar) (r(pos) - rbar), so (`position_affine_risk`)
+        R ~ 1/2 tr(H0_PP Cov(rbar)) + 1/2 N/(N-1) tr(Hw_PP E[within-sample covariance of r]),
+    with H0 = E[Us^T Us] the summed curvature, Hw = E[sum_pos U(pos)^T U(pos)] - H0 / N and N positions:
+    exact to second order when the residual is the same at every position and when the positions are
+    independent (N/(N-1) unbiases the within-sample covariance), and in between otherwise. The greedy
+    order uses the OBS recursion with the per-position curvature E[sum_pos U^T U]; the curve along it is
+    then evaluated with this risk.
 """
 from __future__ import annotations
 
@@ -42,9 +46,32 @@ def weighted_moments(stats: Statistics, name: str, weighted: bool) -> tuple[torc
 
 
 def affine_curvature(stats: Statistics, name: str) -> torch.Tensor:
-    """Hbar [d, d] for the affine risk: the per-position curvature summed over positions, per sample."""
+    """Hbar [d, d] for the OBS order of affine removals: the per-position curvature summed over
+    positions, per sample (the summed curvature where the per-position sums were not kept)."""
     k = stats.curvature[name]
     return (k.Hp if k.Hp is not None else k.H0) / k.n
+
+
+def positions(stats: Statistics, name: str) -> float:
+    """N, the positions per sample of the site (1 for a vector per sample)."""
+    k = stats.curvature[name]
+    return k.rows / k.n if k.n else 1.0
+
+
+def position_affine_risk(stats: Statistics, name: str, S: torch.Tensor, K: list[int], P: list[int],
+                         theta: torch.Tensor) -> float:
+    """The second-order risk of do(a_P := beta + theta a_K). One position: 1/2 tr(Hbar_PP E[r r^T]) on S, the
+    covariance the map was fitted on; several: the residual split into its per-sample mean and the
+    deviations from it (module docstring), on the plain moments of the site."""
+    k = stats.curvature[name]
+    N = positions(stats, name)
+    if k.Sbb is None or N <= 1:
+        return affine_risk(k.H0 / k.n, S, K, P, theta)
+    mb = k.sab / k.n
+    Sb = k.Sbb / k.n - torch.outer(mb, mb)                     # Cov(abar)
+    Sw = (stats.moments[name].cov - Sb) * (N / (N - 1))        # within-sample covariance, unbiased
+    Hw = (k.Hp - k.H0 / N) / k.n                               # E[sum_pos (U - Ubar)^T (U - Ubar)]
+    return affine_risk(k.H0 / k.n, Sb, K, P, theta) + affine_risk(Hw, Sw, K, P, theta)
 
 
 def ridge_of(S: torch.Tensor, ridge: float) -> torch.Tensor:

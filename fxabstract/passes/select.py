@@ -72,7 +72,6 @@ def group_order(site: Site, stats: Statistics, scores: torch.Tensor, c: torch.Te
         M = risk.constant_matrix(stats, site.name, c)
         heads, curve = risk.joint_constant_order(G.T @ M @ G, G.T @ risk.linear_term(stats, site.name, c), h - 1)
     else:
-        Hbar = risk.affine_curvature(stats, site.name)
         _, S = risk.weighted_moments(stats, site.name, weighted=True)
         heads, values = [], [0.0]
         for _ in range(h - 1):
@@ -81,7 +80,7 @@ def group_order(site: Site, stats: Statistics, scores: torch.Tensor, c: torch.Te
                 P = [u for r in heads + [q] for u in range(r * g, (r + 1) * g)]
                 K = sorted(set(range(d)) - set(P))
                 _, theta = risk.fit_affine(S.new_zeros(d), S, K, sorted(P), ridge)
-                value = risk.affine_risk(Hbar, S, K, sorted(P), theta)
+                value = risk.position_affine_risk(stats, site.name, S, K, sorted(P), theta)
                 if best is None or value < best[0]:
                     best = (value, q)
             heads.append(best[1])
@@ -117,8 +116,25 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
         else:
             _, S = risk.weighted_moments(stats, s.name, weighted=True)
             order, curve = risk.joint_affine_order(risk.affine_curvature(stats, s.name), S, ridge, n)
+            if risk.positions(stats, s.name) > 1:   # the OBS curve is the per-position risk alone: re-evaluate
+                curve = _evaluated_curve(s, order, stats, score, ridge)
         out[s.name] = Curves(sc, c, order, curve)
     return out
+
+
+def _evaluated_curve(site: Site, order: list[int], stats: Statistics, score: str, ridge: float,
+                     points: int = 33) -> torch.Tensor:
+    """The affine risk curve along `order`: `risk.position_affine_risk` of the fitted maps at `points`
+    removal counts, linear in between."""
+    grid = sorted({int(round(x)) for x in np.linspace(0, len(order), points)})
+    mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS and not stats.fit_samples)
+    values = []
+    for k in grid:
+        P = sorted(order[:k])
+        K = sorted(set(range(site.n_units)) - set(P))
+        values.append(risk.position_affine_risk(stats, site.name, S, K, P, risk.fit_affine(mu, S, K, P, ridge)[1])
+                      if P else 0.0)
+    return torch.tensor(np.interp(np.arange(len(order) + 1), grid, values), dtype=torch.float64)
 
 
 def allowed_removals(d: int, round_to: int) -> list[int]:
@@ -208,5 +224,4 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
                         cv.scores, risk.constant_risk(stats, site.name, P, cP))
     mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS and not stats.fit_samples)
     beta, theta = risk.fit_affine(mu, S, K, P, ridge)
-    return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
-                    risk.affine_risk(risk.affine_curvature(stats, site.name), S, K, P, theta))
+    return SitePlan(site, K, P, "affine", beta, theta, cv.scores, risk.position_affine_risk(stats, site.name, S, K, P, theta))
