@@ -58,7 +58,7 @@ CAL_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_d
 EVAL_PHOTOS = ("chelsea", "china", "flower", "retina")
 SITES = r"features\.\d+\.conv\.0\.0"
 RATIOS = (0.1, 0.2, 0.3, 0.5)
-GLOBAL = [(s, r, sel) for s in ("logit-mse", "kl") for r in ("constant", "affine") for sel in ("joint", "diagonal")]
+GLOBAL = [(s, r, sel) for s in ("logit-mse", "kl") for r in ("constant", "affine") for sel in ("joint", "diagonal", "local")]
 RIDGE = 1e-3
 VBP = "variance + mean fold (VBP)"
 VBP8 = "variance + mean fold, kept widths rounded down to multiples of 8"
@@ -169,11 +169,12 @@ def run(args) -> tuple[list[dict], dict]:
     heuristic = {s: fxa.Analysis(base.gm, base.sites, base.ineligible, base.stats, s, 0) for s in ("variance",
                                                                                                   "magnitude")}
     t = time.perf_counter()
-    fitted = None
+    fitted, affine_fits = None, dict(analyses)
     if args.fit_extra:   # affine maps fitted on the plain moments of calibration + extra crops (fxa's fit_data)
         extra = crops(CAL_PHOTOS, args.fit_extra, args.size, seed=10).split(32)
-        fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, add_fit_data(base.gm, base.sites, base.stats, extra),
-                              base.score, 0)
+        affine_fits = {score: fxa.Analysis(a.gm, a.sites, a.ineligible, add_fit_data(a.gm, a.sites, a.stats, extra),
+                                           score, 0) for score, a in analyses.items()}
+        fitted = affine_fits["logit-mse"]
     info["timings"]["fit moments"] = time.perf_counter() - t
     macs = module_macs(base.gm, x_eval[:1])
     per_unit = {s.name: unit_macs(s, macs) for s in base.sites}
@@ -218,10 +219,11 @@ def run(args) -> tuple[list[dict], dict]:
             ]
         for score, rep, sel in GLOBAL:
             def build(score=score, rep=rep, sel=sel, curves=None):
-                a = analyses[score]
+                a = affine_fits[score] if rep == "affine" else analyses[score]
                 keep = allocate_macs(a.sites, curves or a.risk_curves(rep, sel, RIDGE), macs, target)
                 return a.compile(keep, rep, sel, round_to=1, ridge=RIDGE).module
-            candidates.append((f"{score} {rep} {sel}, MACs global (predicted)", "fxabstract", build))
+            on = f" on {args.cal + args.fit_extra} crops" if rep == "affine" and args.fit_extra else ""
+            candidates.append((f"{score} {rep} {sel}{on}, MACs global (predicted)", "fxabstract", build))
             key = f"{score}/{rep}/{sel}"
             if key in measured:
                 candidates.append((f"{score} {rep} {sel}, MACs global (measured KL)", "fxabstract",
@@ -314,6 +316,11 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         "projection conv's Gram matrix W^T W as the curvature and the plain covariance of the site, i.e. the risk "
         "left 1/2 tr(W_P Cov(a_P | a_K) W_P^T) at the consumer's output (THEORY §3, linear-head case), then "
         "least-squares affine maps; the same fraction per block (cwvar is not in output units).",
+        "- `local` selection (`fxa.abstract(..., selection=\"local\")`): that layer-local order at every block, "
+        "priced in output units (the second-order logit-mse or KL risk of the fitted replacements along the order; "
+        "for affine maps at conv sites with the residual split into its per-sample mean and the deviations from "
+        "it, `passes.risk.position_affine_risk`), then one global MAC budget. Every affine row with an output-unit "
+        "score is fitted with the extra crops (`fit_data`) when they are given.",
         "- Magnitude without compensation emulates Torch-Pruning's default (L2 magnitude importance, no weight "
         "update): the lowest-L2-norm rows of each expansion conv are removed and the removed channels contribute "
         "0 to the projection (fxabstract's `magnitude` ranking with constants 0, folded).",

@@ -33,7 +33,7 @@ from .sites import Site, annotate_shapes, find_sites
 
 REPLACEMENTS = ("constant", "affine")
 ALLOCATIONS = ("measured", "predicted")
-SELECTIONS = ("joint", "diagonal")
+SELECTIONS = ("joint", "diagonal", "local")
 
 
 def _count(gm: nn.Module) -> int:
@@ -238,7 +238,7 @@ def _same_kind(batches, first, what: str):
 
 def needs_matrices(score: str, replacement: str, selection: str) -> bool:
     """Whether these settings need the d x d statistics (joint selection, affine replacement)."""
-    return (selection == "joint" and score in JOINT_SCORES) or replacement == "affine"
+    return (selection in ("joint", "local") and score in JOINT_SCORES) or replacement == "affine"
 
 
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
@@ -252,8 +252,10 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
     score: logit-mse | kl | ce | variance | cwvar | magnitude | random. The first three are risks in
       output units and share one global budget; the others keep the same fraction at every site.
     selection: joint (cross terms between removed units, THEORY §3) | diagonal (closed-form ranking);
-      variance, magnitude and random always rank diagonally; cwvar's joint selection is layer-local
-      (the consumers' Gram matrix W^T W as the curvature: optimal brain surgeon at the consumer).
+      | local (joint elimination with the consumers' Gram matrix W^T W as the curvature: optimal brain
+      surgeon at the consumer; for logit-mse, kl and ce the order's risk is then measured in output units,
+      so one global budget still allocates it); variance, magnitude and random always rank diagonally;
+      cwvar's joint selection is layer-local.
     allocation: how a global budget of an output-unit score is split over sites: "measured" (each
       site's risk curve measured on up to 512 calibration samples) or "predicted" (second order only).
     distributed: calibrate on this process's shard and sum the statistics over torch.distributed ranks.

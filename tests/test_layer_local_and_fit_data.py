@@ -11,6 +11,7 @@ from fxabstract import zoo
 from fxabstract.errors import CalibrationError
 from fxabstract.passes import risk
 from fxabstract.passes.scores import consumer_gram
+from fxabstract.passes.select import fit
 from fxabstract.verify import intervene, relative_error
 
 
@@ -88,3 +89,22 @@ def test_fit_data_of_another_shape_is_refused():
     with pytest.raises(CalibrationError, match="fit_data batch 0"):
         fxa.abstract(model, x.split(32), score="cwvar", replacement="affine",
                      fit_data=[torch.full((8, 3, 8, 8), float("nan"))])
+
+
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+def test_local_selection_orders_like_cwvar_and_prices_the_order_in_output_units(replacement):
+    model, x = _convnet()
+    analysis = fxa.analyse(model, x.split(32), curvature="exact")
+    local = analysis.risk_curves(replacement, "local")
+    cw = fxa.Analysis(analysis.gm, analysis.sites, analysis.ineligible, analysis.stats, "cwvar", 0)
+    layer = cw.risk_curves(replacement, "joint")
+    for s in analysis.sites:
+        cv = local[s.name]
+        assert cv.order == layer[s.name].order, "local selection is the consumer-Gram elimination order"
+        for k in (1, 3, s.n_units // 2):
+            plan = fit(s, cv, k, analysis.stats, "logit-mse", replacement, "local", 1e-3)
+            assert float(cv.curve[k]) == pytest.approx(plan.predicted_risk, rel=1e-6, abs=1e-12), \
+                f"{s.name}: the curve must be the output-unit risk of the fitted replacement of the first {k} units"
+    result = analysis.compile(0.5, replacement, "local", round_to=1, allocation="predicted")
+    assert result.report["selection"] == "local"
+    assert _hook_error(model, result, x) < 1e-5

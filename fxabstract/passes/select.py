@@ -1,7 +1,9 @@
 """Selection: which units each site keeps, and the fitted replacement of the others (THEORY §3).
 
 Per site, an elimination order and its risk curve R_s[k] (risk after removing k units): the
-diagonal ranking (additive scores) or greedy joint elimination (cross terms kept). The budget is
+diagonal ranking (additive scores), greedy joint elimination (cross terms kept), or "local": the
+joint elimination at the consumer (its Gram matrix W^T W as the curvature, i.e. layer-local optimal
+brain surgeon) with the order's risk measured in output units, so the budget is still global. The budget is
 then allocated: globally, cheapest next removal first, when the scores are in output units; the
 same fraction per site otherwise. Kept widths are multiples of `round_to` (or the full width).
 """
@@ -100,14 +102,17 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
         sc, c = unit_scores(score, s, stats, gm, gen)
         n = s.n_units - 1
         if s.group > 1:
-            order, curve = group_order(s, stats, sc, c, replacement, selection if score in OUTPUT_UNITS else "diagonal",
-                                       ridge)
-        elif score == "cwvar" and selection == "joint":   # layer-local: the consumers' Gram as curvature
-            G, S = consumer_gram(gm, s), stats.moments[s.name].cov
+            group_selection = {"local": "joint"}.get(selection, selection) if score in OUTPUT_UNITS else "diagonal"
+            order, curve = group_order(s, stats, sc, c, replacement, group_selection, ridge)
+        elif (score == "cwvar" and selection == "joint") or selection == "local":
+            G, S = consumer_gram(gm, s), stats.moments[s.name].cov   # layer-local: the consumers' Gram as curvature
             if replacement == "constant":                 # constant = mean: R(P) = 1/2 1_P^T (G * S) 1_P
                 order, curve = risk.joint_constant_order(G * S, torch.zeros_like(sc), n)
             else:                                         # OBS: R(K) = 1/2 tr(G_PP Cov(a_P | a_K))
                 order, curve = risk.joint_affine_order(G, S, ridge, n)
+            if selection == "local" and score in OUTPUT_UNITS:   # the order's risk in output units, to allocate on
+                curve = (_evaluated_curve(s, order, stats, score, ridge) if replacement == "affine"
+                         else _constant_curve(stats, s.name, c, order))
         elif selection == "diagonal":
             order, curve = risk.diagonal_order(sc, n)
         elif replacement == "constant":
@@ -122,8 +127,16 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
     return out
 
 
+def _constant_curve(stats: Statistics, name: str, c: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """R(first k of `order`) for constants c: lin.1_P + 1/2 1_P^T M 1_P (THEORY §3), k = 0..len(order)."""
+    o = torch.tensor(order, dtype=torch.long)
+    M = risk.constant_matrix(stats, name, c)[o][:, o]
+    step = risk.linear_term(stats, name, c)[o] + 0.5 * M.diagonal() + torch.tril(M, -1).sum(1)   # R(P + q) - R(P)
+    return torch.cat([step.new_zeros(1), step.cumsum(0)])
+
+
 def _evaluated_curve(site: Site, order: list[int], stats: Statistics, score: str, ridge: float,
-                     points: int = 33) -> torch.Tensor:
+                     points: int = 65) -> torch.Tensor:
     """The affine risk curve along `order`: `risk.position_affine_risk` of the fitted maps at `points`
     removal counts, linear in between."""
     grid = sorted({int(round(x)) for x in np.linspace(0, len(order), points)})
