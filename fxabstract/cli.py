@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", metavar="PATH", help="state dict to load into the model (torch.save)")
     c.add_argument("--data", metavar="PATH", help="calibration inputs (torch.save): a Tensor, or a dict "
                    "with 'x' (inputs) and optionally 'y' (labels)")
+    c.add_argument("--fit-data", metavar="PATH", help="more inputs (torch.save, like --data), run forward only, "
+                   "to fit the affine replacements on (with --model)")
     c.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default 256)")
     c.add_argument("--out", default=".", help="folder for model.onnx and report.json (default: here)")
     c.add_argument("--force", action="store_true", help="overwrite model.onnx / report.json in --out")
@@ -227,10 +229,10 @@ def fidelity_sweep(analysis, x, dense: torch.Tensor, args) -> list[dict]:
     return rows
 
 
-def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str) -> None:
+def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str, fit_data=None) -> None:
     """Compile, evaluate on (x, y), export, write report.json and summary.png, and print the table."""
     analysis = fxa.analyse(model, batches, score=args.score, seed=args.seed, progress=True,
-                           matrices=needs_matrices(args.score, args.replacement, args.selection))
+                           matrices=needs_matrices(args.score, args.replacement, args.selection), fit_data=fit_data)
     result = analysis.compile(args.keep, args.replacement, args.selection, args.round_to)
     ev = evaluate(model, result, x, y, swap_ps, trials, args)
     with torch.no_grad():
@@ -313,8 +315,9 @@ def compile_user(args) -> None:
                          f"{type(exc).__name__}: {_one_line(exc, 200)}") from None
     split = lambda t: t.split(args.batch_size)  # noqa: E731
     batches = list(zip(split(x), split(y))) if y is not None else list(split(x))
+    fit_data = load_data(args.fit_data)[0].split(args.batch_size) if args.fit_data else None
     _note(f"compiling {args.model} on {len(x)} samples...")
-    compile_and_write(model, batches, x, y, (0.5,), 2_000, args, args.data)
+    compile_and_write(model, batches, x, y, (0.5,), 2_000, args, args.data, fit_data)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -341,8 +344,8 @@ def _main(argv) -> int:
             raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.model and not args.data:
             raise UsageError("--model needs --data: a file of calibration inputs saved with torch.save")
-        if not args.model and (args.data or args.checkpoint):
-            raise UsageError("--data and --checkpoint need --model module:factory (the demo brings its own)")
+        if not args.model and (args.data or args.checkpoint or args.fit_data):
+            raise UsageError("--data, --fit-data and --checkpoint need --model module:factory (the demo brings its own)")
         out = args.out
         created = prepare_out(out, args.force)
         if args.model:

@@ -110,6 +110,16 @@ def test_user_model_with_checkpoint_and_data(user_files, capsys):
     assert "top-1 agreement" in stdout and "IIA, swap p = 0.5" in stdout, stdout
 
 
+def test_user_model_with_fit_data(user_files, capsys):
+    folder, module = user_files
+    torch.save(torch.randn(500, 6), folder / "fit.pt")
+    status = main(["compile", "--model", f"{module}:build", "--checkpoint", "weights.pt", "--data", "data.pt",
+                   "--fit-data", "fit.pt", "--batch-size", "100", "--keep", "0.5", "--out", "fitbuild"])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((folder / "fitbuild" / "report.json").read_text())
+    assert report["fit_samples"] == 500, "--fit-data is passed to the analysis as fit_data"
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--data", "missing.pt"], "data file not found: missing.pt"),
     (["--model", "no_colon", "--data", "data.pt"], "--model must be module:factory"),
@@ -117,6 +127,8 @@ def test_user_model_with_checkpoint_and_data(user_files, capsys):
     (["--model", "{module}:missing", "--data", "data.pt"], "has no 'missing'"),
     (["--model", "{module}:not_callable", "--data", "data.pt"], "not callable"),
     (["--model", "{module}:build"], "--model needs --data"),
+    (["--fit-data", "data.pt"], "--fit-data and --checkpoint need --model"),
+    (["--model", "{module}:build", "--data", "data.pt", "--fit-data", "missing.pt"], "data file not found: missing.pt"),
     (["--model", "{module}:build", "--checkpoint", "bad.pt", "--data", "data.pt"], "not a state dict"),
     (["--model", "{module}:build", "--checkpoint", "nofile.pt", "--data", "data.pt"], "checkpoint file not found"),
     (["--model", "{module}:build", "--data", "data.pt", "--keep", "2.0"], "invalid --keep"),
