@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .ops import _shape, is_batch_size
-from .splits import _split_call
+from .splits import _split_call, split_intervals
 
 aten = torch.ops.aten
 RESHAPES = {"view", "reshape", "_unsafe_view"}
@@ -57,9 +57,10 @@ def _passes_rows(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES) and len(node.all_input_nodes) == 1
     name = op_name(node)
-    if name in SCALINGS:
-        return len(node.all_input_nodes) == 1 and isinstance(node.args[1] if len(node.args) > 1 else None,
-                                                             (int, float))
+    if name in SCALINGS:                         # by a number, or a scalar computed from sizes (no tensor shape)
+        other = node.args[1] if len(node.args) == 2 else None
+        return isinstance(other, (int, float)) or (isinstance(other, fx.Node) and _shape(other) is None
+                                                   and isinstance(node.args[0], fx.Node))
     if name == "getitem":
         return isinstance(node.args[1], int)
     if name == "dropout":
@@ -68,20 +69,21 @@ def _passes_rows(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def trace_back(gm: fx.GraphModule, starts: list[fx.Node]):
-    """{start: (Linear node, nodes from the Linear's reader to start)} or a reason naming the node
-    where following stopped."""
-    out = {}
+    """({start: (Linear node, nodes from the Linear's reader to start)} for the starts that reach a
+    Linear, and None or the reason naming the node where following stopped)."""
+    out, reason = {}, None
     for start in starts:
         node, chain = start, []
-        while not _is_linear(gm, node):
-            if not isinstance(node, fx.Node) or not _passes_rows(gm, node):
-                name = getattr(node, "name", node)
-                return (f"`{name}` ({op_name(node) or node.op}) between a projection and the attention is not a view, "
-                        "transpose, permute, unbind, split or scaling that fxabstract can follow")
+        while isinstance(node, fx.Node) and not _is_linear(gm, node) and _passes_rows(gm, node):
             chain.append(node)
             node = node.args[0]
-        out[start] = (node, chain[::-1])
-    return out
+        if isinstance(node, fx.Node) and _is_linear(gm, node):
+            out[start] = (node, chain[::-1])
+        elif reason is None:
+            name = getattr(node, "name", node)
+            reason = (f"`{name}` ({op_name(node) or node.op}) between a projection and the attention is not a view, "
+                      "transpose, permute, unbind, split or scaling that fxabstract can follow")
+    return out, reason
 
 
 def apply_op(node: fx.Node, x):
@@ -101,8 +103,8 @@ def apply_op(node: fx.Node, x):
     if name == "getitem":
         return x[args[0]]
     if _split_call(node) is not None:
-        fn, param, dim = _split_call(node)
-        return fn(x, param, dim)
+        dim = _split_call(node)[2]
+        return x.split([hi - lo for lo, hi in split_intervals(node, x.shape[dim])], dim)
     return x                                          # contiguous, clone, casts, dropout, identity, scaling
 
 

@@ -106,11 +106,9 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
     if isinstance(found, str):
         return found, []
     *starts, kernel, k_transposed = found
-    chains = trace_back(gm, starts)
-    if isinstance(chains, str):
-        return chains, []
+    chains, reason = trace_back(gm, starts)
     modules = sorted({lin.target for lin, _ in chains.values()})
-    reason = _check_projections(gm, chains, calls)
+    reason = reason or _check_projections(gm, chains, calls)
     if reason:
         return reason, modules
     env = evaluate(gm, chains)
