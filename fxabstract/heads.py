@@ -60,32 +60,32 @@ def find_head_sites(gm: fx.GraphModule, calls, taken: set[str]):
 
 
 def _attention(node: fx.Node):
-    """(q input, k input, v input, attention nodes, k transposed?) of the kernel `node` ends at, a
-    reason, or None when node is not attention."""
+    """(q input, k input, v input, attention nodes, k transposed?, why not matched or None) of the
+    kernel `node` ends at, or None when node is not attention."""
     if op_name(node) == SDPA:
         bound = dict(zip(SDPA_ARGS, node.args)) | dict(node.kwargs)
-        mask = bound.get("attn_mask")
+        mask, reason = bound.get("attn_mask"), None
         if isinstance(mask, fx.Node) and len(_shape(mask) or ()) >= 3 and _shape(mask)[-3] != 1:
-            return f"the attention mask `{mask.name}` of `{node.name}` differs per head (not handled)"
+            reason = f"the attention mask `{mask.name}` of `{node.name}` differs per head (not handled)"
         if bound.get("enable_gqa"):
-            return f"`{node.name}` shares keys and values between heads (grouped-query attention, not handled)"
-        return bound["query"], bound["key"], bound["value"], {node}, False
+            reason = f"`{node.name}` shares keys and values between heads (grouped-query attention, not handled)"
+        return bound["query"], bound["key"], bound["value"], {node}, False, reason
     if op_name(node) != "matmul" or len(node.users) != 1:
         return None
     B, h = _shape(node)[:2]
     probs, v_in = node.args[:2]
-    score = probs
+    score, reason = probs, None
     for _ in range(12):                                               # back from P to q @ k^T
         if op_name(score) == "matmul" or len(score.users) != 1 or op_name(score) not in PER_HEAD_OPS:
             break
         for other in score.all_input_nodes[1:]:
             s = _shape(other) or ()
             if len(s) >= 3 and s[-3] != 1:
-                return f"`{other.name}` is added to the attention scores per head (not handled)"
+                reason = reason or f"`{other.name}` is added to the attention scores per head (not handled)"
         score = score.args[0]
     if op_name(score) != "matmul" or (_shape(score) or ())[:2] != (B, h):
         return None
-    return score.args[0], score.args[1], v_in, {node, score}, True
+    return score.args[0], score.args[1], v_in, {node, score}, True, reason
 
 
 def _match(gm: fx.GraphModule, proj: fx.Node, calls):
@@ -103,12 +103,10 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
     found = _attention(core)
     if found is None:
         return None
-    if isinstance(found, str):
-        return found, []
-    *starts, kernel, k_transposed = found
-    chains, reason = trace_back(gm, starts)
+    *starts, kernel, k_transposed, reason = found
+    chains, stopped = trace_back(gm, starts)
     modules = sorted({lin.target for lin, _ in chains.values()})
-    reason = reason or _check_projections(gm, chains, calls)
+    reason = reason or stopped or _check_projections(gm, chains, calls)
     if reason:
         return reason, modules
     env = evaluate(gm, chains)
