@@ -147,13 +147,13 @@ def head_axis(t: torch.Tensor, heads: list[torch.Tensor]) -> tuple[int, int] | N
     return found.pop() if len(found) == 1 else None
 
 
-def stray_reader(nodes: set[fx.Node], readers: set[fx.Node], env: dict, heads: list[torch.Tensor]) -> str | None:
-    """Why a value on the chains is read by something else than the chains and `readers` (the attention),
-    or None: the other readers allowed are size reads of an axis that does not carry heads (`k.size(-1)`),
-    batch-size reads and dead nodes."""
-    for node in nodes:
+def stray_reader(heads_of: dict[fx.Node, list[torch.Tensor]], readers: set[fx.Node], env: dict) -> str | None:
+    """Why a value on the chains (heads_of: node -> the rows of each head of its producer) is read by
+    something else than the chains and `readers` (the attention), or None: the other readers allowed
+    are size reads of an axis that does not carry heads (`k.size(-1)`), batch-size reads and dead nodes."""
+    for node, heads in heads_of.items():
         for user in node.users:
-            if user in nodes or user in readers or is_batch_size(user) or not user.users:
+            if user in heads_of or user in readers or is_batch_size(user) or not user.users:
                 continue
             dim = _size_dim(user)
             if dim is not None and isinstance(env[node], torch.Tensor):

@@ -123,8 +123,8 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
         used = torch.cat(heads).sort().values
         if not torch.equal(used, torch.arange(gm.get_submodule(lin.target).out_features)):
             return f"the heads do not read every row of `{lin.target}` exactly once", modules
-    nodes = {n for lin, chain in chains.values() for n in [lin, *chain]}
-    reason = stray_reader(nodes, kernel, env, [torch.cat([g[j] for g in groups.values()]) for j in range(h)])
+    heads_of = {n: groups[lin] for lin, chain in chains.values() for n in [lin, *chain]}
+    reason = stray_reader(heads_of, kernel, env)
     if reason:
         return reason, modules
     shapes = _view_axes(chains, env, groups)
@@ -161,7 +161,7 @@ def _head_rows(t: torch.Tensor, transposed: bool, h: int, dh: int):
     if tuple(t.shape[1:2]) + tuple(t.shape[3:]) != (h, dh):
         return f"its shape {tuple(t.shape)} is not [batch, {h} heads, positions, {dh}]"
     n = narrow(t)
-    if n.shape[0] != 1 or n.shape[2] != 1:
+    if not torch.equal(n, n[:1, :, :1].expand_as(n)):
         return "its heads read other rows at other positions or samples"
     return n[0, :, 0, :]
 
