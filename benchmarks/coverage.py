@@ -170,11 +170,11 @@ ARCHITECTURES = {
     "gated_conv_lm": (GatedConvLM, lambda n: _ids(n, 16, 64)),
     "split_conv (unequal split + sliced gate)": (zoo.SplitConvNet, lambda n: torch.randn(n, 3, 8, 8)),
     "glu_ffn (chunked GLU + SwiGLU)": (zt.GatedFFN, lambda n: torch.randn(n, 6, 16)),
-    "vit_timm (fused qkv + unbind, SDPA)": (zt.timm_vit, lambda n: torch.randn(n, 3, 32, 32)),
-    "gpt2 (fused qkv + split, SDPA is_causal)": (zt.gpt2, lambda n: _ids(n, 32, 64)),
-    "gpt_sdpa_mask (3 Linears, SDPA attn_mask)": (lambda: zt.GPT(attention=partial(zt.Attention, sdpa=True)),
+    "vit_timm (fused qkv unbind + SDPA)": (zt.timm_vit, lambda n: torch.randn(n, 3, 32, 32)),
+    "gpt2 (fused qkv split + SDPA is_causal)": (zt.gpt2, lambda n: _ids(n, 32, 64)),
+    "gpt_sdpa_mask (3 Linears + SDPA attn_mask)": (lambda: zt.GPT(attention=partial(zt.Attention, sdpa=True)),
                                                   lambda n: _ids(n, 32, 64)),
-    "bert_sdpa (Hugging Face, SDPA)": (lambda: _bert("sdpa"), _bert_inputs),
+    "bert_sdpa (Hugging Face SDPA)": (lambda: _bert("sdpa"), _bert_inputs),
 }
 REAL = {"mobilenet_v2_real (ImageNet)"}
 
