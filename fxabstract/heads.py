@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .head_rows import apply_op, evaluate, head_axis, narrow, op_name, stray_reader, trace_back
+from .head_rows import IDENTITY_MODULES, apply_op, evaluate, head_axis, narrow, op_name, stray_reader, trace_back
 from .sites import Piece, Site, _shape
 
 SHAPE_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone"}
@@ -59,7 +59,15 @@ def find_head_sites(gm: fx.GraphModule, calls, taken: set[str]):
     return sites, claimed, {m: r for m, r in reasons.items() if m not in claimed}
 
 
-def _attention(node: fx.Node):
+def _per_head(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op on the attention scores that acts on each head separately (softmax, scaling, masking,
+    dropout: an nn.Dropout or nn.Identity module too)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES)
+    return op_name(node) in PER_HEAD_OPS
+
+
+def _attention(gm: fx.GraphModule, node: fx.Node):
     """(q input, k input, v input, attention nodes, k transposed?, why not matched or None) of the
     kernel `node` ends at, or None when node is not attention."""
     if op_name(node) == SDPA:
@@ -76,7 +84,7 @@ def _attention(node: fx.Node):
     probs, v_in = node.args[:2]
     score, reason = probs, None
     for _ in range(12):                                               # back from P to q @ k^T
-        if op_name(score) == "matmul" or len(score.users) != 1 or op_name(score) not in PER_HEAD_OPS:
+        if op_name(score) == "matmul" or len(score.users) != 1 or not _per_head(gm, score):
             break
         for other in score.all_input_nodes[1:]:
             s = _shape(other) or ()
@@ -100,7 +108,7 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
         core = core.args[0]
     if len(_shape(core) or ()) != 4:
         return None
-    found = _attention(core)
+    found = _attention(gm, core)
     if found is None:
         return None
     *starts, kernel, k_transposed, reason = found

@@ -48,6 +48,7 @@ class FusedAttention(nn.Module):
         super().__init__()
         self.heads, self.causal, self.form, self.sdpa = heads, causal, form, sdpa
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm, self.attn_drop = nn.Identity(), nn.Identity(), nn.Dropout(0.1)   # as timm's
         self.register_buffer("mask", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False)
 
     def forward(self, x):
@@ -55,6 +56,7 @@ class FusedAttention(nn.Module):
         h, dh = self.heads, C // self.heads
         if self.form == "unbind":
             q, k, v = self.qkv(x).reshape(B, T, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)   # [B, h, T, dh]
+            q, k = self.q_norm(q), self.k_norm(k)
         else:
             q, k, v = self.qkv(x).split(C, dim=2) if self.form == "split" else self.qkv(x).chunk(3, dim=-1)
             q, k, v = q.view(B, T, h, dh).transpose(1, 2), k.view(B, T, h, dh).transpose(1, 2), \
@@ -65,7 +67,7 @@ class FusedAttention(nn.Module):
             att = (q * k.size(-1) ** -0.5) @ k.transpose(-2, -1)          # [B, h, T, T]
             if self.causal:
                 att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
-            y = att.softmax(-1) @ v
+            y = self.attn_drop(att.softmax(-1)) @ v
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 

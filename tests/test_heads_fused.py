@@ -91,6 +91,35 @@ def test_sdpa_with_three_projections_folds_exactly(causal, front_end, monkeypatc
     assert _exact(model, result, x) <= TOL, "SDPA: compiled vs hooks"
 
 
+class IndexedQKV(nn.Module):
+    """Older timm: `q, k, v = qkv[0], qkv[1], qkv[2]` (aten.select under torch.export), attention
+    dropout as a module between softmax and @ v, the inferred head width (-1) in the view."""
+
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.drop, self.fc = nn.Dropout(0.1), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = self.drop(((q @ k.transpose(-2, -1)) * (C // self.heads) ** -0.5).softmax(-1))
+        return self.fc(self.proj((att @ v).transpose(1, 2).reshape(B, N, C)).mean(1))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_indexed_fused_qkv_folds_exactly(front_end, monkeypatch):
+    torch.manual_seed(0)
+    model, x = IndexedQKV().eval(), torch.randn(24, 7, 32)
+    if front_end == "export":
+        _no_fx(monkeypatch)
+    result = fxa.abstract(model, x.split(8), keep={"heads": 16}, replacement="affine", sites=["heads"],
+                          allocation="predicted")
+    assert result.module.get_submodule("qkv").out_features == 48, "2 of 4 heads kept in each third"
+    assert _exact(model, result, x) <= TOL, "indexed qkv: compiled vs hooks"
+
+
 @pytest.mark.parametrize("name", ["timm_vit", "gpt2"])
 def test_fused_models_compile_at_half_the_units_and_export_to_onnx(name, tmp_path):
     """The whole model at keep 50% (heads and FFN neurons on one budget), then ONNX parity."""
