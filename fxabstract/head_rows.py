@@ -15,7 +15,7 @@ so the value at q[b, j, t, i] is the producer row that q[b, j, t, i] is; a head 
 that does not depend on b and t. A view's *head axis* is the one axis whose slabs are whole heads:
 fold rewrites its size there (`heads * units per head`).
 
-    >>> chains = trace_back(gm, [q_in, k_in, v_in])    # {input: (Linear node, [index-op nodes])} or a reason
+    >>> chains, reason = trace_back(gm, [q_in, k_in, v_in])   # {input: (Linear node, [index ops])}, None
 """
 from __future__ import annotations
 
@@ -58,14 +58,26 @@ def _passes_rows(gm: fx.GraphModule, node: fx.Node) -> bool:
         return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES) and len(node.all_input_nodes) == 1
     name = op_name(node)
     if name in SCALINGS:                         # by a number, or a scalar computed from sizes (no tensor shape)
-        other = node.args[1] if len(node.args) == 2 else None
-        return isinstance(other, (int, float)) or (isinstance(other, fx.Node) and _shape(other) is None
-                                                   and isinstance(node.args[0], fx.Node))
+        if len(node.args) != 2 or node.kwargs:
+            return False
+        x = chain_input(node)
+        other = node.args[1] if x is node.args[0] else node.args[0]
+        return isinstance(x, fx.Node) and _shape(x) is not None and (
+            isinstance(other, (int, float)) or (isinstance(other, fx.Node) and _shape(other) is None))
     if name == "getitem":
         return isinstance(node.args[1], int)
     if name == "dropout":
         return len(node.all_input_nodes) == 1
     return name in INDEX_OPS and node.args[:1] != () and isinstance(node.args[0], fx.Node)
+
+
+def chain_input(node: fx.Node):
+    """The tensor an index op or scaling reads: its first argument (the second in `scale * q`)."""
+    a = node.args[0]
+    if op_name(node) == "mul" and len(node.args) == 2 and isinstance(node.args[1], fx.Node) and (
+            not isinstance(a, fx.Node) or _shape(a) is None):
+        return node.args[1]
+    return a
 
 
 def trace_back(gm: fx.GraphModule, starts: list[fx.Node]):
@@ -76,7 +88,7 @@ def trace_back(gm: fx.GraphModule, starts: list[fx.Node]):
         node, chain = start, []
         while isinstance(node, fx.Node) and not _is_linear(gm, node) and _passes_rows(gm, node):
             chain.append(node)
-            node = node.args[0]
+            node = chain_input(node)
         if isinstance(node, fx.Node) and _is_linear(gm, node):
             out[start] = (node, chain[::-1])
         elif reason is None:
@@ -116,7 +128,7 @@ def evaluate(gm: fx.GraphModule, chains: dict) -> dict[fx.Node, torch.Tensor]:
             env[linear] = torch.arange(gm.get_submodule(linear.target).out_features).expand(_shape(linear))
         for node in chain:
             if node not in env:
-                env[node] = apply_op(node, env[node.args[0]])
+                env[node] = apply_op(node, env[chain_input(node)])
     return env
 
 

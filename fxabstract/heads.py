@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .head_rows import IDENTITY_MODULES, apply_op, evaluate, head_axis, narrow, op_name, stray_reader, trace_back
+from .head_rows import IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader, trace_back
 from .sites import Piece, Site, _shape
 
 SHAPE_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone"}
@@ -84,14 +84,15 @@ def _attention(gm: fx.GraphModule, node: fx.Node):
     probs, v_in = node.args[:2]
     score, reason = probs, None
     for _ in range(12):                                               # back from P to q @ k^T
-        if op_name(score) == "matmul" or len(score.users) != 1 or not _per_head(gm, score):
+        if not isinstance(score, fx.Node) or op_name(score) == "matmul" or len(score.users) != 1 \
+                or not _per_head(gm, score):
             break
-        for other in score.all_input_nodes[1:]:
+        for other in score.all_input_nodes:
             s = _shape(other) or ()
-            if len(s) >= 3 and s[-3] != 1:
+            if other is not chain_input(score) and len(s) >= 3 and s[-3] != 1:
                 reason = reason or f"`{other.name}` is added to the attention scores per head (not handled)"
-        score = score.args[0]
-    if op_name(score) != "matmul" or (_shape(score) or ())[:2] != (B, h):
+        score = chain_input(score)
+    if not isinstance(score, fx.Node) or op_name(score) != "matmul" or (_shape(score) or ())[:2] != (B, h):
         return None
     return score.args[0], score.args[1], v_in, {node, score}, True, reason
 
