@@ -203,8 +203,25 @@ class SizeOfPiece(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, C)).mean(1)
 
 
+class PerHeadScoreBias(nn.Module):
+    """softmax(q k^T + b) v with a learned bias per head on the scores (relative-position style)."""
+
+    def __init__(self, dim=32, heads=4, tokens=8):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel = nn.Parameter(torch.randn(1, heads, tokens, tokens))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = [t.reshape(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v)]
+        att = (0.5 * (q @ k.transpose(-2, -1)) + self.rel).softmax(-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(B, T, C)).mean(1)
+
+
 @pytest.mark.parametrize("model,words", [
     (PerHeadMask(), ["attention mask `bias`", "differs per head"]),
+    (PerHeadScoreBias(), ["`rel`", "per head"]),
     (Interleaved(), ["not one block of `qkv`"]),
     (SizeOfPiece(), ["is also read by", "size"]),
 ])
