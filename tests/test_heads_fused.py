@@ -120,9 +120,11 @@ def test_indexed_fused_qkv_folds_exactly(front_end, monkeypatch):
     assert _exact(model, result, x) <= TOL, "indexed qkv: compiled vs hooks"
 
 
-@pytest.mark.parametrize("name", ["timm_vit", "gpt2"])
-def test_fused_models_compile_at_half_the_units_and_export_to_onnx(name, tmp_path):
+@pytest.mark.parametrize("name,front_end", [("timm_vit", "fx"), ("gpt2", "fx"), ("gpt2", "export")])
+def test_fused_models_compile_at_half_the_units_and_export_to_onnx(name, front_end, tmp_path, monkeypatch):
     """The whole model at keep 50% (heads and FFN neurons on one budget), then ONNX parity."""
+    if front_end == "export":
+        _no_fx(monkeypatch)
     torch.manual_seed(0)
     model = getattr(zt, name)().eval()
     x = torch.randn(24, 3, 32, 32) if name == "timm_vit" else torch.randint(0, 64, (24, 32))
