@@ -21,7 +21,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .head_rows import IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader, trace_back
+from .head_rows import (IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader,
+                        trace_back)
 from .sites import Piece, Site, _shape
 
 SHAPE_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone"}
