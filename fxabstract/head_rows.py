@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from .ops import _shape, is_batch_size
-from .splits import _split_call, split_intervals
+from .splits import _split_call, constant_sizes, split_intervals, traced_sizes
 
 aten = torch.ops.aten
 RESHAPES = {"view", "reshape", "_unsafe_view"}
@@ -66,6 +66,8 @@ def _passes_rows(gm: fx.GraphModule, node: fx.Node) -> bool:
             isinstance(other, (int, float)) or (isinstance(other, fx.Node) and _shape(other) is None))
     if name == "getitem":
         return isinstance(node.args[1], int)
+    if _split_call(node) is not None:            # sizes computed from shapes: read off every traced piece
+        return constant_sizes(node) or traced_sizes(node) is not None
     if name == "dropout":
         return len(node.all_input_nodes) == 1
     return name in INDEX_OPS and node.args[:1] != () and isinstance(node.args[0], fx.Node)
