@@ -24,6 +24,7 @@ import platform
 import sys
 import tempfile
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -117,10 +118,10 @@ class GatedConvLM(nn.Module):
 
 # --------------------------------------------------------------------------- the list
 
-def _bert():
+def _bert(attention: str = "eager"):
     import transformers
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+                                  intermediate_size=64, max_position_embeddings=64, attn_implementation=attention)
     return transformers.BertModel(cfg)
 
 
@@ -169,6 +170,11 @@ ARCHITECTURES = {
     "gated_conv_lm": (GatedConvLM, lambda n: _ids(n, 16, 64)),
     "split_conv (unequal split + sliced gate)": (zoo.SplitConvNet, lambda n: torch.randn(n, 3, 8, 8)),
     "glu_ffn (chunked GLU + SwiGLU)": (zt.GatedFFN, lambda n: torch.randn(n, 6, 16)),
+    "vit_timm (fused qkv unbind + SDPA)": (zt.timm_vit, lambda n: torch.randn(n, 3, 32, 32)),
+    "gpt2 (fused qkv split + SDPA is_causal)": (zt.gpt2, lambda n: _ids(n, 32, 64)),
+    "gpt_sdpa_mask (3 Linears + SDPA attn_mask)": (lambda: zt.GPT(attention=partial(zt.Attention, sdpa=True)),
+                                                  lambda n: _ids(n, 32, 64)),
+    "bert_sdpa (Hugging Face SDPA)": (lambda: _bert("sdpa"), _bert_inputs),
 }
 REAL = {"mobilenet_v2_real (ImageNet)"}
 

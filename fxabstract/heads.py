@@ -4,42 +4,32 @@ consumers; the output projection is one).
 
 The pattern, in fx (symbolic_trace) or aten (torch.export) spelling:
 
-    q, k, v = Linear(x) -> view [B, T, h, dh] -> transpose          (one per projection)
-    P = softmax(q @ k^T * scale (+ mask))                           per head: [B, h, T, T]
-    y = (P @ v) -> transpose -> reshape [B, T, h * dh] -> proj        y is the site, proj the consumer
+    q, k, v = projections -> views                                  [B, h, T, dh] each (head_rows.py)
+    o = softmax(q @ k^T * scale (+ mask)) @ v                       per head: [B, h, T, dh]
+      or F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=...)
+    y = o -> transpose -> reshape [B, T, h * dh] -> proj             y is the site, proj the consumer
 
-Replacing the units of head g by constants or affine maps of the kept heads' units is folded into
-proj; head g's rows of q, k and v are deleted, and the head count in the split views and the merge
-reshape (a literal h, or -1) is rewritten. Each head's attention depends on its own q, k, v only, so
-the fold is exact.
+The projections are three Linears, or one fused Linear(d, 3d) whose output is reshaped and unbound
+(timm) or split/chunked in three (GPT-2 style). Replacing the units of head g by constants or affine
+maps of the kept heads' units is folded into proj; head g's rows of q, k and v are deleted (from each
+third of a fused weight), the head count in every view is rewritten and a split takes the new sizes.
+Each head's attention depends on its own q, k, v only, so the fold is exact.
 """
 from __future__ import annotations
-
-import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from .head_rows import (IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader,
+                        trace_back)
 from .sites import Piece, Site, _shape
 
-aten = torch.ops.aten
-MATMULS = {operator.matmul, torch.matmul, aten.matmul.default, "matmul"}
 SHAPE_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone"}
 PER_HEAD_OPS = {"softmax", "_softmax", "dropout", "mul", "div", "truediv", "add", "sub", "masked_fill",
                 "masked_fill_", "where", "to", "type", "float", "contiguous", "clone"}
-
-
-def _op(node: fx.Node) -> str:
-    """A node's operation as a bare name: 'view', 'softmax', 'matmul', ..."""
-    t = node.target
-    if node.op == "call_method":
-        return t
-    if node.op != "call_function":
-        return ""
-    if isinstance(t, torch._ops.OpOverload):
-        return t._schema.name.split("::")[1]
-    return "matmul" if t in MATMULS else getattr(t, "__name__", str(t))
+SDPA = "scaled_dot_product_attention"
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def _shape_args(node: fx.Node) -> list:
@@ -48,84 +38,174 @@ def _shape_args(node: fx.Node) -> list:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
 
 
-def _back_to_linear(gm: fx.GraphModule, node: fx.Node, calls) -> tuple[fx.Node | None, list[fx.Node]]:
-    """Follow single-user shape ops back to a once-called Linear: (linear node, shape-op nodes)."""
-    ops = []
-    while node.op != "call_module" and _op(node) in SHAPE_OPS and len(node.users) == 1:
-        ops.append(node)
-        node = node.args[0]
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear) \
-            and calls[node.target] == 1 and len(node.users) == 1:
-        return node, ops
-    return None, ops
-
-
-def _split_views(ops: list[fx.Node], h: int) -> list[fx.Node] | None:
-    """The one view [B, T, C] -> [B, T, h, dh] among ops, if its head count is a literal h or -1."""
-    views = [n for n in ops if _op(n) in ("view", "reshape", "_unsafe_view")]
-    if len(views) != 1 or len(_shape(views[0]) or ()) != 4:
-        return None
-    shape = _shape_args(views[0])
-    return views if len(shape) == 4 and shape[2] in (h, -1) else None
-
-
-def find_head_sites(gm: fx.GraphModule, calls, taken: set[str]) -> tuple[list[Site], set[str]]:
-    """Head sites, one per attention block found; and the module paths they claim (q, k, v, proj)."""
-    sites, claimed = [], set()
+def find_head_sites(gm: fx.GraphModule, calls, taken: set[str]):
+    """Head sites, one per attention block found; the module paths they claim (projections, proj);
+    and, for attention blocks found but not matched, the reason per projection."""
+    sites, claimed, reasons = [], set(), {}
     for proj in gm.graph.nodes:
         if proj.op != "call_module" or not isinstance(gm.get_submodule(proj.target), nn.Linear):
             continue
-        site = _match(gm, proj, calls)
-        if site is None:
+        found = _match(gm, proj, calls)
+        if found is None:
+            continue
+        site, modules = found
+        if isinstance(site, str):
+            reasons.update({m: site for m in modules if m not in claimed})
             continue
         paths = {p.module for p in site.pieces} | {proj.target}
         if paths & (taken | claimed):
             continue
         sites.append(site)
         claimed |= paths
-    return sites, claimed
+    return sites, claimed, {m: r for m, r in reasons.items() if m not in claimed}
 
 
-def _match(gm: fx.GraphModule, proj: fx.Node, calls) -> Site | None:
+def _per_head(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op on the attention scores that acts on each head separately (softmax, scaling, masking,
+    dropout: an nn.Dropout or nn.Identity module too)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES)
+    return op_name(node) in PER_HEAD_OPS
+
+
+def _attention(gm: fx.GraphModule, node: fx.Node):
+    """(q input, k input, v input, attention nodes, k transposed?, why not matched or None) of the
+    kernel `node` ends at, or None when node is not attention."""
+    if op_name(node) == SDPA:
+        bound = dict(zip(SDPA_ARGS, node.args)) | dict(node.kwargs)
+        mask, reason = bound.get("attn_mask"), None
+        if isinstance(mask, fx.Node) and len(_shape(mask) or ()) >= 3 and _shape(mask)[-3] != 1:
+            reason = f"the attention mask `{mask.name}` of `{node.name}` differs per head (not handled)"
+        if bound.get("enable_gqa"):
+            reason = f"`{node.name}` shares keys and values between heads (grouped-query attention, not handled)"
+        return bound["query"], bound["key"], bound["value"], {node}, False, reason
+    if op_name(node) != "matmul" or len(node.users) != 1:
+        return None
+    B, h = _shape(node)[:2]
+    probs, v_in = node.args[:2]
+    score, reason = probs, None
+    for _ in range(12):                                               # back from P to q @ k^T
+        if not isinstance(score, fx.Node) or op_name(score) == "matmul" or len(score.users) != 1 \
+                or not _per_head(gm, score):
+            break
+        for other in score.all_input_nodes:
+            s = _shape(other) or ()
+            if other is not chain_input(score) and len(s) >= 3 and s[-3] != 1:
+                reason = reason or f"`{other.name}` is added to the attention scores per head (not handled)"
+        score = chain_input(score)
+    if not isinstance(score, fx.Node) or op_name(score) != "matmul" or (_shape(score) or ())[:2] != (B, h):
+        return None
+    return score.args[0], score.args[1], v_in, {node, score}, True, reason
+
+
+def _match(gm: fx.GraphModule, proj: fx.Node, calls):
+    """(Site, modules) for the attention block proj reads, (reason, projection modules) when it is
+    attention but not matched, None when it is not attention."""
     y = proj.args[0]
     if calls[proj.target] != 1 or len(y.users) != 1 or len(_shape(y) or ()) != 3:
         return None
-    node, merge_ops = y, []
-    while _op(node) in SHAPE_OPS and len(node.users) == 1:           # back from y to P @ v
-        merge_ops.append(node)
-        node = node.args[0]
-    if _op(node) != "matmul" or len(_shape(node) or ()) != 4 or len(node.users) != 1:
+    core, merge = y, []
+    while op_name(core) in SHAPE_OPS and len(core.users) == 1:       # back from y to the kernel
+        merge.append(core)
+        core = core.args[0]
+    if len(_shape(core) or ()) != 4:
         return None
-    B, h, T, dh = _shape(node)
-    C = _shape(y)[2]
-    probs, v_out = node.args[:2]
-    v, v_ops = _back_to_linear(gm, v_out, calls)
-    score = probs
-    for _ in range(12):                                               # back from P to q @ k^T
-        if _op(score) == "matmul" or len(score.users) != 1 or _op(score) not in PER_HEAD_OPS:
-            break
-        for other in score.all_input_nodes[1:]:
-            s = _shape(other) or ()
-            if len(s) >= 3 and s[-3] != 1:
-                return None                                           # a per-head bias: not handled
-        score = score.args[0]
-    if _op(score) != "matmul" or (_shape(score) or ())[:2] != (B, h):
+    found = _attention(gm, core)
+    if found is None:
         return None
-    q, q_ops = _back_to_linear(gm, score.args[0], calls)
-    k, k_ops = _back_to_linear(gm, score.args[1], calls)
-    if None in (q, k, v) or C != h * dh or len({q.target, k.target, v.target, proj.target}) != 4:
-        return None
-    if any(gm.get_submodule(n.target).out_features != C for n in (q, k, v)):
-        return None
-    splits = [_split_views(ops, h) for ops in (q_ops, k_ops, v_ops)]
-    merges = [n for n in merge_ops if _op(n) in ("view", "reshape", "_unsafe_view")]
-    if None in splits or len(merges) != 1 or _shape_args(merges[0])[-1:] not in ([C], [-1]):
-        return None
-    prefix = _common_prefix([q.target, k.target, v.target, proj.target])
-    name = (prefix + "." if prefix else "") + "heads"
-    return Site(name, y.name, [n.name for n in merge_ops], [proj.target], C, axis=-1, shape=tuple(_shape(y)[1:]),
-                pieces=[Piece(m.target, 0, C) for m in (v, q, k)], reads={proj.target: "features"},
-                group=dh, head_shapes=[s[0].name for s in splits] + [merges[0].name])
+    *starts, kernel, k_transposed, reason = found
+    chains, stopped = trace_back(gm, starts)
+    modules = sorted({lin.target for lin, _ in chains.values()})
+    reason = reason or stopped or _check_projections(gm, chains, calls)
+    if reason:
+        return reason, modules
+    env = evaluate(gm, chains)
+    B, h, T, dh = _shape(core)
+    layout = [(s, _head_rows(env[s], k_transposed and i == 1, h, dh)) for i, s in enumerate(starts)]
+    for s, rows in layout:
+        if isinstance(rows, str):
+            return f"`{s.name}`: {rows}", modules
+    groups: dict[fx.Node, list[torch.Tensor]] = {}                    # Linear -> [h] rows of each head
+    for lin in {chains[s][0] for s in starts}:
+        mine = [rows for s, rows in layout if chains[s][0] is lin]    # [h, dh] each
+        groups[lin] = list(torch.cat(mine, dim=1))
+    for lin, heads in groups.items():
+        used = torch.cat(heads).sort().values
+        if not torch.equal(used, torch.arange(gm.get_submodule(lin.target).out_features)):
+            return f"the heads do not read every row of `{lin.target}` exactly once", modules
+    heads_of = {n: groups[lin] for lin, chain in chains.values() for n in [lin, *chain]}
+    reason = stray_reader(heads_of, kernel, env)
+    if reason:
+        return reason, modules
+    shapes = _view_axes(chains, env, groups)
+    merged = _merge_axes(merge, core, h, dh)
+    if isinstance(shapes, str) or isinstance(merged, str):
+        return shapes if isinstance(shapes, str) else merged, modules
+    pieces = []
+    for s, rows in (layout[2], layout[0], layout[1]):                 # v, q, k: the order of the 3-Linear case
+        start = int(rows[0, 0])
+        if not torch.equal(rows.flatten(), torch.arange(start, start + h * dh)):
+            return f"the rows of `{s.name}` are not one block of `{chains[s][0].target}` (interleaved heads)", modules
+        pieces.append(Piece(chains[s][0].target, 0, h * dh, start, gm.get_submodule(chains[s][0].target).out_features))
+    if proj.target in modules:
+        return f"the output projection `{proj.target}` also projects q, k or v", modules
+    splits = [Piece(n.name, 0, h * dh) for s in starts for n in chains[s][1] if op_name(n) == "getitem"
+              and op_name(n.args[0]) in ("split", "chunk", "split_with_sizes", "tensor_split")]
+    prefix = _common_prefix(modules + [proj.target])
+    site = Site((prefix + "." if prefix else "") + "heads", y.name, [n.name for n in merge], [proj.target], h * dh,
+                axis=-1, shape=tuple(_shape(y)[1:]), pieces=pieces, reads={proj.target: "features"}, group=dh,
+                head_shapes=shapes | merged, splits=splits)
+    return site, modules
+
+
+def _check_projections(gm: fx.GraphModule, chains: dict, calls) -> str | None:
+    for lin, _ in chains.values():
+        if calls[lin.target] != 1:
+            return f"the projection `{lin.target}` is called {calls[lin.target]} times (shared weights)"
+    return None
+
+
+def _head_rows(t: torch.Tensor, transposed: bool, h: int, dh: int):
+    """[h, dh] producer rows of each head of q, k or v ([B, h, T, dh]; k^T: [B, h, dh, T]), or why not."""
+    t = t.transpose(-2, -1) if transposed else t
+    if tuple(t.shape[1:2]) + tuple(t.shape[3:]) != (h, dh):
+        return f"its shape {tuple(t.shape)} is not [batch, {h} heads, positions, {dh}]"
+    n = narrow(t)
+    if not torch.equal(n, n[:1, :, :1].expand_as(n)):
+        return "its heads read other rows at other positions or samples"
+    return n[0, :, 0, :]
+
+
+def _view_axes(chains: dict, env: dict, groups: dict):
+    """{view node: (head axis, positions per head)} on the projections' side, or why one has none."""
+    out = {}
+    for lin, chain in chains.values():
+        for node in chain:
+            if op_name(node) in ("view", "reshape", "_unsafe_view"):
+                axis = head_axis(env[node], groups[lin])
+                if axis is None or len(_shape_args(node)) != len(_shape(node)):
+                    return f"the view `{node.name}` does not keep each head on one axis"
+                out[node.name] = axis
+    return out
+
+
+def _merge_axes(merge: list[fx.Node], core: fx.Node, h: int, dh: int):
+    """{view node: (head axis, positions per head)} from the kernel to proj, or why the heads are not
+    merged head-major into proj's features (unit u of head u // dh)."""
+    units = {core: torch.arange(h * dh).view(1, h, 1, dh).expand(_shape(core))}
+    heads = list(torch.arange(h * dh).view(h, dh))
+    out = {}
+    for node in reversed(merge):
+        units[node] = apply_op(node, units[node.args[0]])
+        if op_name(node) in ("view", "reshape", "_unsafe_view"):
+            axis = head_axis(units[node], heads)
+            if axis is None or len(_shape_args(node)) != len(_shape(node)):
+                return f"the view `{node.name}` does not keep each head on one axis"
+            out[node.name] = axis
+    y = narrow(units[merge[0]]) if merge else None
+    if y is None or tuple(y.shape[:-1]) != (1, 1) or not torch.equal(y.flatten(), torch.arange(h * dh)):
+        return f"`{core.name}`'s heads do not reach the output projection as [batch, positions, heads * {dh}]"
+    return out
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -139,17 +219,14 @@ def _common_prefix(paths: list[str]) -> str:
 
 
 def set_head_count(gm: fx.GraphModule, site: Site, heads: int) -> None:
-    """Rewrite the literal head counts of a head site's split views and merge reshape, in place."""
+    """Give every view of a head site its new size on the head axis (heads * positions per head), in
+    place; an inferred size (-1) is left as it is."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    h, dh = site.n_units // site.group, site.group
-    for name in site.head_shapes:
+    for name, (axis, per_head) in site.head_shapes.items():
         node = nodes[name]
         shape = _shape_args(node)
-        if len(shape) == 4 and shape[2] == h:
-            shape[2] = heads
-        elif shape and shape[-1] == h * dh:
-            shape[-1] = heads * dh
-        else:
-            continue                                                  # -1: inferred
+        if shape[axis] == -1:
+            continue
+        shape[axis] = heads * per_head
         as_list = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
         node.args = (node.args[0], shape) if as_list else (node.args[0], *shape)

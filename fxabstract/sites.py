@@ -87,7 +87,7 @@ class Site:
     reads: dict[str, str] = field(default_factory=dict)        # consumer -> features | channels | flattened
     bias_maps: list[str] = field(default_factory=list)         # zero-padded conv consumers: spatial bias maps
     group: int = 1            # units are removed in groups of this many (an attention head's width)
-    head_shapes: list[str] = field(default_factory=list)       # nodes whose literal head count fold rewrites
+    head_shapes: dict = field(default_factory=dict)            # view node -> (head axis, positions per head)
     splits: list[Piece] = field(default_factory=list)          # split pieces (graph nodes) and the units each carries
 
     @property
@@ -160,13 +160,12 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
 
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     tied = tied_modules(gm)
-    head_sites, claimed = find_head_sites(gm, calls, set(tied))
-    ineligible: dict[str, str] = {}
+    head_sites, claimed, ineligible = find_head_sites(gm, calls, set(tied))   # ineligible: unmatched attention
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     pending: dict[fx.Node, list[_Path]] = {}          # path end -> the paths that end there
     for node in gm.graph.nodes:
         mod = _module(gm, node)
-        if mod is None or type(mod) not in PRODUCERS or node.target in claimed:
+        if mod is None or type(mod) not in PRODUCERS or node.target in claimed or node.target in ineligible:
             continue
         name = node.target
         d = _width(PRODUCERS, mod)

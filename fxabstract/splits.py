@@ -55,11 +55,25 @@ def _split_call(node: fx.Node):
 
 
 def split_intervals(node: fx.Node, d: int) -> list[tuple[int, int]]:
-    """The unit interval [lo, hi) of each output of a split of d units (the split run on arange(d))."""
+    """The unit interval [lo, hi) of each output of a split of d units (the split run on arange(d);
+    sizes computed in the graph, `x.split(C)` with C from x.shape, are read off the traced pieces)."""
     fn, param, _ = _split_call(node)
-    sizes = [len(t) for t in fn(torch.arange(d), param, 0)]
+    sizes = [len(t) for t in fn(torch.arange(d), param, 0)] if constant_sizes(node) else traced_sizes(node)
     ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
     return [(e - s, e) for s, e in zip(sizes, ends)]
+
+
+def constant_sizes(node: fx.Node) -> bool:
+    """Whether a split's sizes (or chunk count) are constants in the graph."""
+    param = _split_call(node)[1]
+    return all(isinstance(v, int) for v in (param if isinstance(param, (list, tuple)) else [param]))
+
+
+def traced_sizes(node: fx.Node) -> list[int] | None:
+    """The sizes of a split's pieces as traced, when every piece is indexed (else None)."""
+    dim = _split_call(node)[2]
+    traced = {_getitem_index(u, node): _shape(u)[dim] for u in node.users if _shape(u) is not None}
+    return [traced[k] for k in range(len(traced))] if set(traced) == set(range(len(traced))) and traced else None
 
 
 def _slice(node: fx.Node, rank: int):

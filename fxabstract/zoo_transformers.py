@@ -1,11 +1,15 @@
 """Reference sequence architectures (own definitions): a ViT, a GPT-style decoder, GLU FFNs, a
-Conformer-style block (convolution + attention) and an MLP-Mixer. Their FFN intermediate neurons are
-the sites.
+Conformer-style block (convolution + attention) and an MLP-Mixer. Their FFN intermediate neurons and
+attention heads are the sites. Attention comes in the forms users bring: three projections or one
+fused qkv projection (timm's unbind, GPT-2's split or chunk), softmax(q k^T) v or
+F.scaled_dot_product_attention (`timm_vit`, `gpt2`).
 
     >>> gpt = GPT(vocab=64, dim=32, depth=2, heads=4, context=16)
     >>> gpt(torch.randint(0, 64, (2, 16))).shape           # [B, T, vocab]
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,20 +19,56 @@ from torch import nn
 class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v projections and an output projection."""
 
-    def __init__(self, dim: int, heads: int, causal: bool = False, context: int = 512):
+    def __init__(self, dim: int, heads: int, causal: bool = False, context: int = 512, sdpa: bool = False):
         super().__init__()
-        self.dim, self.heads, self.causal = dim, heads, causal
+        self.dim, self.heads, self.causal, self.sdpa = dim, heads, causal, sdpa
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
         self.register_buffer("mask", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False)
 
     def forward(self, x):
         B, T, h, dh = x.size(0), x.size(1), self.heads, self.dim // self.heads
         q, k, v = (f(x).view(B, T, h, dh).transpose(1, 2) for f in (self.q, self.k, self.v))
+        if self.sdpa:                                                    # the kernel, with a boolean mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask[:T, :T] if self.causal else None)
+            return self.proj(y.transpose(1, 2).reshape(B, T, self.dim))
         att = (q @ k.transpose(-2, -1)) * dh**-0.5                       # [B, h, T, T]
         if self.causal:
             att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
         y = att.softmax(-1) @ v                                          # [B, h, T, dh]
         return self.proj(y.transpose(1, 2).reshape(B, T, self.dim))
+
+
+class FusedAttention(nn.Module):
+    """Self-attention with one qkv projection Linear(dim, 3 dim): `unbind` as timm writes it
+    (reshape [B, T, 3, h, dh], permute, unbind), `split` or `chunk` in thirds as GPT-2 code does (then
+    one view per tensor); the kernel is F.scaled_dot_product_attention (`sdpa`) or softmax(q k^T) v."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False, context: int = 512, form: str = "unbind",
+                 sdpa: bool = True):
+        super().__init__()
+        self.heads, self.causal, self.form, self.sdpa = heads, causal, form, sdpa
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm, self.attn_drop = nn.Identity(), nn.Identity(), nn.Dropout(0.1)   # as timm's
+        self.register_buffer("mask", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        h, dh = self.heads, C // self.heads
+        if self.form == "unbind":
+            q, k, v = self.qkv(x).reshape(B, T, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)   # [B, h, T, dh]
+            q, k = self.q_norm(q), self.k_norm(k)
+        else:
+            q, k, v = self.qkv(x).split(C, dim=2) if self.form == "split" else self.qkv(x).chunk(3, dim=-1)
+            q, k, v = q.view(B, T, h, dh).transpose(1, 2), k.view(B, T, h, dh).transpose(1, 2), \
+                v.view(B, T, h, dh).transpose(1, 2)
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            att = (q * k.size(-1) ** -0.5) @ k.transpose(-2, -1)          # [B, h, T, T]
+            if self.causal:
+                att = att.masked_fill(~self.mask[:T, :T], float("-inf"))
+            y = self.attn_drop(att.softmax(-1)) @ v
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -45,9 +85,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, dim: int, heads: int, causal: bool = False, context: int = 512):
+    def __init__(self, dim: int, heads: int, causal: bool = False, context: int = 512, attention=Attention):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, causal, context)
+        self.ln1, self.attn = nn.LayerNorm(dim), attention(dim, heads, causal, context)
         self.ln2, self.mlp = nn.LayerNorm(dim), MLP(dim, 4 * dim)
 
     def forward(self, x):
@@ -59,13 +99,13 @@ class ViT(nn.Module):
     """Patch embedding (a strided conv), class token, position embedding, pre-norm blocks, head."""
 
     def __init__(self, image: int = 32, patch: int = 8, dim: int = 64, depth: int = 2, heads: int = 4,
-                 classes: int = 10, channels: int = 3):
+                 classes: int = 10, channels: int = 3, attention=Attention):
         super().__init__()
         self.patch = nn.Conv2d(channels, dim, patch, patch)
         n = (image // patch) ** 2
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(0.02 * torch.randn(1, n + 1, dim))
-        self.blocks = nn.Sequential(*(Block(dim, heads) for _ in range(depth)))
+        self.blocks = nn.Sequential(*(Block(dim, heads, attention=attention) for _ in range(depth)))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
 
     def forward(self, x):
@@ -77,15 +117,27 @@ class ViT(nn.Module):
 class GPT(nn.Module):
     """A GPT-style decoder: token + position embeddings, causal pre-norm blocks, LM head."""
 
-    def __init__(self, vocab: int = 64, dim: int = 64, depth: int = 2, heads: int = 4, context: int = 32):
+    def __init__(self, vocab: int = 64, dim: int = 64, depth: int = 2, heads: int = 4, context: int = 32,
+                 attention=Attention):
         super().__init__()
         self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
-        self.blocks = nn.Sequential(*(Block(dim, heads, causal=True, context=context) for _ in range(depth)))
+        self.blocks = nn.Sequential(*(Block(dim, heads, causal=True, context=context, attention=attention)
+                                      for _ in range(depth)))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
 
     def forward(self, idx):
         positions = torch.arange(idx.size(1), device=idx.device)
         return self.head(self.norm(self.blocks(self.tok(idx) + self.pos(positions))))
+
+
+def timm_vit(**kw) -> ViT:
+    """A ViT whose blocks attend as timm's do: fused qkv, reshape/permute/unbind, SDPA."""
+    return ViT(attention=partial(FusedAttention, form="unbind"), **kw)
+
+
+def gpt2(**kw) -> GPT:
+    """A GPT whose blocks attend as GPT-2 code does: fused qkv split in thirds, SDPA with is_causal."""
+    return GPT(attention=partial(FusedAttention, form="split"), **kw)
 
 
 class GatedMLP(nn.Module):
