@@ -166,7 +166,7 @@ def n_replaced(report) -> int:
 # ----------------------------------------------------------------------------- fixed architectures
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("selection", ["joint", "diagonal"])
+@pytest.mark.parametrize("selection", ["joint", "diagonal", "local"])
 @pytest.mark.parametrize("replacement", ["constant", "affine"])
 @pytest.mark.parametrize("cls", ARCHITECTURES, ids=lambda c: c.__name__)
 def test_compiled_module_equals_original_under_report_interventions(cls, replacement, selection, dtype):

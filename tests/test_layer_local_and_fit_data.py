@@ -108,3 +108,14 @@ def test_local_selection_orders_like_cwvar_and_prices_the_order_in_output_units(
     result = analysis.compile(0.5, replacement, "local", round_to=1, allocation="predicted")
     assert result.report["selection"] == "local"
     assert _hook_error(model, result, x) < 1e-5
+
+
+def test_local_selection_on_a_vit_removes_whole_heads_and_stays_exact():
+    from fxabstract import zoo_transformers as zt
+    torch.manual_seed(0)
+    model, x = zt.ViT().eval(), torch.randn(48, 3, 32, 32)
+    result = fxa.abstract(model, x.split(16), keep=0.5, selection="local", replacement="affine", round_to=1,
+                          allocation="predicted")
+    heads = [s for s in result.report["sites"] if s["group"] > 1]
+    assert heads and all(len(s["kept"]) % s["group"] == 0 for s in heads), "head sites keep whole heads"
+    assert _hook_error(model, result, x) < 1e-5

@@ -175,7 +175,7 @@ def test_keep_one_is_the_identity_bitwise(net, replacement, round_to):
 @PROPERTY
 @given(data=st.data(), keep=st.floats(0.05, 0.9),
        score=st.sampled_from(["logit-mse", "kl", "ce", "variance", "cwvar", "magnitude", "random"]),
-       replacement=st.sampled_from(["constant", "affine"]), selection=st.sampled_from(["joint", "diagonal"]),
+       replacement=st.sampled_from(["constant", "affine"]), selection=st.sampled_from(["joint", "diagonal", "local"]),
        round_to=st.sampled_from([1, 1, 8]), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_compiled_module_equals_the_model_under_the_report_interventions(data, keep, score, replacement,
                                                                           selection, round_to, dtype):

@@ -88,7 +88,7 @@ def convnets(draw):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(model=convnets(), replacement=st.sampled_from(["constant", "affine"]),
-       selection=st.sampled_from(["joint", "diagonal"]), keep=st.sampled_from([0.3, 0.5, 0.8]))
+       selection=st.sampled_from(["joint", "diagonal", "local"]), keep=st.sampled_from([0.3, 0.5, 0.8]))
 def test_random_convnets_compile_exactly(model, replacement, selection, keep):
     torch.manual_seed(0)
     x = torch.randn(24, 3, 8, 8)
