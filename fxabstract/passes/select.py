@@ -237,4 +237,5 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
                         cv.scores, risk.constant_risk(stats, site.name, P, cP))
     mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS and not stats.fit_samples)
     beta, theta = risk.fit_affine(mu, S, K, P, ridge)
-    return SitePlan(site, K, P, "affine", beta, theta, cv.scores, risk.position_affine_risk(stats, site.name, S, K, P, theta))
+    return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
+                    risk.position_affine_risk(stats, site.name, S, K, P, theta))
