@@ -242,10 +242,11 @@ def test_head_site_budget_must_be_whole_heads():
         fxa.abstract(model, [torch.randn(8, 3, 32, 32)], keep={"blocks.0.attn.heads": 20})
 
 
-def test_bert_attention_heads_compile_exactly():
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])   # sdpa: aten SDPA with the padding mask
+def test_bert_attention_heads_compile_exactly(attention):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, attn_implementation="eager")
+                                  intermediate_size=64, max_position_embeddings=64, attn_implementation=attention)
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
     ids, mask = torch.randint(0, 100, (16, 12)), torch.ones(16, 12, dtype=torch.long)

@@ -138,27 +138,6 @@ def test_fused_models_compile_at_half_the_units_and_export_to_onnx(name, front_e
     assert info["relative_diff"] <= 1e-4, f"{name}: ONNX parity {info['relative_diff']:.2e}"
 
 
-def test_hugging_face_bert_sdpa_heads_compile_exactly():
-    """BERT with attn_implementation="sdpa", through torch.export: aten SDPA with a padding mask."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
-    ids, mask = torch.randint(0, 100, (16, 12)), torch.ones(16, 12, dtype=torch.long)
-    mask[:4, 8:] = 0
-    batches = [{"input_ids": ids[i:i + 8], "attention_mask": mask[i:i + 8]} for i in (0, 8)]
-    keep = {"encoder.layer.0.attention.heads": 16, "encoder.layer.1.attention.heads": 24}
-    result = fxa.abstract(model, batches, keep=keep, replacement="affine", sites=list(keep), allocation="predicted")
-    assert result.module.get_submodule("encoder.layer.0.attention.self.query").out_features == 16
-    report = json.loads(json.dumps(result.report))
-    with torch.no_grad(), intervene(model, report):
-        z_hooks = model(input_ids=ids, attention_mask=mask)[0]
-    with torch.no_grad():
-        z = result.module(input_ids=ids, attention_mask=mask)[0]
-    assert relative_error(z_hooks, z) <= TOL, "BERT sdpa heads: compiled vs hooks"
-
-
 # --------------------------------------------------------------------------- forms not matched
 
 class PerHeadMask(nn.Module):
