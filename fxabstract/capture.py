@@ -72,6 +72,7 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
     linearize_addmm(gm)
     modularize(gm)
     drop_whole_slices(gm)
+    drop_metadata_asserts(gm)
     if not exported:  # torch.export's module is already in eval form and refuses .eval()
         gm.eval()
     return gm
@@ -116,6 +117,16 @@ def drop_whole_slices(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and node.target == aten.slice.Tensor and not node.kwargs \
                 and tuple(node.args[2:]) in ((), (0, 2**63 - 1), (0, 2**63 - 1, 1), (None, None), (None, None, 1)):
             node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def drop_metadata_asserts(gm: fx.GraphModule) -> None:
+    """Remove torch.export's `_assert_tensor_metadata` checks (they return nothing and compute nothing),
+    so that a value they check keeps its one real reader (GPT-2's softmax -> to); in place."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == aten._assert_tensor_metadata.default and not node.users:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
