@@ -272,20 +272,36 @@ VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, "vi
 
 
 def _shape(node) -> tuple[str, ...] | None:
-    """A node's traced shape as strings (symbolic sizes compare by name, without guards), or None."""
+    """A node's traced shape as strings (symbolic sizes compare by name, without guards), or None:
+    torch.export's fake value, else the shape `sites.annotate_shapes` recorded."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(str(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(str(d) for d in val.shape)
+    shape = node.meta.get("fxa_shape") if isinstance(node, fx.Node) else None
+    return None if shape is None else tuple(str(d) for d in shape)
+
+
+def _erase_unused(gm: fx.GraphModule, nodes) -> None:
+    """Erase `nodes` and then their inputs that are left unread (the size arithmetic of a removed view)."""
+    todo = [n for n in nodes if isinstance(n, fx.Node)]
+    while todo:
+        node = todo.pop()
+        if not node.users and node.op in ("call_function", "call_method", "get_attr"):
+            todo += node.all_input_nodes
+            gm.graph.erase_node(node)
 
 
 def _is_view(node) -> bool:
     return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in VIEWS
 
 
-def linearize_addmm(gm: fx.GraphModule) -> fx.GraphModule:
+def linearize_addmm(gm: fx.GraphModule) -> int:
     """Rewrite Hugging Face's Conv1D, `view(x, [-1, in]) -> addmm(bias, ., weight) -> view(., [..., out])`
     with the weight stored [in, out], as one call of an nn.Linear holding weight^T and the same bias, at
     the owner's module path (its input is x, as for the user's Conv1D, so hooks see the same value); in
-    place. Needs traced shapes (torch.export's graphs carry them) to prove the views only flatten."""
+    place; returns how many it rewrote. Needs traced shapes to prove that the views only flatten:
+    torch.export's graphs carry them, torch.fx's get them from `annotate_shapes` (a second call)."""
+    rewritten = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in (aten.addmm.default, torch.addmm) or node.kwargs \
                 or len(node.args) != 3 or len(node.users) != 1:
@@ -310,8 +326,8 @@ def linearize_addmm(gm: fx.GraphModule) -> fx.GraphModule:
             new = gm.graph.call_module(path, (x,))
         new.meta = dict(out.meta)
         out.replace_all_uses_with(new)
-        for dead in (out, node, flat, b, w):
-            gm.graph.erase_node(dead)
+        _erase_unused(gm, [out])
+        rewritten += 1
     gm.graph.lint()
     gm.recompile()
-    return gm
+    return rewritten
