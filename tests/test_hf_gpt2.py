@@ -15,6 +15,7 @@ from torch import nn
 import fxabstract as fxa
 from fxabstract.abstraction import capture_sites
 from fxabstract.capture import linearize_addmm
+from fxabstract.cost import module_macs
 from fxabstract.verify import intervene, relative_error
 
 transformers = pytest.importorskip("transformers")
@@ -99,3 +100,11 @@ def test_conv1d_becomes_a_linear_with_the_transposed_weight(front_end):
     regroup = torch.export.export(Regroup(), (x,)).module()
     assert linearize_addmm(regroup) == 0
     assert not any(isinstance(m, nn.Linear) for m in regroup.modules())
+
+
+def test_conv1d_macs_are_counted_like_the_linear_it_becomes():
+    model, ids = _gpt2("eager")
+    gm, _, _ = capture_sites(model, ids[:8])
+    before, captured = module_macs(model, ids[:8]), module_macs(gm, ids[:8])
+    assert before == captured and len(before) == 8, (before, captured)
+    assert before["h.0.mlp.c_fc"] == 12 * 64 * 256                      # per sample: tokens x in x out
