@@ -108,3 +108,25 @@ def test_conv1d_macs_are_counted_like_the_linear_it_becomes():
     before, captured = module_macs(model, ids[:8]), module_macs(gm, ids[:8])
     assert before == captured and len(before) == 8, (before, captured)
     assert before["h.0.mlp.c_fc"] == 12 * 64 * 256                      # per sample: tokens x in x out
+
+
+def test_conv1d_mlp_through_fx_compiles_exactly():
+    """fx traces into Conv1D; after the rewrite its gelu_new MLP is a site, exact against the hooks."""
+    conv1d = transformers.pytorch_utils.Conv1D
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.c_proj = conv1d(32, 8), conv1d(4, 32)
+
+        def forward(self, x):
+            h = self.c_fc(x)
+            return self.c_proj(0.5 * h * (1 + torch.tanh(0.79788 * (h + 0.044715 * torch.pow(h, 3)))))
+
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(64, 5, 8)
+    result = fxa.abstract(model, list(x.split(16)), keep=0.5, replacement="affine")
+    assert [(s["name"], len(s["kept"])) for s in result.report["sites"]] == [("c_fc", 16)]
+    with torch.no_grad(), intervene(model, json.loads(json.dumps(result.report))):
+        z_hooks = model(x)
+    assert relative_error(z_hooks, result.module(x)) <= TOL
