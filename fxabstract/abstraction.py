@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import saving
-from .capture import capture
+from .capture import capture, linearize_addmm
 from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
 from .data import bind, first_tensor, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError
@@ -221,6 +221,7 @@ def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], 
         raise CalibrationError(f"the model cannot run on the first calibration batch "
                                f"({str(exc).strip().splitlines()[0]}); give inputs of the shape and dtype "
                                "the model takes") from None
+    linearize_addmm(gm)                 # torch.fx's Conv1D (GPT-2): its views' shapes are known now
     found, ineligible = find_sites(gm)
     return gm, found, ineligible
 

@@ -12,6 +12,8 @@ control flow, Hugging Face models) and an example batch is at hand, `torch.expor
 go through `modularize`, which turns function-level layers whose parameters are attributes
 (`F.linear(x, self.w)`, `aten.linear`, `aten.conv2d`, `aten.batch_norm`) into `call_module` nodes
 of the matching nn layer holding the same tensors, so one set of passes serves both front ends.
+`linearize_addmm` does the same for Hugging Face's Conv1D (GPT-2): view -> addmm -> view over a
+weight stored [in, out] becomes an nn.Linear holding the transposed weight.
 """
 from __future__ import annotations
 
@@ -67,8 +69,10 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
     for node in gm.graph.nodes:  # `from __future__ import annotations` leaves types as strings,
         if isinstance(node.type, str):  # which GraphModule cannot pickle
             node.type = None
+    linearize_addmm(gm)
     modularize(gm)
     drop_whole_slices(gm)
+    drop_metadata_asserts(gm)
     if not exported:  # torch.export's module is already in eval form and refuses .eval()
         gm.eval()
     return gm
@@ -113,6 +117,16 @@ def drop_whole_slices(gm: fx.GraphModule) -> None:
         if node.op == "call_function" and node.target == aten.slice.Tensor and not node.kwargs \
                 and tuple(node.args[2:]) in ((), (0, 2**63 - 1), (0, 2**63 - 1, 1), (None, None), (None, None, 1)):
             node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def drop_metadata_asserts(gm: fx.GraphModule) -> None:
+    """Remove torch.export's `_assert_tensor_metadata` checks (they return nothing and compute nothing),
+    so that a value they check keeps its one real reader (GPT-2's softmax -> to); in place."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == aten._assert_tensor_metadata.default and not node.users:
             gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
@@ -250,3 +264,70 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+# --------------------------------------------------------------------------- Conv1D (GPT-2)
+
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, "view", "reshape"}
+
+
+def _shape(node) -> tuple[str, ...] | None:
+    """A node's traced shape as strings (symbolic sizes compare by name, without guards), or None:
+    torch.export's fake value, else the shape `sites.annotate_shapes` recorded."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(str(d) for d in val.shape)
+    shape = node.meta.get("fxa_shape") if isinstance(node, fx.Node) else None
+    return None if shape is None else tuple(str(d) for d in shape)
+
+
+def _erase_unused(gm: fx.GraphModule, nodes) -> None:
+    """Erase `nodes` and then their inputs that are left unread (the size arithmetic of a removed view)."""
+    todo = [n for n in nodes if isinstance(n, fx.Node)]
+    while todo:
+        node = todo.pop()
+        if not node.users and node.op in ("call_function", "call_method", "get_attr"):
+            todo += node.all_input_nodes
+            gm.graph.erase_node(node)
+
+
+def _is_view(node) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in VIEWS
+
+
+def linearize_addmm(gm: fx.GraphModule) -> int:
+    """Rewrite Hugging Face's Conv1D, `view(x, [-1, in]) -> addmm(bias, ., weight) -> view(., [..., out])`
+    with the weight stored [in, out], as one call of an nn.Linear holding weight^T and the same bias, at
+    the owner's module path (its input is x, as for the user's Conv1D, so hooks see the same value); in
+    place; returns how many it rewrote. Needs traced shapes to prove that the views only flatten:
+    torch.export's graphs carry them, torch.fx's get them from `annotate_shapes` (a second call)."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (aten.addmm.default, torch.addmm) or node.kwargs \
+                or len(node.args) != 3 or len(node.users) != 1:
+            continue
+        b, flat, w = node.args
+        out = next(iter(node.users))
+        if _attr(gm, b) is None or _attr(gm, w) is None or len(b.users) != 1 or len(w.users) != 1 \
+                or not _is_view(flat) or len(flat.users) != 1 or not _is_view(out):
+            continue
+        x, W, B = flat.args[0], _tensor(gm, w.target), _tensor(gm, b.target)
+        xs, os_ = _shape(x), _shape(out)
+        if W.dim() != 2 or tuple(B.shape) != (W.shape[1],) or xs is None or os_ is None \
+                or xs[:-1] != os_[:-1] or xs[-1] != str(W.shape[0]) or os_[-1] != str(W.shape[1]):
+            continue
+        layer = nn.Linear(W.shape[0], W.shape[1])
+        layer.weight = nn.Parameter(W.detach().t().contiguous(), requires_grad=False)  # Conv1D: x @ W + b
+        layer.bias = B if isinstance(B, nn.Parameter) else nn.Parameter(B, requires_grad=False)
+        path = _module_path(gm, {"weight": w, "bias": b})
+        owner, _, name = path.rpartition(".")
+        setattr(gm.get_submodule(owner) if owner else gm, name, layer)
+        with gm.graph.inserting_before(out):
+            new = gm.graph.call_module(path, (x,))
+        new.meta = dict(out.meta)
+        out.replace_all_uses_with(new)
+        _erase_unused(gm, [out])
+        rewritten += 1
+    gm.graph.lint()
+    gm.recompile()
+    return rewritten

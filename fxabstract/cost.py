@@ -1,7 +1,8 @@
 """Compute cost: multiply-accumulates (MACs) per sample, counted from one forward pass.
 
 What is counted: every call of an nn.Linear, nn.Conv1d or nn.Conv2d (grouped and depthwise convs
-included, and the convolution inside a bias-map fold), one MAC per weight use:
+included, and the convolution inside a bias-map fold) or of Hugging Face's Conv1D (GPT-2's Linear with
+its weight stored [in, out]), one MAC per weight use:
 Linear = output elements x in_features; Conv = output elements x (in_channels / groups) x kernel
 size. Not counted: matmuls between activations (attention scores), normalisation, pooling,
 activations, elementwise arithmetic and bias additions (all small next to the layers above in CNNs).
@@ -13,6 +14,7 @@ activations, elementwise arithmetic and bias additions (all small next to the la
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -23,10 +25,18 @@ from .sites import Site
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
+def _counted() -> tuple[type, ...]:
+    """COUNTED, and transformers' Conv1D when transformers is loaded (a model using it loaded it)."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return COUNTED + ((conv1d,) if isinstance(conv1d, type) else ())
+
+
 def _macs(m: nn.Module, out: torch.Tensor) -> int:
     per_sample = out.numel() // max(out.shape[0], 1) if out.dim() > 1 else out.numel()
     if isinstance(m, nn.Linear):
         return per_sample * m.in_features
+    if not isinstance(m, COUNTED):                  # Conv1D: weight [in, out]
+        return per_sample * m.weight.shape[0]
     return per_sample * (m.in_channels // m.groups) * math.prod(m.kernel_size)
 
 
@@ -35,8 +45,9 @@ def module_macs(model: nn.Module, *inputs, **kwinputs) -> dict[str, int]:
     """MACs per sample of every Linear/Conv call in one forward pass of `inputs` (a batch)."""
     counts: dict[str, int] = {}
     handles = []
+    counted = _counted()
     for name, m in model.named_modules():
-        if isinstance(m, COUNTED):
+        if isinstance(m, counted):
             def hook(mod, args, out, name=name):
                 counts[name] = counts.get(name, 0) + _macs(mod, out)
             handles.append(m.register_forward_hook(hook))

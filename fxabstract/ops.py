@@ -65,7 +65,7 @@ ELEMENTWISE_FUNCTIONS = {
     aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default, aten.leaky_relu.default,
     aten.elu.default, aten.mish.default, aten.dropout.default, aten.clone.default, aten.abs.default,
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
-    aten.clamp.default,
+    aten.clamp.default, aten.pow.Tensor_Scalar, torch.pow, operator.pow,
 }
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "abs", "clamp", "clamp_min", "clamp_max",

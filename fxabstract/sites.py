@@ -36,8 +36,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .ops import (CHANNEL_OPS, CONSUMERS, CONVS, PRODUCERS, _module, _readers, _shape, _width, is_cat,
-                  is_flatten, is_identity, is_per_unit, is_product)
+from .ops import (CHANNEL_OPS, CONSUMERS, CONVS, ELEMENTWISE_FUNCTIONS, PRODUCERS, _module, _readers, _shape,
+                  _width, is_cat, is_elementwise, is_flatten, is_identity, is_per_unit, is_product)
 from .splits import split_outputs
 
 
@@ -132,6 +132,9 @@ def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> li
     path = [start]
     while True:
         readers = _readers(path[-1])
+        if len(readers) > 1 and (region := _elementwise_join(gm, path[-1])):
+            path += region                  # a per-unit function written out (GPT-2's gelu): one op
+            continue
         if len(readers) != 1:
             return path
         (user,) = readers
@@ -140,6 +143,26 @@ def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> li
                 or is_cat(user, axis) or is_product(user)):
             return path
         path.append(user)
+
+
+def _elementwise_join(gm: fx.GraphModule, start: fx.Node, limit: int = 32) -> list[fx.Node] | None:
+    """The nodes, in graph order, of a per-unit function of `start` written out as elementwise ops of
+    several readers that meet again in one node (`0.5 * x * (1 + tanh(c * (x + a * x**3)))`), or None:
+    every op reads only `start`, the region's values and scalars, at start's shape."""
+    region, shape = [start], _shape(start)
+    node = start.next
+    while len(region) <= limit and node.op != "output":
+        inputs = node.all_input_nodes
+        if any(a in region for a in inputs):
+            elementwise = (node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS) or (
+                node.op == "call_module" and is_elementwise(gm, node, inputs[0]))
+            if not elementwise or node.kwargs or _shape(node) != shape or any(a not in region for a in inputs):
+                return None
+            region.append(node)
+            if all(set(_readers(n)) <= set(region) for n in region[:-1]):
+                return region[1:]       # every value but the last is read inside the region only
+        node = node.next
+    return None
 
 
 def _stateless(gm: fx.GraphModule, node: fx.Node) -> bool:
