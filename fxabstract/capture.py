@@ -250,13 +250,7 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
                     t = _tensor(gm, v.target)
                     setattr(layer, name, t if isinstance(t, nn.Parameter) or name.startswith("running")
                             else nn.Parameter(t, requires_grad=False))
-        path = _module_path(gm, attrs)
-        owner, _, name = path.rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, name, layer)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (x,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
+        _install(gm, _module_path(gm, attrs), layer, x, node)
         gm.graph.erase_node(node)
         for v in attrs.values():
             if v is not None and not v.users:
@@ -264,6 +258,17 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _install(gm: fx.GraphModule, path: str, layer: nn.Module, x: fx.Node, node: fx.Node) -> fx.Node:
+    """Put `layer` at module `path` and a call of it on `x` in place of `node` (its readers and metadata)."""
+    owner, _, name = path.rpartition(".")
+    setattr(gm.get_submodule(owner) if owner else gm, name, layer)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(path, (x,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    return new
 
 
 # --------------------------------------------------------------------------- Conv1D (GPT-2)
@@ -319,13 +324,7 @@ def linearize_addmm(gm: fx.GraphModule) -> int:
         layer = nn.Linear(W.shape[0], W.shape[1])
         layer.weight = nn.Parameter(W.detach().t().contiguous(), requires_grad=False)  # Conv1D: x @ W + b
         layer.bias = B if isinstance(B, nn.Parameter) else nn.Parameter(B, requires_grad=False)
-        path = _module_path(gm, {"weight": w, "bias": b})
-        owner, _, name = path.rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, name, layer)
-        with gm.graph.inserting_before(out):
-            new = gm.graph.call_module(path, (x,))
-        new.meta = dict(out.meta)
-        out.replace_all_uses_with(new)
+        _install(gm, _module_path(gm, {"weight": w, "bias": b}), layer, x, out)
         _erase_unused(gm, [out])
         rewritten += 1
     gm.graph.lint()
