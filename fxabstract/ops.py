@@ -233,3 +233,23 @@ def resize_unsqueeze(node: fx.Node, width: int) -> None:
         if isinstance(shape[1], int):
             shape[1] = width
             node.args = (node.args[0], type(node.args[1])(shape), *node.args[2:])
+
+
+def excitation(x: fx.Node) -> fx.Node | None:
+    """The product `x * gate` if x has two readers, that product (x the gated operand) and one other
+    (the SE squeeze, checked in excitation.py), else None."""
+    for user in _readers(x):
+        pair = gate_of(user)
+        if pair is not None and pair[0] is x and sum(1 for r in _readers(x) if r is not user) == 1:
+            return user
+    return None
+
+
+def feeds_gate(node: fx.Node) -> bool:
+    """Whether node's value reaches a gate product as its gate, through single readers."""
+    while len(readers := _readers(node)) == 1:
+        pair = gate_of(readers[0])
+        if pair is not None:
+            return pair[1] is node
+        node = readers[0]
+    return False

@@ -13,6 +13,12 @@ units: Linear, Conv1d/2d), followed by a chain of per-unit ops, read only by aff
   followed piece by piece: each piece is a site of its own, whose units are the producer rows it
   carries; GLU (`F.glu`, or `a, g = h.chunk(2); a * act(g)`) gives one site whose unit j is the
   pair of rows {j, d/2 + j}. Producers linked through splits are eligible together or not at all.
+- Squeeze-and-excitation: `x * gate` with the gate [B, d, 1, 1] broadcast over x's positions is a
+  product too (unit j: row j of x's producer and of the gate's, fc2), and x may then have one more
+  reader, the squeeze (global pool or spatial mean, per-unit ops, read by affine fc1). The squeeze is a
+  *branch* of the site (`Site.branches`, itself a producer-less Site): its units are the site's, and
+  removing unit j also folds the branch's own replacement into fc1 and deletes fc1's column j. A gate
+  Linear's [B, d] output viewed back to [B, d, 1, 1] is followed; a constant d in the view is rewritten.
 - Consumers read the units affinely: a Linear on the last axis ("features"), a Conv with groups=1
   on the channel axis ("channels"), or a Linear after a flatten of a channel-axis site
   ("flattened": unit j is a block of features). Removing unit j deletes producer row j, every
@@ -37,8 +43,8 @@ import torch.fx as fx
 from torch import nn
 
 from .ops import (CHANNEL_OPS, CONSUMERS, CONVS, ELEMENTWISE_FUNCTIONS, PRODUCERS, _module, _readers, _shape,
-                  _width, gate_of, is_cat, is_elementwise, is_flatten, is_identity, is_per_unit, is_product,
-                  is_spatial_mean, is_unsqueeze)
+                  _width, excitation, feeds_gate, gate_of, is_cat, is_elementwise, is_flatten, is_identity,
+                  is_per_unit, is_product, is_unsqueeze)
 from .splits import split_outputs
 
 
@@ -138,7 +144,7 @@ def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> li
         if len(readers) > 1 and (region := _elementwise_join(gm, path[-1])):
             path += region                  # a per-unit function written out (GPT-2's gelu): one op
             continue
-        if len(readers) == 2 and (excite := _excitation(path[-1])) is not None:
+        if len(readers) == 2 and (excite := excitation(path[-1])) is not None:
             path.append(excite)             # an SE block: x * gate(squeeze(x)); the squeeze is a branch
             continue
         if len(readers) != 1:
@@ -147,29 +153,9 @@ def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> li
         if not ((is_per_unit(gm, user, path[-1], axis, _shape(path[-1])[axis])
                  and (user.op != "call_module" or calls[user.target] == 1 or _stateless(gm, user)))
                 or is_cat(user, axis) or is_product(user) or gate_of(user) is not None
-                or (axis == 1 and is_unsqueeze(user, path[-1]) and _feeds_gate(user))):
+                or (axis == 1 and is_unsqueeze(user, path[-1]) and feeds_gate(user))):
             return path
         path.append(user)
-
-
-def _excitation(x: fx.Node) -> fx.Node | None:
-    """The product `x * gate` if x has two readers, that product (x the gated operand) and one other
-    (the SE squeeze, checked in `_branch`), else None."""
-    for user in _readers(x):
-        pair = gate_of(user)
-        if pair is not None and pair[0] is x and sum(1 for r in _readers(x) if r is not user) == 1:
-            return user
-    return None
-
-
-def _feeds_gate(node: fx.Node) -> bool:
-    """Whether node's value reaches a gate product as its gate, through single readers."""
-    while len(readers := _readers(node)) == 1:
-        pair = gate_of(readers[0])
-        if pair is not None:
-            return pair[1] is node
-        node = readers[0]
-    return False
 
 
 def _elementwise_join(gm: fx.GraphModule, start: fx.Node, limit: int = 32) -> list[fx.Node] | None:
@@ -352,7 +338,8 @@ def _build_site(gm: fx.GraphModule, calls: Counter, tied: dict, end: fx.Node, me
     reads = _consumer_problem(gm, end, calls, d, axis, tied)
     if isinstance(reads, str):
         return None, reads
-    branches = _branches(gm, calls, tied, chain, {q.module for q in pieces}, d)
+    from .excitation import squeeze_branches   # excitation.py builds on this module's Site
+    branches = squeeze_branches(gm, calls, tied, chain, {q.module for q in pieces}, d)
     if isinstance(branches, str):
         return None, branches
     first = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
@@ -364,48 +351,6 @@ def _build_site(gm: fx.GraphModule, calls: Counter, tied: dict, end: fx.Node, me
                 branches=branches, unit_views=[n.name for n in chain if n.all_input_nodes
                                                and is_unsqueeze(n, n.args[0])])
     return site, None
-
-
-def _branches(gm: fx.GraphModule, calls: Counter, tied: dict, chain: list[fx.Node], producers: set[str], d: int):
-    """The SE squeezes of a site (a list of branch Sites), or why one cannot be folded.
-
-    An SE block reads its expansion x twice: y = x * gate(fc2(relu(fc1(pool(x))))) feeds the site, and
-    pool(x) feeds fc1. The second reading is a *branch*: stateless per-unit ops (global average pool,
-    spatial mean, activations) from x to affine consumers, with x's units, which are the site's (no cat
-    or split between x and the site). Removing unit j then also deletes fc1's input column j, after
-    its own replacement (passes/select.py `fit`) is folded into fc1."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    heads = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in producers]
-    branches = []
-    for x in sorted(set(chain) | set(heads), key=order.get):
-        excite = _excitation(x) if x.op != "output" else None
-        if excite is None or excite not in chain:
-            continue
-        squeeze = next(r for r in _readers(x) if r is not excite)
-        later = [n for n in chain if order[n] > order[x]]
-        if any(is_cat(n, 1) or (_shape(n) or (0, 0))[1] != d for n in later):
-            return (f"its SE input `{x.name}` does not carry the site's units one to one "
-                    "(a cat or split between it and the site)")
-        nodes = [x]
-        while len(_readers(nodes[-1])) == (2 if nodes[-1] is x else 1):
-            nxt = squeeze if nodes[-1] is x else _readers(nodes[-1])[0]
-            stateless = nxt.op != "call_module" or _stateless(gm, nxt)
-            if not ((stateless and is_per_unit(gm, nxt, nodes[-1], 1, d)) or is_spatial_mean(nxt, nodes[-1])):
-                break
-            nodes.append(nxt)
-        if len(nodes) == 1:
-            return (f"its SE input `{x.name}` is read by `{squeeze.name}`, which is neither a pooling nor a "
-                    "per-unit op on the way to an affine layer")
-        value = nodes[-1]
-        shape = _shape(value)
-        axis = 1 if len(shape) > 2 else len(shape) - 1
-        reads = _consumer_problem(gm, value, calls, d, axis, tied)
-        if isinstance(reads, str):
-            return f"its SE branch `{squeeze.name}`: {reads}"
-        branches.append(Site(x.name, value.name, [n.name for n in nodes[1:]], list(reads), d, axis=1,
-                             shape=tuple(shape[1:]), reads=reads,
-                             bias_maps=[c for c in reads if _zero_padded(gm.get_submodule(c))]))
-    return branches
 
 
 def _zero_padded(m: nn.Module) -> bool:
