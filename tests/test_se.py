@@ -138,9 +138,10 @@ def test_se_units_cost_counts_the_squeeze():
         "a unit's MACs: producer rows, depthwise channel, gate row, squeeze and projection columns"
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_block"])
-def test_se_models_export_to_onnx_with_parity(name, tmp_path):
-    model, _, x = _model(name, "fx")
+@pytest.mark.parametrize("name,front_end", [("mobilenet_v3_small", "fx"), ("efficientnet_block", "fx"),
+                                             ("efficientnet_block", "export")])
+def test_se_models_export_to_onnx_with_parity(name, front_end, tmp_path):
+    model, _, x = _model(name, front_end)
     result = fxa.abstract(model, x.split(16), keep=0.5, round_to=1, replacement="affine", allocation="predicted")
     info = fxa.to_onnx(result.module, x[:4], str(tmp_path / "m.onnx"))
     assert info["relative_diff"] <= 1e-4, f"{name}: onnxruntime differs from torch by {info['relative_diff']:.2e}"
