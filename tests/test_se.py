@@ -194,7 +194,7 @@ class ResidualSE(nn.Module):
 
 
 @pytest.mark.parametrize("cls,producer,words", [
-    (GateReadTwice, "exp", ["mul", "sigmoid"]),
+    (GateReadTwice, "exp", ["gated", "mul", "sigmoid"]),
     (GateReadTwice, "fc2", ["mul", "mean_1"]),
     (SqueezeReadTwice, "exp", ["SE branch", "adaptive_avg_pool2d"]),
     (ResidualSE, "stem", ["add"]),
