@@ -184,6 +184,8 @@ ARCHITECTURES = {
     "bert_sdpa (Hugging Face SDPA)": (lambda: _bert("sdpa"), _bert_inputs),
     "gpt2_hf": (_gpt2_hf, lambda n: _ids(n, 12, 100)),
     "gpt2_hf_sdpa": (lambda: _gpt2_hf("sdpa"), lambda n: _ids(n, 12, 100)),
+    "mobilenet_v3_small (SE + hardswish)": (zoo.mobilenet_v3_small, lambda n: torch.randn(n, 3, 32, 32)),
+    "efficientnet_block (MBConv + Linear SE)": (zoo.efficientnet_block, lambda n: torch.randn(n, 3, 32, 32)),
 }
 REAL = {"mobilenet_v2_real (ImageNet)"}
 

@@ -126,6 +126,7 @@ def check_report(model: nn.Module, report) -> None:
         except (KeyError, TypeError):
             raise ConfigError("the report's site entries lack units/kept/replaced/consumers; "
                               "pass a report written by fxabstract") from None
+        consumers = consumers + [c for b in site.get("branches", []) for c in b.get("consumers", [])]
         missing = [c for c in consumers if c not in modules]
         if missing:
             raise ConfigError(f"the report's site {site.get('name')!r} names consumers {missing} that "
@@ -165,5 +166,8 @@ def check_statistics(gm: fx.GraphModule, stats) -> None:
             at_site = not (torch.isfinite(moments.s1).all() and torch.isfinite(moments.s2).all())
             where = f"at site {name!r}" if at_site else f"after site {name!r}"
             raise CalibrationError(f"the model computes NaN or inf {where} on the calibration data {fix}")
+    for name, moments in stats.branch_moments.items():
+        if not (torch.isfinite(moments.s1).all() and torch.isfinite(moments.s2).all()):
+            raise CalibrationError(f"the model computes NaN or inf at SE branch {name!r} on the calibration data {fix}")
     if stats.nonfinite_outputs:   # counted by the calibration pass itself, over every sample
         raise CalibrationError(f"the model's outputs are NaN or inf on the calibration data {fix}")

@@ -66,8 +66,8 @@ def unit_macs(site: Site, macs: dict[str, int]) -> torch.Tensor:
     for piece in site.pieces + site.channel_ops:
         if piece.module in macs:
             cost[piece.lo:piece.hi] += macs[piece.module] / piece.total
-    for name in site.consumers:  # each unit is an equal share of the consumer's input (a block if flattened)
-        cost += macs.get(name, 0) / site.n_units
+    for name in site.consumers + [c for b in site.branches for c in b.consumers]:  # SE squeezes' consumers too
+        cost += macs.get(name, 0) / site.n_units   # each unit: an equal share of the input (a block if flattened)
     return cost
 
 

@@ -171,3 +171,85 @@ def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), IDENTITY_MODULES)
     return node.op == "call_function" and node.target in IDENTITY_FUNCTIONS and len(node.all_input_nodes) == 1
+
+
+# --------------------------------------------------------------------------- squeeze-and-excitation
+
+MEAN_FUNCTIONS = {torch.mean, aten.mean.dim}
+UNSQUEEZE_FUNCTIONS = {torch.reshape, torch.unsqueeze, operator.getitem, aten.view.default, aten.reshape.default,
+                       aten._unsafe_view.default, aten.unsqueeze.default}
+UNSQUEEZE_METHODS = {"view", "reshape", "unsqueeze", "__getitem__"}
+
+
+def gate_of(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(x, gate) if node is `x * gate` with the gate broadcast over x's positions (an SE block's
+    excitation: x [B, C, H, W], gate [B, C, 1, 1]), else None. Unit j of the product is x_j * gate_j."""
+    mul = (node.op == "call_function" and node.target in PRODUCT_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "mul")
+    if not mul or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    for x, g in (node.args, node.args[::-1]):
+        xs, gs = _shape(x), _shape(g)
+        if (xs is not None and gs is not None and len(xs) == len(gs) > 2 and xs == _shape(node) and gs != xs
+                and gs[:2] == xs[:2] and all(v == 1 for v in gs[2:])):
+            return x, g
+    return None
+
+
+def is_spatial_mean(node: fx.Node, source: fx.Node) -> bool:
+    """x.mean((2, 3)) / torch.mean(x, [2, 3], keepdim) / aten.mean.dim: the mean over every axis after
+    the channels (a global average pool, per channel)."""
+    if not ((node.op == "call_function" and node.target in MEAN_FUNCTIONS)
+            or (node.op == "call_method" and node.target == "mean")) or node.args[:1] != (source,):
+        return False
+    rank = len(_shape(source) or ())
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = [dims] if isinstance(dims, int) else dims
+    return (rank > 2 and isinstance(dims, (list, tuple)) and all(isinstance(v, int) for v in dims)
+            and sorted(v % rank for v in dims) == list(range(2, rank)) and len(node.all_input_nodes) == 1)
+
+
+def is_unsqueeze(node: fx.Node, source: fx.Node) -> bool:
+    """A gate [B, C] (or [B, C, 1]) viewed as [B, C, 1, ...] (view, reshape, unsqueeze, g[:, :, None, None]): the
+    units stay on axis 1; the batch size may be read (`g.view(g.size(0), -1, 1, 1)`)."""
+    spelled = (node.op == "call_function" and node.target in UNSQUEEZE_FUNCTIONS) or (
+        node.op == "call_method" and node.target in UNSQUEEZE_METHODS)
+    a, b = _shape(source), _shape(node)
+    return (spelled and node.args[:1] == (source,) and a is not None and b is not None and len(a) >= 2
+            and len(b) > len(a) and b[:2] == a[:2] and all(v == 1 for v in a[2:] + b[2:])
+            and all(n is source or is_batch_size(n) for n in node.all_input_nodes))
+
+
+def resize_unsqueeze(node: fx.Node, width: int) -> None:
+    """Write `width` as the channel entry of a view / reshape whose target shape spells it as a constant
+    (`g.view(-1, 64, 1, 1)`, aten.view(g, [B, 64, 1, 1])); unsqueeze and indexing need nothing."""
+    if node.target in ("view", "reshape") and len(node.args) > 2:          # x.view(b, c, 1, 1)
+        if isinstance(node.args[2], int):
+            node.args = (*node.args[:2], width, *node.args[3:])
+        return
+    if node.target in ("view", "reshape", torch.reshape, aten.view.default, aten.reshape.default,
+                       aten._unsafe_view.default) and isinstance(node.args[1], (list, tuple)):
+        shape = list(node.args[1])
+        if isinstance(shape[1], int):
+            shape[1] = width
+            node.args = (node.args[0], type(node.args[1])(shape), *node.args[2:])
+
+
+def excitation(x: fx.Node) -> fx.Node | None:
+    """The product `x * gate` if x has two readers, that product (x the gated operand) and one other
+    (the SE squeeze, checked in excitation.py), else None."""
+    for user in _readers(x):
+        pair = gate_of(user)
+        if pair is not None and pair[0] is x and sum(1 for r in _readers(x) if r is not user) == 1:
+            return user
+    return None
+
+
+def feeds_gate(node: fx.Node) -> bool:
+    """Whether node's value reaches a gate product as its gate, through single readers."""
+    while len(readers := _readers(node)) == 1:
+        pair = gate_of(readers[0])
+        if pair is not None:
+            return pair[1] is node
+        node = readers[0]
+    return False

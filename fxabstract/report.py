@@ -27,8 +27,7 @@ def _piece(q) -> dict:
     return entry
 
 
-def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
-    s = p.site
+def _replaced(p: SitePlan) -> list[dict]:
     replaced = []
     for i, unit in enumerate(p.removed):
         if p.kind == "constant":
@@ -36,13 +35,27 @@ def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
         else:
             replaced.append({"unit": unit, "kind": "affine", "beta": float(p.beta[i]),
                              "theta": [float(t) for t in p.theta[i]]})
-    return {"name": s.name, "producer": s.producer, "node": s.node, "chain": s.chain,
-            "consumers": s.consumers, "units": s.n_units, "axis": s.axis, "shape": list(s.shape),
-            "reads": s.reads, "producers": [_piece(q) for q in s.pieces],
-            "channel_ops": [_piece(q) for q in s.channel_ops],
-            "bias_maps": s.bias_maps, "group": s.group, "kept": p.kept, "replaced": replaced,
-            "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk,
-            "measured_risk": measured_risk}
+    return replaced
+
+
+def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
+    """A site's entry. A site with SE squeezes adds "branches": per branch the value its consumers
+    read (node, chain from the SE input, consumers, reads) and its own "replaced" list over the site's
+    kept units (the same unit numbers), which `verify.intervene` applies at those consumers."""
+    s = p.site
+    entry = {"name": s.name, "producer": s.producer, "node": s.node, "chain": s.chain,
+             "consumers": s.consumers, "units": s.n_units, "axis": s.axis, "shape": list(s.shape),
+             "reads": s.reads, "producers": [_piece(q) for q in s.pieces],
+             "channel_ops": [_piece(q) for q in s.channel_ops],
+             "bias_maps": s.bias_maps, "group": s.group, "kept": p.kept, "replaced": _replaced(p),
+             "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk,
+             "measured_risk": measured_risk}
+    if p.branches:
+        entry["branches"] = [{"name": b.site.name, "node": b.site.node, "chain": b.site.chain,
+                              "consumers": b.site.consumers, "units": b.site.n_units, "axis": b.site.axis,
+                              "shape": list(b.site.shape), "reads": b.site.reads, "bias_maps": b.site.bias_maps,
+                              "replaced": _replaced(b)} for b in p.branches]
+    return entry
 
 
 def summary(report: dict) -> str:

@@ -13,6 +13,12 @@ units: Linear, Conv1d/2d), followed by a chain of per-unit ops, read only by aff
   followed piece by piece: each piece is a site of its own, whose units are the producer rows it
   carries; GLU (`F.glu`, or `a, g = h.chunk(2); a * act(g)`) gives one site whose unit j is the
   pair of rows {j, d/2 + j}. Producers linked through splits are eligible together or not at all.
+- Squeeze-and-excitation: `x * gate` with the gate [B, d, 1, 1] broadcast over x's positions is a
+  product too (unit j: row j of x's producer and of the gate's, fc2), and x may then have one more
+  reader, the squeeze (global pool or spatial mean, per-unit ops, read by affine fc1). The squeeze is a
+  *branch* of the site (`Site.branches`, itself a producer-less Site): its units are the site's, and
+  removing unit j also folds the branch's own replacement into fc1 and deletes fc1's column j. A gate
+  Linear's [B, d] output viewed back to [B, d, 1, 1] is followed; a constant d in the view is rewritten.
 - Consumers read the units affinely: a Linear on the last axis ("features"), a Conv with groups=1
   on the channel axis ("channels"), or a Linear after a flatten of a channel-axis site
   ("flattened": unit j is a block of features). Removing unit j deletes producer row j, every
@@ -37,7 +43,8 @@ import torch.fx as fx
 from torch import nn
 
 from .ops import (CHANNEL_OPS, CONSUMERS, CONVS, ELEMENTWISE_FUNCTIONS, PRODUCERS, _module, _readers, _shape,
-                  _width, is_cat, is_elementwise, is_flatten, is_identity, is_per_unit, is_product)
+                  _width, excitation, feeds_gate, gate_of, is_cat, is_elementwise, is_flatten, is_identity,
+                  is_per_unit, is_product, is_unsqueeze)
 from .splits import split_outputs
 
 
@@ -89,6 +96,8 @@ class Site:
     group: int = 1            # units are removed in groups of this many (an attention head's width)
     head_shapes: dict = field(default_factory=dict)            # view node -> (head axis, positions per head)
     splits: list[Piece] = field(default_factory=list)          # split pieces (graph nodes) and the units each carries
+    branches: list[Site] = field(default_factory=list)         # second readings of the units (an SE squeeze)
+    unit_views: list[str] = field(default_factory=list)        # gate views [B, d] -> [B, d, 1, 1] (fold writes d)
 
     @property
     def producer(self) -> str:
@@ -135,12 +144,16 @@ def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> li
         if len(readers) > 1 and (region := _elementwise_join(gm, path[-1])):
             path += region                  # a per-unit function written out (GPT-2's gelu): one op
             continue
+        if len(readers) == 2 and (excite := excitation(path[-1])) is not None:
+            path.append(excite)             # an SE block: x * gate(squeeze(x)); the squeeze is a branch
+            continue
         if len(readers) != 1:
             return path
         (user,) = readers
         if not ((is_per_unit(gm, user, path[-1], axis, _shape(path[-1])[axis])
                  and (user.op != "call_module" or calls[user.target] == 1 or _stateless(gm, user)))
-                or is_cat(user, axis) or is_product(user)):
+                or is_cat(user, axis) or is_product(user) or gate_of(user) is not None
+                or (axis == 1 and is_unsqueeze(user, path[-1]) and feeds_gate(user))):
             return path
         path.append(user)
 
@@ -242,6 +255,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
             ineligible[m] = failed[root(m)]
     sites = head_sites + [s for s in built if s is not None and root(s.producer) not in failed]
     _name_pieces(sites)
+    for s in sites:
+        for k, b in enumerate(s.branches):
+            b.name = f"{s.name}.branch{k}"
     position = {n.name: i for n, i in order.items()}
     sites.sort(key=lambda s: position[s.node])
     return sites, ineligible
@@ -265,8 +281,11 @@ def _merge(gm: fx.GraphModule, order: dict, group: list[_Path]):
                         return (f"it is concatenated (`{node.name}`) with `{getattr(t, 'name', t)}`, "
                                 "which is not the output of an eligible producer")
                 off += sum(_shape(t)[axis] for t in tensors[:tensors.index(prev)])
-            elif is_product(node):
+            elif is_product(node) or gate_of(node) is not None:
                 other = next(a for a in node.all_input_nodes if a is not prev)
+                if other not in on_path and gate_of(node) is not None:
+                    return (f"it is gated (`{node.name}`) by `{other.name}`, which is not reached from a producer "
+                            "(an SE gate must be a Linear or Conv's output through per-unit ops that nothing else reads)")
                 if other not in on_path:
                     return (f"it is multiplied (`{node.name}`) by `{other.name}`, which is not the output of an "
                             "eligible producer (gated units need both factors from producers)")
@@ -322,12 +341,18 @@ def _build_site(gm: fx.GraphModule, calls: Counter, tied: dict, end: fx.Node, me
     reads = _consumer_problem(gm, end, calls, d, axis, tied)
     if isinstance(reads, str):
         return None, reads
+    from .excitation import squeeze_branches   # excitation.py builds on this module's Site
+    branches = squeeze_branches(gm, calls, tied, chain, {q.module for q in pieces}, d)
+    if isinstance(branches, str):
+        return None, branches
     first = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     pieces = sorted(pieces, key=lambda q: (q.lo, first[q.module], q.start))
     channel_ops = sorted(channel_ops, key=lambda q: (first[q.module], q.lo))
     site = Site(pieces[0].module, end.name, [n.name for n in chain], list(reads), d,
                 axis=1 if axis == 1 else -1, shape=tuple(shape[1:]), pieces=pieces, channel_ops=channel_ops,
-                reads=reads, bias_maps=[c for c in reads if _zero_padded(gm.get_submodule(c))], splits=splits)
+                reads=reads, bias_maps=[c for c in reads if _zero_padded(gm.get_submodule(c))], splits=splits,
+                branches=branches, unit_views=[n.name for n in chain if n.all_input_nodes
+                                               and is_unsqueeze(n, n.args[0])])
     return site, None
 
 

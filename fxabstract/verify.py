@@ -59,10 +59,11 @@ def intervene(model: nn.Module, report: dict):
     handles = []
     try:
         for site in report["sites"]:
-            if site["replaced"]:
-                reads = site.get("reads") or {c: "features" for c in site["consumers"]}
-                handles += [model.get_submodule(c).register_forward_pre_hook(_replacement_hook(site, like, how))
-                            for c, how in reads.items()]
+            if site["replaced"]:   # an SE squeeze (a "branches" entry) has its own replacement, same units
+                for read in [site] + [{**b, "kept": site["kept"]} for b in site.get("branches", [])]:
+                    reads = read.get("reads") or {c: "features" for c in read["consumers"]}
+                    handles += [model.get_submodule(c).register_forward_pre_hook(_replacement_hook(read, like, how))
+                                for c, how in reads.items()]
         yield model
     finally:
         for h in handles:

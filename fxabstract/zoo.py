@@ -280,3 +280,119 @@ class SplitConvNet(nn.Module):
         y = self.conv_a(F.relu(a)) + self.conv_b(F.relu(self.dw_b(self.bn_b(b))))
         h = self.fc1(torch.flatten(F.adaptive_avg_pool2d(F.relu(y), 2), 1))
         return self.fc2(h[:, :32] * torch.sigmoid(h[:, 32:]))
+
+
+# --------------------------------------------------------------------------- squeeze-and-excitation
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's SE: x * gate(fc2(relu(fc1(pool(x))))) with 1x1 convs (MobileNetV3: hardsigmoid)."""
+
+    def __init__(self, c: int, squeeze: int, gate=nn.Hardsigmoid):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.relu, self.gate = nn.ReLU(), gate()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class InvertedResidualSE(nn.Module):
+    """MobileNetV3's block: 1x1 expansion -> k x k depthwise -> optional SE -> 1x1 projection (+ shortcut);
+    the expansion channels (gated by the SE) are the site."""
+
+    def __init__(self, cin: int, k: int, hidden: int, cout: int, se: bool, act, stride: int):
+        super().__init__()
+        self.use_res_connect = stride == 1 and cin == cout
+        layers = [conv_bn(cin, hidden, 1, act=act)] if hidden != cin else []
+        layers.append(conv_bn(hidden, hidden, k, stride, groups=hidden, act=act))
+        if se:
+            layers.append(SqueezeExcitation(hidden, max(8, hidden // 4)))
+        layers.append(conv_bn(hidden, cout, 1, act=None))
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return x + self.block(x) if self.use_res_connect else self.block(x)
+
+
+class MobileNetV3Small(nn.Module):
+    """MobileNetV3-small's layout (hardswish, SE with hardsigmoid, blocks with and without SE, residual
+    adds) at reduced widths: (kernel, expansion, out, SE, activation, stride) per block."""
+
+    SETTINGS = ((3, 16, 16, True, nn.ReLU, 2), (3, 48, 24, False, nn.ReLU, 2), (3, 56, 24, False, nn.ReLU, 1),
+                (5, 64, 32, True, nn.Hardswish, 2), (5, 96, 32, True, nn.Hardswish, 1),
+                (5, 96, 48, True, nn.Hardswish, 1))
+
+    def __init__(self, classes: int = 10, last_channel: int = 128):
+        super().__init__()
+        features, cin = [conv_bn(3, 16, 3, 2, act=nn.Hardswish)], 16
+        for k, hidden, cout, se, act, stride in self.SETTINGS:
+            features.append(InvertedResidualSE(cin, k, hidden, cout, se, act, stride))
+            cin = cout
+        features.append(conv_bn(cin, 6 * cin, 1, act=nn.Hardswish))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Linear(6 * cin, last_channel), nn.Hardswish(), nn.Dropout(0.2),
+                                        nn.Linear(last_channel, classes))
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def kaiming_init(model: nn.Module, seed: int = 0) -> nn.Module:
+    """He-normal weights (fan in, ReLU gain) for every conv and Linear, biases zero: with the default init
+    the input-dependent part of a deep random net's activations fades below float precision behind the
+    BatchNorms' random shifts, and an exactness check on it would check a constant."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            with torch.no_grad():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / fan_in) ** 0.5)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model
+
+
+def mobilenet_v3_small(classes: int = 10) -> MobileNetV3Small:
+    return randomize_batch_norm(kaiming_init(MobileNetV3Small(classes)))
+
+
+class MBConv(nn.Module):
+    """EfficientNet's MBConv: 1x1 expansion -> depthwise -> SE with Linear fc1/fc2 (SiLU, sigmoid) -> 1x1
+    projection + shortcut. form "view": the pool flattened, the gate viewed back to [B, C, 1, 1];
+    "mean": x.mean over the spatial axes, the gate unsqueezed twice."""
+
+    def __init__(self, c: int, expand: int = 4, squeeze: int = 8, form: str = "view"):
+        super().__init__()
+        hidden = c * expand
+        self.expand = conv_bn(c, hidden, 1, act=nn.SiLU)
+        self.dw = conv_bn(hidden, hidden, 3, groups=hidden, act=nn.SiLU)
+        self.fc1, self.fc2 = nn.Linear(hidden, squeeze), nn.Linear(squeeze, hidden)
+        self.project = conv_bn(hidden, c, 1, act=None)
+        self.hidden, self.form = hidden, form
+
+    def forward(self, x):
+        h = self.dw(self.expand(x))
+        if self.form == "view":
+            s = torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)                # [B, hidden]
+            gate = torch.sigmoid(self.fc2(F.silu(self.fc1(s)))).view(-1, self.hidden, 1, 1)
+        else:
+            gate = torch.sigmoid(self.fc2(F.silu(self.fc1(h.mean((2, 3)))))).unsqueeze(-1).unsqueeze(-1)
+        return x + self.project(h * gate)
+
+
+class EfficientNetBlock(nn.Module):
+    """A stem, two MBConv blocks (one of each SE form), global pool and a Linear head."""
+
+    def __init__(self, classes: int = 10, c: int = 16):
+        super().__init__()
+        self.stem = conv_bn(3, c, 3, 2, act=nn.SiLU)
+        self.blocks = nn.Sequential(MBConv(c, form="view"), MBConv(c, form="mean"))
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def efficientnet_block(classes: int = 10) -> EfficientNetBlock:
+    return randomize_batch_norm(kaiming_init(EfficientNetBlock(classes)))

@@ -46,11 +46,14 @@ class SiteRunner(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, sites: list[Site]):
         super().__init__(gm)
         self.axis = {s.node: s.axis for s in sites}
+        self.branches = {b.node for s in sites for b in s.branches}     # recorded, never perturbed
         self.eps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.acts: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
+        if n.name in self.branches:
+            self.acts[n.name] = out.detach()
         if n.name in self.axis:
             self.acts[n.name] = out.detach()
             if n.name in self.eps:
@@ -75,12 +78,14 @@ class Statistics:
     reservoir: list = field(default_factory=list)   # [(bound inputs, targets)]: the first samples, bounded
     nonfinite_outputs: int = 0       # samples whose outputs held NaN or inf (overflow): checks.py refuses them
     fit_samples: int = 0             # samples of forward-only fit data added to `moments` (`add_fit_data`)
+    branch_moments: dict[str, Moments] = field(default_factory=dict)   # per SE branch name: plain moments
 
     def __add__(self, other: "Statistics") -> "Statistics":
         return Statistics({k: v + other.moments[k] for k, v in self.moments.items()},
                           {k: v + other.curvature[k] for k, v in self.curvature.items()},
                           self.divergence, self.method, self.probes, self.outputs, self.reservoir,
-                          self.nonfinite_outputs + other.nonfinite_outputs, self.fit_samples + other.fit_samples)
+                          self.nonfinite_outputs + other.nonfinite_outputs, self.fit_samples + other.fit_samples,
+                          {k: v + other.branch_moments[k] for k, v in self.branch_moments.items()})
 
 
 def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
@@ -101,6 +106,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
     params = next(gm.parameters())
     moments: dict[str, Moments] = {}
     curvature: dict[str, Curvature] = {}
+    branch_moments: dict[str, Moments] = {}
     started = False
     chosen, outputs = method, 0
     kept_samples: list = []          # the reservoir
@@ -131,6 +137,8 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             for s in sites:
                 moments[s.name] = Moments.empty(s.n_units, matrices, params.device)
                 curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", matrices, params.device)
+                for b in s.branches:
+                    branch_moments[b.name] = Moments.empty(b.n_units, matrices, params.device)
         B = x.shape[0]
         take = min(B, reservoir - n_kept)
         if take > 0:
@@ -177,10 +185,18 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             Us, Ua, *Up = U_all[s.node]
             Up = [units_last(u.flatten(0, 1), s.axis).unflatten(0, u.shape[:2]) for u in Up]   # [r, B, positions, d]
             curvature[s.name].update(a, Us, Ua, *(g_all[s.node][:2] if g_all is not None else (None, None)), *Up)
+        _update_branches(sites, branch_moments, acts)
     if not moments:
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
     return Statistics(moments, curvature, divergence, chosen, probes if chosen == "hutchinson" else None, outputs,
-                      kept_samples, nonfinite)
+                      kept_samples, nonfinite, branch_moments=branch_moments)
+
+
+def _update_branches(sites: list[Site], branch_moments: dict, acts: dict) -> None:
+    """Plain moments of each SE branch value (what fc1 reads: the squeezed x), per position."""
+    for s in sites:
+        for b in s.branches:
+            branch_moments[b.name].update(units_last(acts[b.node], b.axis).reshape(-1, b.n_units))
 
 
 @torch.no_grad()
@@ -192,6 +208,7 @@ def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batch
     runner = SiteRunner(gm, sites)
     params = next(gm.parameters())
     moments = {name: Moments(m.n, m.s1.clone(), m.s2.clone()) for name, m in stats.moments.items()}
+    branch_moments = {name: Moments(m.n, m.s1.clone(), m.s2.clone()) for name, m in stats.branch_moments.items()}
     samples = 0
     for batch in tqdm(batches, desc="fit data", unit="batch", disable=not progress, leave=False):
         args, kwargs, _ = split_batch(batch)
@@ -202,4 +219,6 @@ def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batch
         samples += first_tensor(args, kwargs).shape[0]
         for s in sites:
             moments[s.name].update(units_last(runner.acts[s.node], s.axis).reshape(-1, s.n_units))
-    return dataclasses.replace(stats, moments=moments, fit_samples=stats.fit_samples + samples)
+        _update_branches(sites, branch_moments, runner.acts)
+    return dataclasses.replace(stats, moments=moments, fit_samples=stats.fit_samples + samples,
+                               branch_moments=branch_moments)

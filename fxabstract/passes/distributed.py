@@ -61,6 +61,8 @@ def all_reduce(stats: Statistics, group=None, reservoir: int = 512) -> Statistic
     for name in names:   # the same order on every rank
         _sum_fields(stats.moments[name], group)
         _sum_fields(stats.curvature[name], group)
+    for name in sorted(stats.branch_moments):
+        _sum_fields(stats.branch_moments[name], group)
     counts = torch.tensor([stats.nonfinite_outputs, stats.fit_samples], dtype=torch.float64)
     dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)    # every rank then fits alike (fit_data)
     stats.nonfinite_outputs, stats.fit_samples = (int(c) for c in counts.tolist())

@@ -8,6 +8,8 @@ intervened graph computed (THEORY §1, exact transformation).
                     bias map conv(beta, W[:, P]) for the traced input size (`BiasMapConv`), exactly
     producers       rows K only; per-channel layers (BatchNorm, depthwise conv, PReLU) channels K;
                     a split of the producer's output takes the sizes of its pieces that are left
+    SE branches     the squeeze's own Replacement folds into fc1 like any other (its site has no
+                    producers: the rows go with the main site); a gate view [B, d, 1, 1] takes d kept
 
 Layer support is a table, one entry per type: how to keep only some outputs (or channels), how to
 fold a replacement into its inputs. Arithmetic is float64, cast back to the layer's dtype.
@@ -23,6 +25,7 @@ from torch import nn
 
 from ..capture import ChannelBatchNorm
 from ..heads import set_head_count
+from ..ops import resize_unsqueeze
 from ..splits import rewrite_splits
 from .replace import Replacement
 
@@ -157,6 +160,7 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     deleted: dict[str, set[int]] = {}         # producer or per-channel layer -> its rows to delete
     rows: dict[str, tuple[dict, int]] = {}    # the same layer -> (its table, its rows in all)
     split_lost: dict[str, int] = {}           # split piece node -> units it no longer carries
+    nodes = {n.name: n for n in gm.graph.nodes}
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Replacement):
             continue
@@ -174,6 +178,8 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
             split_lost[piece.module] = split_lost.get(piece.module, 0) + len(piece.rows_of(removed))
         if site.head_shapes:                                  # attention heads: fewer heads in the views
             set_head_count(gm, site, len(r.kept) // site.group)
+        for view in site.unit_views:                          # an SE gate [B, d] -> [B, d, 1, 1]: d kept
+            resize_unsqueeze(nodes[view], len(r.kept))
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)

@@ -46,7 +46,7 @@ def replace(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
     nodes = {n.name: n for n in gm.graph.nodes}
     dtype = next(gm.parameters()).dtype
     device = next(gm.parameters()).device
-    for p in plans:
+    for p in [q for plan in plans for q in (plan, *plan.branches)]:   # an SE squeeze is replaced too
         if not p.removed:
             continue
         target = replacement_target(p.site.name)

@@ -9,7 +9,7 @@ same fraction per site otherwise. Kept widths are multiples of `round_to` (or th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ class SitePlan:
     theta: torch.Tensor          # [|P|, |K|] float64
     scores: torch.Tensor         # [d] the unit scores of the chosen criterion
     predicted_risk: float
+    branches: list["SitePlan"] = field(default_factory=list)   # the SE squeezes' replacements (`fit_branch`)
 
 
 @dataclass
@@ -231,11 +232,32 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
             removed.remove(mine[-1])
     P = sorted(removed)
     K = sorted(set(range(site.n_units)) - set(P))
+    branches = [fit_branch(b, K, P, stats, replacement, ridge) for b in site.branches]
     if replacement == "constant":
         cP = cv.constants[P]
         return SitePlan(site, K, P, "constant", cP, torch.zeros(len(P), len(K), dtype=torch.float64),
-                        cv.scores, risk.constant_risk(stats, site.name, P, cP))
+                        cv.scores, risk.constant_risk(stats, site.name, P, cP), branches)
     mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS and not stats.fit_samples)
     beta, theta = risk.fit_affine(mu, S, K, P, ridge)
     return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
-                    risk.position_affine_risk(stats, site.name, S, K, P, theta))
+                    risk.position_affine_risk(stats, site.name, S, K, P, theta), branches)
+
+
+def fit_branch(branch: Site, K: list[int], P: list[int], stats: Statistics, replacement: str,
+               ridge: float) -> SitePlan:
+    """The SE squeeze's replacement for the site's removed units P: do(s_P := beta + theta s_K) on the
+    value s the SE branch's consumer (fc1) reads, on that path only. s is the pooled x, and pooling is
+    linear per channel, so this is do(x_P := beta + theta x_K) for the SE path alone.
+
+    Fitted on the plain moments of s (calibration, plus fit data): constants are the mean, affine maps
+    least squares with the site's ridge (raised to d / n when s has fewer samples n than units d). There
+    is no curvature at s (the calibration pass differentiates at the site y = x * gate only), so the
+    branch adds nothing to the scores, the selection or the predicted and measured risks: a unit is priced
+    by its y value alone. Its predicted_risk is 0."""
+    m = stats.branch_moments[branch.name]
+    if replacement == "constant":
+        return SitePlan(branch, K, P, "constant", m.mean[P], torch.zeros(len(P), len(K), dtype=torch.float64),
+                        torch.zeros(0, dtype=torch.float64), 0.0)
+    beta, theta = risk.fit_affine(m.mean, m.cov, K, P, max(ridge, branch.n_units / max(m.n, 1)) if m.n < branch.n_units
+                                  else ridge)
+    return SitePlan(branch, K, P, "affine", beta, theta, torch.zeros(0, dtype=torch.float64), 0.0)
