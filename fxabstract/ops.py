@@ -66,7 +66,9 @@ ELEMENTWISE_FUNCTIONS = {
     aten.elu.default, aten.mish.default, aten.dropout.default, aten.clone.default, aten.abs.default,
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
     aten.clamp.default, aten.pow.Tensor_Scalar, torch.pow, operator.pow,
-}
+} | {getattr(aten, f"{name}_").default for name in (    # torch.export keeps in-place activations (inplace=True)
+    "relu", "gelu", "silu", "hardtanh", "tanh", "sigmoid", "hardswish", "hardsigmoid", "leaky_relu", "elu",
+    "celu", "selu", "mish", "abs", "clamp") if hasattr(aten, f"{name}_")}
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "abs", "clamp", "clamp_min", "clamp_max",
     "neg", "add", "sub", "mul", "div", "contiguous",

@@ -57,12 +57,49 @@ def tiny_se() -> nn.Module:
                                                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))))
 
 
+class TorchvisionSE(nn.Module):
+    """torchvision.ops.SqueezeExcitation's spelling: pooling as a module, `scale * input` (the gate first),
+    in-place activations around it."""
+
+    def __init__(self, c: int, squeeze: int):
+        super().__init__()
+        self.avgpool, self.fc1, self.fc2 = nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.activation, self.scale_activation = nn.ReLU(inplace=True), nn.Hardsigmoid(inplace=True)
+
+    def forward(self, x):
+        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
+        return scale * x
+
+
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout),
+                         nn.Hardswish(inplace=True))
+
+
+class TorchvisionBlock(nn.Module):
+    def __init__(self, c: int, e: int):
+        super().__init__()
+        self.block = nn.Sequential(_conv_bn(c, e, 1), _conv_bn(e, e, 3, groups=e), TorchvisionSE(e, e // 4),
+                                   nn.Sequential(nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c)))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def torchvision_se() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batch_norm(kaiming_init(nn.Sequential(_conv_bn(3, 16, 3, 2), TorchvisionBlock(16, 64),
+                                                           TorchvisionBlock(16, 48), nn.AdaptiveAvgPool2d(1),
+                                                           nn.Flatten(), nn.Linear(16, 10))))
+
+
 MODELS = {"tiny_se": (tiny_se, (3, 16, 16)), "mobilenet_v3_small": (zoo.mobilenet_v3_small, (3, 32, 32)),
-          "efficientnet_block": (zoo.efficientnet_block, (3, 32, 32))}
+          "efficientnet_block": (zoo.efficientnet_block, (3, 32, 32)), "torchvision_se": (torchvision_se, (3, 32, 32))}
 SE_SITES = {"tiny_se": ["1.exp.0", "2.exp.0"],
             "mobilenet_v3_small": ["features.0.0", "features.4.block.0.0", "features.5.block.0.0",
                                    "features.6.block.0.0"],
-            "efficientnet_block": ["blocks.0.expand.0", "blocks.1.expand.0"]}
+            "efficientnet_block": ["blocks.0.expand.0", "blocks.1.expand.0"],
+            "torchvision_se": ["1.block.0.0", "2.block.0.0"]}
 
 
 def _model(name: str, front_end: str):
