@@ -178,8 +178,10 @@ def run(args) -> tuple[list[dict], dict]:
     fitted, affine_fits = None, dict(analyses)
     if args.fit_extra:   # affine maps fitted on the plain moments of calibration + extra crops (fxa's fit_data)
         extra = crops(CAL_PHOTOS, args.fit_extra, args.size, seed=10).split(32)
-        affine_fits = {score: fxa.Analysis(a.gm, a.sites, a.ineligible, add_fit_data(a.gm, a.sites, a.stats, extra),
-                                           score, 0) for score, a in analyses.items()}
+        plain = add_fit_data(base.gm, base.sites, base.stats, extra)   # plain moments: the same for every score
+        affine_fits = {score: fxa.Analysis(a.gm, a.sites, a.ineligible, dataclasses.replace(
+            a.stats, moments=plain.moments, fit_samples=plain.fit_samples, branch_moments=plain.branch_moments),
+            score, 0) for score, a in analyses.items()}
         fitted = affine_fits["logit-mse"]
     info["timings"]["fit moments"] = time.perf_counter() - t
     macs = module_macs(base.gm, x_eval[:1])
@@ -192,6 +194,9 @@ def run(args) -> tuple[list[dict], dict]:
         measured[key] = measured_curves(analyses[score], rep, sel, reservoir, 0.8, args.points)
         info["timings"][f"measured curves {key}"] = time.perf_counter() - t
         log(f"measured {key} in {info['timings'][f'measured curves {key}']:.0f} s")
+    if fitted is not None:   # built once, so that their orders (risk_curves) are computed once for every ratio
+        var_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "variance", 0)
+        cw_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "cwvar", 0)
     rows = [{"ratio": 0.0, "method": "dense", "group": "dense", "macs": dense_macs, "params": info["dense_params"],
              **fidelity(model, x_eval, z_dense), "module": model}]
     for f in args.ratios:
@@ -208,8 +213,6 @@ def run(args) -> tuple[list[dict], dict]:
              lambda: heuristic["variance"].compile(uniform, "affine", round_to=1).module),
         ]
         if fitted is not None:
-            var_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "variance", 0)
-            cw_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "cwvar", 0)
             n_fit = args.cal + args.fit_extra
             candidates += [
                 (f"variance + affine, least squares on {n_fit} crops", "baseline",

@@ -136,6 +136,11 @@ def check_report(model: nn.Module, report) -> None:
                               "and replaced; pass an unedited report")
 
 
+def short_sample_ridge(n: int, d: int, ridge: float) -> float:
+    """`ridge`, raised to d / n when n samples are fewer than d units (see `tiny_calibration_ridge`)."""
+    return max(ridge, d / max(n, 1)) if n < d else ridge
+
+
 def tiny_calibration_ridge(samples: dict[str, int], units: dict[str, int], ridge: float) -> float:
     """The ridge to fit with: `ridge`, or d / n when a site has fewer samples n than units d.
 
@@ -145,7 +150,7 @@ def tiny_calibration_ridge(samples: dict[str, int], units: dict[str, int], ridge
     short = {name: (samples[name], d) for name, d in units.items() if samples[name] < d}
     if not short:
         return ridge
-    raised = max(ridge, max(d / n for n, d in short.values()))
+    raised = max(short_sample_ridge(n, d, ridge) for n, d in short.values())
     worst = max(short, key=lambda name: short[name][1] / short[name][0])
     warnings.warn(f"calibration has {short[worst][0]} samples but site {worst!r} has {short[worst][1]} units: "
                   f"selection and the affine fit would overfit; fitting with ridge {raised:.3g} "

@@ -23,6 +23,7 @@ from torch import nn
 
 from .head_rows import (IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader,
                         trace_back)
+from .ops import set_view_shape, view_shape
 from .sites import Piece, Site, _shape
 
 SHAPE_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone"}
@@ -30,12 +31,6 @@ PER_HEAD_OPS = {"softmax", "_softmax", "dropout", "mul", "div", "truediv", "add"
                 "masked_fill_", "where", "to", "type", "float", "contiguous", "clone"}
 SDPA = "scaled_dot_product_attention"
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-
-
-def _shape_args(node: fx.Node) -> list:
-    """The target shape of a view/reshape node, as a list (varargs or one list argument)."""
-    rest = list(node.args[1:])
-    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
 
 
 def find_head_sites(gm: fx.GraphModule, calls, taken: set[str]):
@@ -183,7 +178,7 @@ def _view_axes(chains: dict, env: dict, groups: dict):
         for node in chain:
             if op_name(node) in ("view", "reshape", "_unsafe_view"):
                 axis = head_axis(env[node], groups[lin])
-                if axis is None or len(_shape_args(node)) != len(_shape(node)):
+                if axis is None or len(view_shape(node)) != len(_shape(node)):
                     return f"the view `{node.name}` does not keep each head on one axis"
                 out[node.name] = axis
     return out
@@ -199,7 +194,7 @@ def _merge_axes(merge: list[fx.Node], core: fx.Node, h: int, dh: int):
         units[node] = apply_op(node, units[node.args[0]])
         if op_name(node) in ("view", "reshape", "_unsafe_view"):
             axis = head_axis(units[node], heads)
-            if axis is None or len(_shape_args(node)) != len(_shape(node)):
+            if axis is None or len(view_shape(node)) != len(_shape(node)):
                 return f"the view `{node.name}` does not keep each head on one axis"
             out[node.name] = axis
     y = narrow(units[merge[0]]) if merge else None
@@ -224,9 +219,8 @@ def set_head_count(gm: fx.GraphModule, site: Site, heads: int) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for name, (axis, per_head) in site.head_shapes.items():
         node = nodes[name]
-        shape = _shape_args(node)
+        shape = view_shape(node)
         if shape[axis] == -1:
             continue
         shape[axis] = heads * per_head
-        as_list = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-        node.args = (node.args[0], shape) if as_list else (node.args[0], *shape)
+        set_view_shape(node, shape)

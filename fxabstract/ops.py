@@ -60,9 +60,9 @@ ELEMENTWISE_FUNCTIONS = {
     F.alpha_dropout, F.tanh, F.sigmoid, torch.relu, torch.tanh, torch.sigmoid, torch.abs, torch.clamp,
     torch.nn.functional.relu_, torch.sigmoid_, torch.tanh_,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg,
-    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
-    aten.hardtanh.default, aten.hardtanh_.default, aten.tanh.default, aten.sigmoid.default,
-    aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default, aten.leaky_relu.default,
+    aten.relu.default, aten.gelu.default, aten.silu.default,
+    aten.hardtanh.default, aten.tanh.default, aten.sigmoid.default,
+    aten.hardswish.default, aten.hardsigmoid.default, aten.leaky_relu.default,
     aten.elu.default, aten.mish.default, aten.dropout.default, aten.clone.default, aten.abs.default,
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
     aten.clamp.default, aten.pow.Tensor_Scalar, torch.pow, operator.pow,
@@ -77,6 +77,9 @@ IDENTITY_FUNCTIONS = {F.dropout, F.alpha_dropout, aten.dropout.default, aten.clo
 CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
 PRODUCT_FUNCTIONS = {operator.mul, torch.mul, aten.mul.Tensor}
 FLATTEN_FUNCTIONS = {torch.flatten, aten.flatten.using_ints}
+VIEW_TARGETS = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default,
+                aten._unsafe_view.default}
+
 
 def _shape(node) -> tuple | None:
     return node.meta.get("fxa_shape") if isinstance(node, fx.Node) else None
@@ -128,13 +131,17 @@ def is_cat(node: fx.Node, axis: int) -> bool:
     return rank > 0 and dim % rank == axis % rank
 
 
-def is_product(node: fx.Node) -> bool:
-    """a * b of two values of the same shape (gated units: a unit is the product of one unit of each)."""
+def _multiplies(node: fx.Node) -> bool:
+    """node is `a * b` of two graph values (no keyword arguments)."""
     mul = (node.op == "call_function" and node.target in PRODUCT_FUNCTIONS) or (
         node.op == "call_method" and node.target == "mul")
-    operands = node.args[:2]
-    return (mul and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in operands)
-            and operands[0] is not operands[1] and _shape(operands[0]) == _shape(operands[1]) == _shape(node))
+    return mul and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def is_product(node: fx.Node) -> bool:
+    """a * b of two values of the same shape (gated units: a unit is the product of one unit of each)."""
+    a, b = node.args[:2] if len(node.args) >= 2 else (None, None)
+    return _multiplies(node) and a is not b and _shape(a) == _shape(b) == _shape(node)
 
 
 def is_batch_size(node: fx.Node) -> bool:
@@ -186,9 +193,7 @@ UNSQUEEZE_METHODS = {"view", "reshape", "unsqueeze", "__getitem__"}
 def gate_of(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """(x, gate) if node is `x * gate` with the gate broadcast over x's positions (an SE block's
     excitation: x [B, C, H, W], gate [B, C, 1, 1]), else None. Unit j of the product is x_j * gate_j."""
-    mul = (node.op == "call_function" and node.target in PRODUCT_FUNCTIONS) or (
-        node.op == "call_method" and node.target == "mul")
-    if not mul or len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+    if not _multiplies(node):
         return None
     for x, g in (node.args, node.args[::-1]):
         xs, gs = _shape(x), _shape(g)
@@ -222,19 +227,24 @@ def is_unsqueeze(node: fx.Node, source: fx.Node) -> bool:
             and all(n is source or is_batch_size(n) for n in node.all_input_nodes))
 
 
+def view_shape(node: fx.Node) -> list:
+    """The target shape of a view/reshape node, as a list (varargs or one list argument)."""
+    rest = list(node.args[1:])
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+
+
+def set_view_shape(node: fx.Node, shape: list) -> None:
+    """Give a view/reshape node the target `shape`, spelled as before (varargs or one list), in place."""
+    as_list = len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    node.args = (node.args[0], shape) if as_list else (node.args[0], *shape)
+
+
 def resize_unsqueeze(node: fx.Node, width: int) -> None:
     """Write `width` as the channel entry of a view / reshape whose target shape spells it as a constant
     (`g.view(-1, 64, 1, 1)`, aten.view(g, [B, 64, 1, 1])); unsqueeze and indexing need nothing."""
-    if node.target in ("view", "reshape") and len(node.args) > 2:          # x.view(b, c, 1, 1)
-        if isinstance(node.args[2], int):
-            node.args = (*node.args[:2], width, *node.args[3:])
-        return
-    if node.target in ("view", "reshape", torch.reshape, aten.view.default, aten.reshape.default,
-                       aten._unsafe_view.default) and isinstance(node.args[1], (list, tuple)):
-        shape = list(node.args[1])
-        if isinstance(shape[1], int):
-            shape[1] = width
-            node.args = (node.args[0], type(node.args[1])(shape), *node.args[2:])
+    if node.target in VIEW_TARGETS and len(shape := view_shape(node)) > 1 and isinstance(shape[1], int):
+        shape[1] = width
+        set_view_shape(node, shape)
 
 
 def excitation(x: fx.Node) -> fx.Node | None:

@@ -283,11 +283,11 @@ def _merge(gm: fx.GraphModule, order: dict, group: list[_Path]):
                 off += sum(_shape(t)[axis] for t in tensors[:tensors.index(prev)])
             elif is_product(node) or gate_of(node) is not None:
                 other = next(a for a in node.all_input_nodes if a is not prev)
-                if other not in on_path and gate_of(node) is not None:
-                    return (f"it is gated (`{node.name}`) by `{other.name}`, which is not reached from a producer "
-                            "(an SE gate must be a Linear or Conv's output through per-unit ops that nothing else reads)")
                 if other not in on_path:
-                    return (f"it is multiplied (`{node.name}`) by `{other.name}`, which is not the output of an "
+                    return (f"it is gated (`{node.name}`) by `{other.name}`, which is not reached from a producer "
+                            "(an SE gate must be a Linear or Conv's output through per-unit ops that nothing else reads)"
+                            if gate_of(node) is not None else
+                            f"it is multiplied (`{node.name}`) by `{other.name}`, which is not the output of an "
                             "eligible producer (gated units need both factors from producers)")
             offset[prev] = off
     pieces = [q.shifted(offset[p.nodes[0]]) for p in group for q in p.pieces]

@@ -184,13 +184,17 @@ def test_se_models_export_to_onnx_with_parity(name, front_end, tmp_path):
     assert info["relative_diff"] <= 1e-4, f"{name}: onnxruntime differs from torch by {info['relative_diff']:.2e}"
 
 
-class GateReadTwice(nn.Module):
-    """The gate is also read by something else (a sum over it added to the output)."""
+class _SELayers(nn.Module):
+    """expand, SE fc1/fc2, projection and head of the unmatched-SE models below."""
 
     def __init__(self):
         super().__init__()
         self.exp, self.fc1, self.fc2 = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
         self.proj, self.head = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
+
+
+class GateReadTwice(_SELayers):
+    """The gate is also read by something else (a sum over it added to the output)."""
 
     def forward(self, x):
         h = F.relu(self.exp(x))
@@ -199,13 +203,8 @@ class GateReadTwice(nn.Module):
         return self.head(y)
 
 
-class SqueezeReadTwice(nn.Module):
+class SqueezeReadTwice(_SELayers):
     """The squeeze is read by fc1 and by the head: not an affine-only reading."""
-
-    def __init__(self):
-        super().__init__()
-        self.exp, self.fc1, self.fc2 = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
-        self.proj, self.head = nn.Conv2d(16, 8, 1), nn.Linear(8, 5)
 
     def forward(self, x):
         h = F.relu(self.exp(x))

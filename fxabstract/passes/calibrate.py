@@ -46,16 +46,15 @@ class SiteRunner(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, sites: list[Site]):
         super().__init__(gm)
         self.axis = {s.node: s.axis for s in sites}
-        self.branches = {b.node for s in sites for b in s.branches}     # recorded, never perturbed
+        self.recorded = set(self.axis) | {b.node for s in sites for b in s.branches}   # SE branches: never perturbed
         self.eps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.acts: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.name in self.branches:
+        if n.name in self.recorded:
             self.acts[n.name] = out.detach()
         if n.name in self.axis:
-            self.acts[n.name] = out.detach()
             if n.name in self.eps:
                 shift, scale, *pos = self.eps[n.name]
                 ax = self.axis[n.name]
@@ -88,6 +87,13 @@ class Statistics:
                           {k: v + other.branch_moments[k] for k, v in self.branch_moments.items()})
 
 
+def _on_device(batch, device) -> tuple[tuple, dict, object]:
+    """(args, kwargs, targets) of a batch, its input tensors moved to `device`."""
+    args, kwargs, targets = split_batch(batch)
+    return (tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args),
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}, targets)
+
+
 def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
               method: str = "auto", probes: int = 16, matrices: bool = True, seed: int = 0,
               progress: bool = False, reservoir: int = 512, backward_elements: int = 2**27,
@@ -113,9 +119,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
     nonfinite = 0
     n_kept = 0
     for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress, leave=False):
-        args, kwargs, targets = split_batch(batch)
-        args = tuple(a.to(params.device) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.to(params.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        args, kwargs, targets = _on_device(batch, params.device)
         x = first_tensor(args, kwargs)
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise CalibrationError("calibration inputs contain NaN or inf; clean or drop those samples")
@@ -211,9 +215,7 @@ def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batch
     branch_moments = {name: Moments(m.n, m.s1.clone(), m.s2.clone()) for name, m in stats.branch_moments.items()}
     samples = 0
     for batch in tqdm(batches, desc="fit data", unit="batch", disable=not progress, leave=False):
-        args, kwargs, _ = split_batch(batch)
-        args = tuple(a.to(params.device) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: v.to(params.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        args, kwargs, _ = _on_device(batch, params.device)
         runner.eps, runner.acts = {}, {}
         runner.run(*bind(gm, args, kwargs))
         samples += first_tensor(args, kwargs).shape[0]

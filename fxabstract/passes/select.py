@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from ..checks import short_sample_ridge
 from ..errors import ConfigError
 from ..sites import Site
 from . import risk
@@ -128,6 +129,12 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
     return out
 
 
+def _fit_moments(stats: Statistics, name: str, score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, covariance) the affine maps are fitted on: curvature-weighted for output-unit scores, plain
+    for the others and whenever forward-only fit data joined the moments (it has no curvature)."""
+    return risk.weighted_moments(stats, name, weighted=score in OUTPUT_UNITS and not stats.fit_samples)
+
+
 def _constant_curve(stats: Statistics, name: str, c: torch.Tensor, order: list[int]) -> torch.Tensor:
     """R(first k of `order`) for constants c: lin.1_P + 1/2 1_P^T M 1_P (THEORY §3), k = 0..len(order)."""
     o = torch.tensor(order, dtype=torch.long)
@@ -141,7 +148,7 @@ def _evaluated_curve(site: Site, order: list[int], stats: Statistics, score: str
     """The affine risk curve along `order`: `risk.position_affine_risk` of the fitted maps at `points`
     removal counts, linear in between."""
     grid = sorted({int(round(x)) for x in np.linspace(0, len(order), points)})
-    mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS and not stats.fit_samples)
+    mu, S = _fit_moments(stats, site.name, score)
     values = []
     for k in grid:
         P = sorted(order[:k])
@@ -237,7 +244,7 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
         cP = cv.constants[P]
         return SitePlan(site, K, P, "constant", cP, torch.zeros(len(P), len(K), dtype=torch.float64),
                         cv.scores, risk.constant_risk(stats, site.name, P, cP), branches)
-    mu, S = risk.weighted_moments(stats, site.name, weighted=score in OUTPUT_UNITS and not stats.fit_samples)
+    mu, S = _fit_moments(stats, site.name, score)
     beta, theta = risk.fit_affine(mu, S, K, P, ridge)
     return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
                     risk.position_affine_risk(stats, site.name, S, K, P, theta), branches)
@@ -258,6 +265,5 @@ def fit_branch(branch: Site, K: list[int], P: list[int], stats: Statistics, repl
     if replacement == "constant":
         return SitePlan(branch, K, P, "constant", m.mean[P], torch.zeros(len(P), len(K), dtype=torch.float64),
                         torch.zeros(0, dtype=torch.float64), 0.0)
-    beta, theta = risk.fit_affine(m.mean, m.cov, K, P, max(ridge, branch.n_units / max(m.n, 1)) if m.n < branch.n_units
-                                  else ridge)
+    beta, theta = risk.fit_affine(m.mean, m.cov, K, P, short_sample_ridge(m.n, branch.n_units, ridge))
     return SitePlan(branch, K, P, "affine", beta, theta, torch.zeros(0, dtype=torch.float64), 0.0)
