@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import warnings
 
 import torch
 import torch.fx as fx
@@ -18,9 +19,10 @@ from tqdm.auto import tqdm
 
 from . import saving
 from .capture import capture, linearize_addmm
+from .cost import macs_removals, module_macs, unit_macs
 from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
 from .data import bind, first_tensor, split_batch
-from .errors import CalibrationError, ConfigError, FxAbstractError, NoSiteError
+from .errors import CalibrationError, ConfigError, FxAbstractError, FxAbstractWarning, NoSiteError
 from .passes.calibrate import Statistics, add_fit_data, calibrate
 from .passes.distributed import all_reduce
 from .passes.fold import fold
@@ -33,11 +35,30 @@ from .sites import Site, annotate_shapes, find_sites
 
 REPLACEMENTS = ("constant", "affine")
 ALLOCATIONS = ("measured", "predicted")
+BUDGETS = ("units", "macs")
 SELECTIONS = ("joint", "diagonal", "local")
 
 
 def _count(gm: nn.Module) -> int:
     return sum(p.numel() for p in gm.parameters())
+
+
+def _warn_if_short(macs: dict, target: float) -> None:
+    """Unit MACs add within a site and across sites that share no layer (the usual case: expansion channels,
+    FFN neurons). A layer between two sites (the consumer of one and the producer of the next) loses rows and
+    columns both, so the saving is smaller than their sum: say so when the budget is missed."""
+    short = target - (macs["before"] - macs["after"])
+    if short > 1e-6 * macs["before"]:
+        warnings.warn(f"the MAC budget is missed by {short:,.0f} MACs per sample ({short / macs['before']:.1%}): "
+                      "some sites share a layer, whose MACs fall by less than the sum of their units' MACs; "
+                      "lower keep, or choose sites that share no layer", FxAbstractWarning, stacklevel=3)
+
+
+def _check_budget(keep, budget: str) -> None:
+    _choose(budget, BUDGETS, "budget")
+    if budget == "macs" and (isinstance(keep, bool) or not isinstance(keep, float) or not 0 < keep <= 1):
+        raise ConfigError(f"budget='macs' takes keep as a fraction in (0, 1] of the sites' MACs to keep, got "
+                          f"{keep!r}; pass a float such as 0.9, or budget='units' for unit counts")
 
 
 def _choose(value, options, what):
@@ -82,14 +103,19 @@ class Analysis:
         self._measured_cache: dict = {}
 
     def compile(self, keep=0.5, replacement: str = "constant", selection: str = "joint",
-                round_to: int = 8, ridge: float = 1e-3, allocation: str = "measured") -> Abstraction:
+                round_to: int = 8, ridge: float = 1e-3, allocation: str = "measured",
+                budget: str = "units") -> Abstraction:
         """Select, replace and fold at budget `keep`.
 
         allocation (global budgets of output-unit scores): "measured" allocates on each site's risk
-        curve measured on the calibration reservoir; "predicted" on the second-order curves alone."""
+        curve measured on the calibration reservoir; "predicted" on the second-order curves alone.
+        budget: "units" (keep counts units) or "macs" (keep is the fraction of the sites' MACs per sample
+        kept, `cost.unit_macs`: output-unit scores take the least risk per MAC saved first across sites,
+        the others save that fraction at every site); the report then gives MACs before and after."""
         _choose(replacement, REPLACEMENTS, "replacement")
         _choose(selection, SELECTIONS, "selection")
         _choose(allocation, ALLOCATIONS, "allocation")
+        _check_budget(keep, budget)
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
         check_ridge(ridge)
@@ -109,13 +135,18 @@ class Analysis:
             cv[s.name].measured = None
             if allocation == "measured":
                 cv[s.name].measured = self._measured(s, cv[s.name], replacement, selection, ridge, round_to)
-        removed = allocate(self.sites, cv, keep, self.score, round_to)
+        example = tuple(v[:2] if isinstance(v, torch.Tensor) else v for v in self.stats.reservoir[0][0])
+        macs = module_macs(self.gm, *example) if budget == "macs" else None
+        if macs is not None:
+            removed = macs_removals(self.sites, cv, macs, keep, self.score in OUTPUT_UNITS, round_to)
+        else:
+            removed = allocate(self.sites, cv, keep, self.score, round_to)
         plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, replacement, selection, ridge)
                  for s in self.sites]
         module = fold(replace(self.gm, plans))
         report = {
             "score": self.score, "replacement": replacement, "selection": selection,
-            "keep": keep, "round_to": round_to, "ridge": ridge, "seed": self.seed, "allocation": allocation,
+            "keep": keep, "budget": budget, "round_to": round_to, "ridge": ridge, "seed": self.seed, "allocation": allocation,
             "curvature": {"divergence": self.stats.divergence, "method": self.stats.method,
                           "probes": self.stats.probes},
             "calibration_samples": self.stats.curvature[self.sites[0].name].n,
@@ -126,7 +157,9 @@ class Analysis:
                                  else float(cv[p.site.name].measured[len(p.removed)])) for p in plans],
             "ineligible": self.ineligible,
         }
-        example = tuple(v[:2] if isinstance(v, torch.Tensor) else v for v in self.stats.reservoir[0][0])
+        if macs is not None:
+            report["macs"] = {"before": sum(macs.values()), "after": sum(module_macs(module, *example).values())}
+            _warn_if_short(report["macs"], (1 - keep) * sum(float(unit_macs(s, macs).sum()) for s in self.sites))
         return Abstraction(module, report, example)
 
     def risk_curves(self, replacement: str = "constant", selection: str = "joint", ridge: float = 1e-3) -> dict:
@@ -246,7 +279,7 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
              selection: str = "joint", round_to: int = 8, sites=None, *, curvature: str = "auto",
              probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
              progress: bool = False, distributed: bool = False, sequential: bool = False,
-             fit_data=None) -> Abstraction:
+             fit_data=None, budget: str = "units") -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (DESIGN.md, the contract).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
@@ -262,13 +295,15 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
     distributed: calibrate on this process's shard and sum the statistics over torch.distributed ranks.
     sequential: calibrate one block of the graph at a time (for models too large to analyse whole).
     fit_data: extra batches, forward only, on which affine replacements are fitted (with the calibration).
+    budget: "units" (keep counts units) or "macs" (keep: the fraction of the sites' MACs per sample kept).
     """
     _choose(replacement, REPLACEMENTS, "replacement")
     _choose(selection, SELECTIONS, "selection")
+    _check_budget(keep, budget)
     matrices = needs_matrices(score, replacement, selection)
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,
                        distributed=distributed, sequential=sequential, fit_data=fit_data)
-    return analysis.compile(keep, replacement, selection, round_to, ridge, allocation)
+    return analysis.compile(keep, replacement, selection, round_to, ridge, allocation, budget)
 
 
 __all__ = ["abstract", "analyse", "Abstraction", "Analysis", "FxAbstractError"]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import fxabstract as fxa
 
-from .abstraction import REPLACEMENTS, SELECTIONS, needs_matrices
+from .abstraction import BUDGETS, REPLACEMENTS, SELECTIONS, needs_matrices
 from .data import logits
 from .errors import FxAbstractError, FxAbstractWarning
 from .passes.scores import SCORES
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="overwrite model.onnx / report.json in --out")
     c.add_argument("--keep", type=_keep, default=0.25, help="fraction kept (0.25), units kept in total "
                    "(128) or per site (fc1=64,fc2=32); default 0.25")
+    c.add_argument("--budget", choices=BUDGETS, default="units", help="what --keep counts: units (default), or "
+                   "macs: --keep is the fraction of the sites' MACs per sample kept")
     c.add_argument("--score", choices=SCORES, default="logit-mse")
     c.add_argument("--replacement", choices=REPLACEMENTS, default="affine")
     c.add_argument("--selection", choices=SELECTIONS, default="joint")
@@ -218,7 +220,7 @@ def fidelity_sweep(analysis, x, dense: torch.Tensor, args) -> list[dict]:
     """Compile the analysis at every keep of SWEEP; top-1 agreement and logit-MSE against the dense logits."""
     rows, analysis.progress = [], False      # one bar for the sweep, none per compile
     for keep in tqdm(SWEEP, desc="fidelity sweep", unit="keep", leave=False):
-        r = analysis.compile(keep, args.replacement, args.selection, args.round_to)
+        r = analysis.compile(keep, args.replacement, args.selection, args.round_to, budget=args.budget)
         with torch.no_grad():
             z = torch.cat([logits(r.module(xb)) for xb in x.split(args.batch_size)])
         rows.append({"keep": keep, "kept": sum(len(s["kept"]) for s in r.report["sites"]),
@@ -233,7 +235,7 @@ def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str, f
     """Compile, evaluate on (x, y), export, write report.json and summary.png, and print the table."""
     analysis = fxa.analyse(model, batches, score=args.score, seed=args.seed, progress=True,
                            matrices=needs_matrices(args.score, args.replacement, args.selection), fit_data=fit_data)
-    result = analysis.compile(args.keep, args.replacement, args.selection, args.round_to)
+    result = analysis.compile(args.keep, args.replacement, args.selection, args.round_to, budget=args.budget)
     ev = evaluate(model, result, x, y, swap_ps, trials, args)
     with torch.no_grad():
         dense = torch.cat([logits(model(xb)) for xb in x.split(args.batch_size)])
@@ -342,6 +344,8 @@ def _main(argv) -> int:
         args = build_parser().parse_args(argv)
         if args.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if args.budget == "macs" and not isinstance(args.keep, float):
+            raise UsageError(f"--budget macs takes --keep as a fraction of the MACs (for example 0.9), got {args.keep!r}")
         if args.model and not args.data:
             raise UsageError("--model needs --data: a file of calibration inputs saved with torch.save")
         if not args.model and (args.data or args.checkpoint or args.fit_data):

@@ -19,7 +19,7 @@ import sys
 import torch
 from torch import nn
 
-from .passes.select import cheapest_removals
+from .passes.select import allowed_removals, cheapest_removals, granularity
 from .sites import Site
 
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -71,6 +71,15 @@ def unit_macs(site: Site, macs: dict[str, int]) -> torch.Tensor:
     return cost
 
 
+def mac_savings(sites: list[Site], curves: dict, macs: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Per site name: [d + 1] MACs per sample saved by removing the first k units of its elimination order."""
+    saved = {}
+    for s in sites:
+        per_unit = unit_macs(s, macs)[torch.tensor(curves[s.name].order, dtype=torch.long)]
+        saved[s.name] = torch.cat([per_unit.new_zeros(1), per_unit.cumsum(0)])
+    return saved
+
+
 def allocate_macs(sites: list[Site], curves: dict, macs: dict[str, int], target: float,
                   round_to: int = 1) -> dict[str, int]:
     """A `keep` dict {site: units kept} that saves at least `target` MACs per sample: the removal with
@@ -78,10 +87,27 @@ def allocate_macs(sites: list[Site], curves: dict, macs: dict[str, int], target:
 
     curves: `Analysis.risk_curves(...)`; each site's measured curve is used where set, else the
     predicted one. A channel of an early high-resolution block saves far more MACs than one of a
-    late block, so a budget in MACs differs from a budget in units."""
-    saved = {}                                      # site -> [d + 1] MACs saved by removing the first k units
-    for s in sites:
-        per_unit = unit_macs(s, macs)[torch.tensor(curves[s.name].order, dtype=torch.long)]
-        saved[s.name] = torch.cat([per_unit.new_zeros(1), per_unit.cumsum(0)])
-    removed = cheapest_removals(sites, curves, saved, target, round_to)
+    late block, so a budget in MACs differs from a budget in units. `Analysis.compile(keep,
+    budget="macs")` does this with keep a fraction of the sites' MACs."""
+    removed = cheapest_removals(sites, curves, mac_savings(sites, curves, macs), target, round_to)
     return {s.name: s.n_units - removed[s.name] for s in sites}
+
+
+def macs_removals(sites: list[Site], curves: dict, macs: dict[str, int], keep: float, global_budget: bool,
+                  round_to: int = 1) -> dict[str, int]:
+    """Units removed per site so that at most a fraction `keep` of the sites' MACs stays (the MACs
+    their units cost: `unit_macs`). global_budget (risks in output units): the cheapest risk per MAC
+    saved first across sites; otherwise every site saves at least (1 - keep) of its own MACs, the
+    fewest allowed removals along its order that do."""
+    saved = mac_savings(sites, curves, macs)
+    total = {s.name: float(unit_macs(s, macs).sum()) for s in sites}   # the order leaves a site's last unit out
+    slack = 1 - 1e-9                                # float sums: a target met exactly still counts
+    if global_budget:
+        return cheapest_removals(sites, curves, saved, (1 - keep) * sum(total.values()) * slack, round_to)
+    out = {}
+    for s in sites:
+        steps = allowed_removals(s.n_units, granularity(s, round_to))
+        need = (1 - keep) * total[s.name] * slack
+        out[s.name] = next((k for k in steps if k < len(saved[s.name]) and float(saved[s.name][k]) >= need),
+                           steps[-1])
+    return out

@@ -69,6 +69,9 @@ def summary(report: dict) -> str:
                 f"{sum(len(s['replaced']) for s in report['sites']):>8} {report['predicted_risk']:>15.4g}")
     rows.append(f"parameters {report['parameters']['before']:,} -> {report['parameters']['after']:,}  "
                 f"(score {report['score']}, {report['replacement']}, {report['selection']} selection)")
+    if "macs" in report:
+        rows.append(f"MACs per sample {report['macs']['before']:,} -> {report['macs']['after']:,}  "
+                    f"(budget in MACs, keep {report['keep']})")
     return "\n".join(rows)
 
 

@@ -120,6 +120,17 @@ def test_user_model_with_fit_data(user_files, capsys):
     assert report["fit_samples"] == 500, "--fit-data is passed to the analysis as fit_data"
 
 
+def test_user_model_with_a_mac_budget(user_files, capsys):
+    folder, module = user_files
+    status = main(["compile", "--model", f"{module}:build", "--checkpoint", "weights.pt", "--data", "data.pt",
+                   "--budget", "macs", "--keep", "0.5", "--round-to", "1", "--batch-size", "100", "--out", "macs"])
+    assert status == 0, capsys.readouterr().err
+    report = json.loads((folder / "macs" / "report.json").read_text())
+    assert report["budget"] == "macs", "--budget is passed to the compile"
+    assert report["macs"]["before"] == 6 * 32 + 32 * 16 + 16 * 3, "the report gives the model's MACs per sample"
+    assert report["macs"]["after"] < 0.75 * report["macs"]["before"], report["macs"]
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--data", "missing.pt"], "data file not found: missing.pt"),
     (["--model", "no_colon", "--data", "data.pt"], "--model must be module:factory"),
@@ -134,6 +145,8 @@ def test_user_model_with_fit_data(user_files, capsys):
     (["--model", "{module}:build", "--data", "data.pt", "--keep", "2.0"], "invalid --keep"),
     (["--model", "{module}:build", "--data", "data.pt", "--keep", "1"], "out of range"),   # found by the core
     (["--model", "{module}:build", "--data", "data.pt", "--score", "nope"], "invalid choice"),
+    (["--model", "{module}:build", "--data", "data.pt", "--budget", "macs", "--keep", "12"],
+     "--budget macs takes --keep as a fraction"),
     (["--out", "afile.txt"], "cannot create output folder"),
 ])
 def test_user_mistakes_are_one_line_errors(user_files, capsys, args, fragment):

@@ -86,3 +86,81 @@ def test_allocate_macs_meets_the_target_cheapest_risk_per_mac_first():
     assert saved >= target, f"the allocation must save at least the target MACs ({saved} < {target})"
     assert keep[early.name] == early.n_units - 3 and keep[late.name] == late.n_units, \
         f"equal risk per unit: the cheapest risk per MAC is the early block, got {keep}"
+
+
+@pytest.fixture(scope="module")
+def small_mobilenet():
+    """A width-0.25 MobileNetV2, its analysis over the expansion sites (which share no layer) and MAC counts."""
+    torch.manual_seed(0)
+    model = zoo.MobileNetV2(10, width_mult=0.25, last_channel=64).eval()
+    zoo.kaiming_init(model)
+    x = torch.randn(16, 3, 32, 32)
+    analysis = fxa.analyse(model, x.split(8), sites=r"features\.\d+\.conv\.0\.0", curvature="hutchinson", probes=2)
+    macs = module_macs(analysis.gm, x[:1])
+    return model, x, analysis, macs
+
+
+def _saved(result) -> int:
+    return result.report["macs"]["before"] - result.report["macs"]["after"]
+
+
+def test_mac_budget_is_one_global_allocation_of_the_sites_macs(small_mobilenet):
+    model, x, analysis, macs = small_mobilenet
+    site_macs = sum(float(unit_macs(s, macs).sum()) for s in analysis.sites)
+    result = analysis.compile(0.7, "constant", "diagonal", round_to=1, allocation="predicted", budget="macs")
+    assert result.report["budget"] == "macs" and result.report["macs"]["before"] == sum(macs.values())
+    assert result.report["macs"]["after"] == sum(module_macs(result.module, x[:1]).values()), \
+        "the report's MACs after are the compiled module's"
+    assert _saved(result) >= 0.3 * site_macs * (1 - 1e-9), "at most 70% of the sites' MACs may stay"
+    expected = allocate_macs(analysis.sites, analysis.risk_curves("constant", "diagonal"), macs,
+                             0.3 * site_macs * (1 - 1e-9))
+    assert {s["name"]: len(s["kept"]) for s in result.report["sites"]} == expected, \
+        "budget='macs' is cost.allocate_macs for that target"
+    fractions = {s["name"]: len(s["kept"]) / s["units"] for s in result.report["sites"]}
+    assert max(fractions.values()) - min(fractions.values()) > 0.1, \
+        f"a global budget in output units keeps unequal fractions per site: {fractions}"
+    assert "MACs per sample" in result.summary(), "the summary gives the MACs before and after"
+
+
+def test_mac_budget_compiles_exactly_against_the_report_hooks(small_mobilenet):
+    from fxabstract.verify import intervene, relative_error
+    model, x, analysis, _ = small_mobilenet
+    result = analysis.compile(0.6, "affine", "joint", round_to=1, allocation="predicted", budget="macs")
+    with torch.no_grad(), intervene(model, result.report):
+        z_hooks = model(x)
+    with torch.no_grad():
+        z_dense, z_compiled = model(x), result.module(x)
+    assert relative_error(z_dense, z_compiled) > 1e-3, "the compile must change the outputs"
+    assert relative_error(z_hooks, z_compiled) < 1e-5, "compiled == original with the report's interventions"
+
+
+def test_mac_budget_of_a_per_site_score_saves_the_fraction_at_every_site(small_mobilenet):
+    _, x, analysis, macs = small_mobilenet
+    variance = fxa.Analysis(analysis.gm, analysis.sites, analysis.ineligible, analysis.stats, "variance", 0)
+    result = variance.compile(0.75, "constant", round_to=1, budget="macs")
+    for s, entry in zip(variance.sites, result.report["sites"]):
+        per_unit, removed = unit_macs(s, macs), len(entry["replaced"])
+        total = float(per_unit.sum())
+        assert per_unit[:removed].sum() >= 0.25 * total * (1 - 1e-9), f"{s.name} saves a quarter of its MACs"
+        assert per_unit[:removed - 1].sum() < 0.25 * total, f"{s.name}: the fewest removals that do"
+
+
+def test_mac_budget_warns_when_sites_share_a_layer():
+    """fc2 is fc1-site's consumer and fc2-site's producer: its MACs fall by less than the sum of the units'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+    x = torch.randn(256, 6)
+    with pytest.warns(fxa.errors.FxAbstractWarning, match="MAC budget is missed"):
+        result = fxa.abstract(model, x.split(64), keep=0.4, round_to=1, budget="macs", allocation="predicted")
+    assert result.report["macs"] == {"before": 6 * 32 + 32 * 16 + 16 * 3,
+                                     "after": sum(module_macs(result.module, x[:1]).values())}, \
+        "the report gives the MACs measured on the compiled module, whatever the warning"
+
+
+@pytest.mark.parametrize("keep", [3, True, 1.5, 0.0, {"fc": 2}])
+def test_mac_budget_needs_a_fraction_and_says_so_before_any_analysis(keep):
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.raises(ConfigError, match="budget='macs' takes keep as a fraction"):
+        fxa.abstract(model, [], keep=keep, budget="macs")      # empty data: the check comes first
+    with pytest.raises(ConfigError, match="unknown budget 'flops'"):
+        fxa.abstract(model, [], keep=0.5, budget="flops")
