@@ -88,8 +88,10 @@ def fidelity(module, x: torch.Tensor, z_dense: torch.Tensor, blocks: int = 5) ->
     hit = (z.argmax(-1) == zd.argmax(-1)).double()
     per_block = [float(h.mean()) for h in hit.chunk(blocks)] if len(hit) >= 2 * blocks else []
     se = statistics.stdev(per_block) / len(per_block) ** 0.5 if len(per_block) > 1 else float("nan")
+    photo = torch.arange(len(hit)) % len(EVAL_PHOTOS)              # crops() takes the photos in turn
     return {"agree": float(hit.mean()), "agree_se": se, "top5": float(top5),
-            "kl": float((lp.exp() * (lp - lq)).sum(-1).mean())}
+            "kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
+            "per_photo": [float(hit[photo == i].mean()) for i in range(len(EVAL_PHOTOS))]}
 
 
 def onnx_latency(modules: list, x: torch.Tensor, repeats: dict[int, int]) -> list[dict[int, float]]:
@@ -186,6 +188,7 @@ def run(args) -> tuple[list[dict], dict]:
     info["timings"]["fit moments"] = time.perf_counter() - t
     macs = module_macs(base.gm, x_eval[:1])
     per_unit = {s.name: unit_macs(s, macs) for s in base.sites}
+    site_macs = sum(float(v.sum()) for v in per_unit.values())
     reservoir = [(bind(base.gm, (b,), {}), None) for b in x_cal[:args.reservoir].split(16)]
     measured = {}
     for key in args.measured:
@@ -226,11 +229,15 @@ def run(args) -> tuple[list[dict], dict]:
                  lambda: hybrid(base, fitted, allocate_macs(base.sites, base.risk_curves("constant", "joint", RIDGE),
                                                             macs, target))),
             ]
+        keep_macs = 1 - target / site_macs       # the fraction of the sites' MACs that the uniform removal keeps
         for score, rep, sel in GLOBAL:
             def build(score=score, rep=rep, sel=sel, curves=None):
                 a = affine_fits[score] if rep == "affine" else analyses[score]
-                keep = allocate_macs(a.sites, curves or a.risk_curves(rep, sel, RIDGE), macs, target)
-                return a.compile(keep, rep, sel, round_to=1, ridge=RIDGE).module
+                if curves is not None:          # this script's measured curves: allocated here, then compiled
+                    return a.compile(allocate_macs(a.sites, curves, macs, target), rep, sel, round_to=1,
+                                     ridge=RIDGE).module
+                return a.compile(keep_macs, rep, sel, round_to=1, ridge=RIDGE, allocation="predicted",
+                                 budget="macs").module
             on = f" on {args.cal + args.fit_extra} crops" if rep == "affine" and args.fit_extra else ""
             candidates.append((f"{score} {rep} {sel}{on}, MACs global (predicted)", "fxabstract", build))
             key = f"{score}/{rep}/{sel}"
@@ -306,11 +313,13 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         f"- Analysis: `fxa.analyse(model, batches of 16, score, sites=...)` for score logit-mse and kl; curvature by "
         f"Hutchinson with {args.probes} probes (1000 outputs); the heuristic scores reuse the logit-mse pass's "
         "statistics. `round_to=1`, `ridge=1e-3`.",
-        "- Uniform: round(f d) channels removed in every block. MACs global: `fxabstract.cost.allocate_macs` gives "
-        "each block a `keep` count so that at least the uniform removal's MACs are saved, taking the removal with "
-        "the least risk per MAC saved first across blocks; (predicted) uses the second-order risk curves, "
-        f"(measured KL) the single-site KL curves measured on the first {args.reservoir} calibration crops at "
-        f"{args.points} points up to 80% of each block (`passes.measure.measured_curve`), linear in between.",
+        "- Uniform: round(f d) channels removed in every block. MACs global (predicted): `Analysis.compile(keep, "
+        "budget=\"macs\", allocation=\"predicted\")` with keep the fraction of the 16 sites' MACs that the "
+        "uniform removal keeps, so that at least its MACs are saved, taking the removal with the least "
+        "second-order risk per MAC saved first across blocks. (measured KL): the same allocation "
+        "(`fxabstract.cost.allocate_macs`) on the single-site KL curves measured on the first "
+        f"{args.reservoir} calibration crops at {args.points} points up to 80% of each block "
+        "(`passes.measure.measured_curve`), linear in between.",
         f"- Affine fits on more data: least squares needs only the site moments, a forward pass, while the "
         f"curvature needs {args.probes} backward passes per crop. The `... on {args.cal + args.fit_extra} crops` rows fit the "
         f"affine replacements on plain moments over the {args.cal} calibration crops plus {args.fit_extra} more crops "
@@ -370,6 +379,13 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
                      + f", KL {r['kl']:.3f} vs variance + mean fold {vbp_kl[f]:.3f} (target <= half: "
                      f"{'met' if ok_kl else 'NOT met'}), MACs {r['macs'] / 1e6:.1f}M <= uniform "
                      f"{uniform_macs[f] / 1e6:.1f}M.")
+    lines += ["", "Agreement on each evaluation photo's crops (the photos differ far more than the blocks of crops "
+              "do, so the figures depend on which photos are held out):", "",
+              "| removed | method | " + " | ".join(EVAL_PHOTOS) + " |", "|---|---|" + "---|" * len(EVAL_PHOTOS)]
+    for r in rows:
+        if r["method"] == VBP or best.get(r["ratio"]) is r:
+            lines.append(f"| {r['ratio']:.0%} | {r['method']} | " + " | ".join(f"{a:.3f}" for a in r["per_photo"])
+                         + " |")
     lines += ["", f"**Target {'met' if checks and all(checks) else 'NOT met'}** at the ratios run "
               f"({', '.join(f'{f:.0%}' for f in sorted(best))}).", "",
               "![agreement and KL against the fraction removed](mobilenet_v2.png)", ""]
@@ -384,7 +400,8 @@ def fmt_lat(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
-    ap.add_argument("--size", type=int, default=160)
+    ap.add_argument("--size", type=int, default=224, help="crop size (224: MobileNetV2's training and "
+                    "torchvision's evaluation resolution)")
     ap.add_argument("--cal", type=int, default=192, help="calibration crops")
     ap.add_argument("--eval", type=int, default=960, help="evaluation crops")
     ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes")
