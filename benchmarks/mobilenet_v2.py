@@ -298,7 +298,7 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         "# MobileNetV2 (real ImageNet weights): removing expansion channels without fine-tuning"
         + (", photo roles swapped" if args.swap else ""),
         "",
-        f"Written by `python benchmarks/mobilenet_v2.py{''.join(' ' + a for a in args.argv)}` "
+        f"Written by `python benchmarks/mobilenet_v2.py{''.join(' ' + a for a in shown_argv(args.argv))}` "
         f"(torch {torch.__version__}, {platform.machine()}, one CPU thread; "
         f"{', '.join(f'{k} {v:.0f} s' for k, v in info['timings'].items())}).",
         "",
@@ -396,6 +396,20 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
               f"({', '.join(f'{f:.0%}' for f in sorted(best))}).", "",
               f"![agreement and KL against the fraction removed]({args.name}.png)", ""]
     write_atomic(path, "\n".join(lines).encode())
+
+
+def shown_argv(argv: list[str]) -> list[str]:
+    """The command line without --out (where the files go does not change them)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        out.append(a)
+    return out
 
 
 def fmt_lat(r: dict) -> str:
