@@ -288,6 +288,9 @@ def print_table(result, ev: dict, where: str) -> None:
                   f"{_pct(r['ci95'][1])}]  ({r['trials']} trials)")
     before, after = result.report["parameters"]["before"], result.report["parameters"]["after"]
     print(f"  {'parameters':<20} {before:,} -> {after:,} ({after / before:.1%})")
+    if "macs" in result.report:
+        before, after = result.report["macs"]["before"], result.report["macs"]["after"]
+        print(f"  {'MACs per sample':<20} {before:,} -> {after:,} ({after / before:.1%})")
     onnx = ev["onnx"]
     verdict = "ok" if onnx["relative_diff"] < 1e-4 else "MISMATCH"
     print(f"  {'ONNX parity':<20} {verdict}: max |onnxruntime - torch| = {onnx['max_abs_diff']:.2g} "

@@ -124,11 +124,13 @@ def test_user_model_with_a_mac_budget(user_files, capsys):
     folder, module = user_files
     status = main(["compile", "--model", f"{module}:build", "--checkpoint", "weights.pt", "--data", "data.pt",
                    "--budget", "macs", "--keep", "0.5", "--round-to", "1", "--batch-size", "100", "--out", "macs"])
-    assert status == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert status == 0, err
     report = json.loads((folder / "macs" / "report.json").read_text())
     assert report["budget"] == "macs", "--budget is passed to the compile"
     assert report["macs"]["before"] == 6 * 32 + 32 * 16 + 16 * 3, "the report gives the model's MACs per sample"
     assert report["macs"]["after"] < 0.75 * report["macs"]["before"], report["macs"]
+    assert f"MACs per sample      {report['macs']['before']:,} -> {report['macs']['after']:,}" in out, out
 
 
 @pytest.mark.parametrize("args, fragment", [
