@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .head_ops import broadcast_ok, region, within_heads
 from .head_rows import (IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader,
                         trace_back)
 from .ops import set_view_shape, view_shape
@@ -71,9 +72,8 @@ def _attention(gm: fx.GraphModule, node: fx.Node):
         mask, reason = bound.get("attn_mask"), None
         if isinstance(mask, fx.Node) and len(_shape(mask) or ()) >= 3 and _shape(mask)[-3] != 1:
             reason = f"the attention mask `{mask.name}` of `{node.name}` differs per head (not handled)"
-        if bound.get("enable_gqa"):
-            reason = f"`{node.name}` shares keys and values between heads (grouped-query attention, not handled)"
-        return bound["query"], bound["key"], bound["value"], {node}, False, reason
+        gqa = bool(bound.get("enable_gqa"))
+        return bound["query"], bound["key"], bound["value"], {node}, False, gqa, reason
     if op_name(node) != "matmul" or len(node.users) != 1:
         return None
     B, h = _shape(node)[:2]
@@ -90,7 +90,7 @@ def _attention(gm: fx.GraphModule, node: fx.Node):
         score = chain_input(score)
     if not isinstance(score, fx.Node) or op_name(score) != "matmul" or (_shape(score) or ())[:2] != (B, h):
         return None
-    return score.args[0], score.args[1], v_in, {node, score}, True, reason
+    return score.args[0], score.args[1], v_in, {node, score}, True, False, reason
 
 
 def _match(gm: fx.GraphModule, proj: fx.Node, calls):
@@ -108,7 +108,7 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
     found = _attention(gm, core)
     if found is None:
         return None
-    *starts, kernel, k_transposed, reason = found
+    *starts, kernel, k_transposed, gqa, reason = found
     chains, stopped = trace_back(gm, starts)
     modules = sorted({lin.target for lin, _ in chains.values()})
     reason = reason or stopped or _check_projections(gm, chains, calls)
@@ -116,40 +116,51 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
         return reason, modules
     env = evaluate(gm, chains)
     B, h, T, dh = _shape(core)
-    layout = [(s, _head_rows(env[s], k_transposed and i == 1, h, dh)) for i, s in enumerate(starts)]
+    layout = [(s, _head_rows(env[s], k_transposed and i == 1, h, dh, gqa and i > 0)) for i, s in enumerate(starts)]
     for s, rows in layout:
         if isinstance(rows, str):
             return f"`{s.name}`: {rows}", modules
-    groups: dict[fx.Node, list[torch.Tensor]] = {}                    # Linear -> [h] rows of each head
+    G = _query_heads_per_kv_head(layout)                              # 1 unless grouped-query attention
+    if isinstance(G, str):
+        return G, modules
+    groups: dict[fx.Node, list[torch.Tensor]] = {}                    # Linear -> [h / G] rows of each unit group
     for lin in {chains[s][0] for s in starts}:
-        mine = [rows for s, rows in layout if chains[s][0] is lin]    # [h, dh] each
-        groups[lin] = list(torch.cat(mine, dim=1))
+        mine = torch.cat([rows for s, rows in layout if chains[s][0] is lin], dim=1)   # [h, rows per head]
+        groups[lin] = [torch.unique(mine[j:j + G]) for j in range(0, h, G)]
     for lin, heads in groups.items():
         used = torch.cat(heads).sort().values
         if not torch.equal(used, torch.arange(gm.get_submodule(lin.target).out_features)):
             return f"the heads do not read every row of `{lin.target}` exactly once", modules
     heads_of = {n: groups[lin] for lin, chain in chains.values() for n in [lin, *chain]}
-    reason = stray_reader(heads_of, kernel, env)
+    inner = {n for node in heads_of if not _is_linear_node(gm, node) and (r := region(gm, node)) for n in r.nodes}
+    reason = stray_reader(heads_of, kernel | inner, env) or _check_regions(gm, chains, env, groups)
     if reason:
         return reason, modules
     shapes = _view_axes(chains, env, groups)
-    merged = _merge_axes(merge, core, h, dh)
+    merged = _merge_axes(merge, core, h, dh, G)
     if isinstance(shapes, str) or isinstance(merged, str):
         return shapes if isinstance(shapes, str) else merged, modules
-    pieces = []
-    for s, rows in (layout[2], layout[0], layout[1]):                 # v, q, k: the order of the 3-Linear case
-        start = int(rows[0, 0])
-        if not torch.equal(rows.flatten(), torch.arange(start, start + h * dh)):
-            return f"the rows of `{s.name}` are not one block of `{chains[s][0].target}` (interleaved heads)", modules
-        pieces.append(Piece(chains[s][0].target, 0, h * dh, start, gm.get_submodule(chains[s][0].target).out_features))
-    if proj.target in modules:
-        return f"the output projection `{proj.target}` also projects q, k or v", modules
-    splits = [Piece(n.name, 0, h * dh) for s in starts for n in chains[s][1] if op_name(n) == "getitem"
-              and op_name(n.args[0]) in ("split", "chunk", "split_with_sizes", "tensor_split")]
+    pieces, splits = [], []
+    for i, (s, rows) in ((2, layout[2]), (0, layout[0]), (1, layout[1])):   # v, q, k: the order of the 3-Linear case
+        shared = G if i > 0 else 1                                    # query heads reading one k / v head
+        rows = rows[::shared]                                         # [h / shared, dh]
+        start, lin = int(rows[0, 0]), chains[s][0].target
+        if not torch.equal(rows.flatten(), torch.arange(start, start + rows.numel())):
+            return f"the rows of `{s.name}` are not one block of `{lin}` (interleaved heads)", modules
+        # unit u of the output projection (query head u // dh) reads row (u // (shared dh)) dh + u % dh: one
+        # piece per k / v head, on the units of the first query head of its group (whole groups are removed)
+        blocks = [(j * shared * dh, j * dh) for j in range(h // shared)] if shared > 1 else [(0, 0)]
+        width = dh if shared > 1 else h * dh
+        out_features = gm.get_submodule(lin).out_features
+        pieces += [Piece(lin, lo, lo + width, start + row, out_features) for lo, row in blocks]
+        splits += [Piece(n.name, lo, lo + width) for n in chains[s][1] for lo, _ in blocks if op_name(n) == "getitem"
+                   and op_name(n.args[0]) in ("split", "chunk", "split_with_sizes", "tensor_split")]
     prefix = _common_prefix(modules + [proj.target])
     site = Site((prefix + "." if prefix else "") + "heads", y.name, [n.name for n in merge], [proj.target], h * dh,
-                axis=-1, shape=tuple(_shape(y)[1:]), pieces=pieces, reads={proj.target: "features"}, group=dh,
+                axis=-1, shape=tuple(_shape(y)[1:]), pieces=pieces, reads={proj.target: "features"}, group=G * dh,
                 head_shapes=shapes | merged, splits=splits)
+    if proj.target in modules:
+        return f"the output projection `{proj.target}` also projects q, k or v", modules
     return site, modules
 
 
@@ -160,9 +171,50 @@ def _check_projections(gm: fx.GraphModule, chains: dict, calls) -> str | None:
     return None
 
 
-def _head_rows(t: torch.Tensor, transposed: bool, h: int, dh: int):
-    """[h, dh] producer rows of each head of q, k or v ([B, h, T, dh]; k^T: [B, h, dh, T]), or why not."""
+def _is_linear_node(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear)
+
+
+def _check_regions(gm: fx.GraphModule, chains: dict, env: dict, groups: dict) -> str | None:
+    """Why a per-head op on q or k (rotary, q/k norm: head_ops.py) mixes heads, or None: its cos, sin
+    or weight must be the same for every head, and it must mix values within one unit group only."""
+    for lin, chain in chains.values():
+        for node in chain:
+            r = region(gm, node) if node.op != "call_module" or not isinstance(
+                gm.get_submodule(node.target), IDENTITY_MODULES) else None
+            if r is None:
+                continue
+            rows = env[r.source]
+            for operand in r.operands:
+                if not broadcast_ok(rows, operand):
+                    return f"`{operand.name}` (read by `{node.name}`) differs per head"
+            if r.mixes and not within_heads(rows, groups[lin]):
+                return f"`{node.name}` mixes values of different heads"
+    return None
+
+
+def _query_heads_per_kv_head(layout) -> int | str:
+    """G: k and v repeat each of h / G heads to G adjacent query heads (grouped-query attention:
+    repeat_kv, repeat_interleave, SDPA enable_gqa), 1 without; or why the sharing is not that."""
+    found = set()
+    for s, rows in layout[1:]:                                       # k, v: [h, dh]
+        h = rows.shape[0]
+        G = next((g for g in range(h, 0, -1) if h % g == 0 and all(
+            torch.equal(rows[i], rows[i - i % g]) for i in range(h))), 1)
+        if any(torch.equal(rows[i], rows[j]) for i in range(0, h, G) for j in range(i + G, h)):
+            return f"the query heads that share a key/value head through `{s.name}` are not adjacent"
+        found.add(G)
+    if len(found) != 1:
+        return "keys and values are shared by different numbers of query heads"
+    return found.pop()
+
+
+def _head_rows(t: torch.Tensor, transposed: bool, h: int, dh: int, gqa: bool = False):
+    """[h, dh] producer rows of each head of q, k or v ([B, h, T, dh]; k^T: [B, h, dh, T]), or why not;
+    `gqa`: k and v carry h / G heads, each read by G adjacent query heads (SDPA enable_gqa)."""
     t = t.transpose(-2, -1) if transposed else t
+    if gqa and t.dim() == 4 and t.shape[1] < h and h % t.shape[1] == 0:
+        t = t.repeat_interleave(h // t.shape[1], dim=1)
     if tuple(t.shape[1:2]) + tuple(t.shape[3:]) != (h, dh):
         return f"its shape {tuple(t.shape)} is not [batch, {h} heads, positions, {dh}]"
     n = narrow(t)
@@ -176,7 +228,7 @@ def _view_axes(chains: dict, env: dict, groups: dict):
     out = {}
     for lin, chain in chains.values():
         for node in chain:
-            if op_name(node) in ("view", "reshape", "_unsafe_view"):
+            if op_name(node) in ("view", "reshape", "_unsafe_view", "expand"):
                 axis = head_axis(env[node], groups[lin])
                 if axis is None or len(view_shape(node)) != len(_shape(node)):
                     return f"the view `{node.name}` does not keep each head on one axis"
@@ -184,11 +236,11 @@ def _view_axes(chains: dict, env: dict, groups: dict):
     return out
 
 
-def _merge_axes(merge: list[fx.Node], core: fx.Node, h: int, dh: int):
+def _merge_axes(merge: list[fx.Node], core: fx.Node, h: int, dh: int, G: int = 1):
     """{view node: (head axis, positions per head)} from the kernel to proj, or why the heads are not
     merged head-major into proj's features (unit u of head u // dh)."""
     units = {core: torch.arange(h * dh).view(1, h, 1, dh).expand(_shape(core))}
-    heads = list(torch.arange(h * dh).view(h, dh))
+    heads = list(torch.arange(h * dh).view(h // G, G * dh))       # the unit groups: G query heads each
     out = {}
     for node in reversed(merge):
         units[node] = apply_op(node, units[node.args[0]])

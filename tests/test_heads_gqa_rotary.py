@@ -1,0 +1,156 @@
+"""Attention heads of Llama-style attention: rotary position embeddings and q/k RMSNorm on q and k
+(per-head ops over head_dim: a head's rows stay that head's), and grouped-query attention, where
+h query heads share h_kv key/value heads. Decision (heads.py): the unit group of a GQA head site is
+one kv group, the G = h / h_kv adjacent query heads that read one k/v head; removing it deletes
+those query heads' q rows, the k/v head's rows, and rewrites the head counts of every view and of
+repeat_kv's expand. The compiled module equals the original with the report's hooks (THEORY §1),
+through torch.fx and torch.export, and the compile changes the outputs (the check is not vacuous).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxabstract as fxa
+from fxabstract import zoo_transformers as zt
+from fxabstract.errors import NoSiteError
+from fxabstract.verify import intervene, relative_error
+
+TOL = 1e-5
+HEADS = r"blocks\.\d+\.attn\.heads"
+
+
+def _no_fx(monkeypatch):
+    """Make torch.fx fail so that capture falls back to torch.export (the path HF models take)."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("symbolic tracing disabled by the test")
+    monkeypatch.setattr(torch.fx, "symbolic_trace", refuse)
+
+
+def _errors(model, result, *inputs, **kwinputs) -> tuple[float, float]:
+    """(compiled vs hooked original, compiled vs original): relative errors on the first output."""
+    report = json.loads(json.dumps(result.report))               # the hooks read the JSON alone
+    pick = lambda z: z if isinstance(z, torch.Tensor) else z[0]  # noqa: E731
+    with torch.no_grad():
+        z = pick(model(*inputs, **kwinputs))
+        with intervene(model, report):
+            z_hooks = pick(model(*inputs, **kwinputs))
+        z_compiled = pick(result.module(*inputs, **kwinputs))
+    return relative_error(z_hooks, z_compiled), relative_error(z, z_compiled)
+
+
+def _exported(result) -> bool:
+    return any(isinstance(n.target, torch._ops.OpOverload) for n in result.module.graph.nodes)
+
+
+def _llama(**kw):
+    torch.manual_seed(0)
+    return zt.Llama(**kw).eval(), torch.randint(0, 50, (24, 16))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+@pytest.mark.parametrize("kv_repeat,qk_norm,replacement", [
+    ("expand", False, "constant"), ("expand", False, "affine"), ("expand", True, "affine"),
+    ("interleave", False, "constant"), ("sdpa", True, "constant")])
+def test_llama_gqa_rotary_heads_fold_exactly(kv_repeat, qk_norm, replacement, front_end, monkeypatch):
+    """8 query heads on 2 kv heads: half the kv groups removed in each layer; q keeps 4 heads' rows,
+    k and v 1 head's; the compiled module equals the hooked original at two batch sizes."""
+    model, x = _llama(qk_norm=qk_norm, kv_repeat=kv_repeat)
+    if front_end == "export":
+        _no_fx(monkeypatch)
+    result = fxa.abstract(model, x.split(8), keep=0.5, round_to=1, allocation="predicted", replacement=replacement,
+                          sites=HEADS)
+    assert _exported(result) == (front_end == "export"), "the capture must use the front end under test"
+    sites = result.report["sites"]
+    assert [s["name"] for s in sites] == ["blocks.0.attn.heads", "blocks.1.attn.heads"], result.report["ineligible"]
+    for i, site in enumerate(sites):
+        assert site["group"] == 32 and site["units"] == 64, "a unit group is one kv group: 4 query heads of 8"
+        kept = site["kept"]
+        assert len(kept) == 32 and kept in (list(range(32)), list(range(32, 64))), "whole kv groups are removed"
+        j = kept[0] // 32                                            # the kept kv head
+        attn, original = result.module.get_submodule(f"blocks.{i}.attn"), model.blocks[i].attn
+        assert attn.q.out_features == 32 and attn.k.out_features == attn.v.out_features == 8
+        assert torch.equal(attn.q.weight, original.q.weight[kept]), "q keeps the kept query heads' rows"
+        assert torch.equal(attn.k.weight, original.k.weight[8 * j:8 * j + 8]), "k keeps the kept kv head's rows"
+        assert torch.equal(attn.v.weight, original.v.weight[8 * j:8 * j + 8]), "v keeps the kept kv head's rows"
+        assert attn.o.in_features == 32
+    for batch in (x, x[:5]):
+        exact, change = _errors(model, result, batch)
+        assert exact <= TOL, f"{kv_repeat}, qk_norm={qk_norm}: compiled vs hooks relative error {exact:.2e}"
+        assert change > 1e-3, f"the compile must change the outputs (got {change:.2e}): the check would be vacuous"
+
+
+def test_llama_global_keep_finds_head_sites():
+    """With every site eligible, the attention blocks are head sites next to the SwiGLU sites."""
+    model, x = _llama()
+    result = fxa.abstract(model, x.split(8), keep=0.5, round_to=1, allocation="predicted")
+    names = {s["name"]: s for s in result.report["sites"]}
+    assert {"blocks.0.attn.heads", "blocks.1.attn.heads"} <= set(names), result.report["ineligible"]
+    assert all(len(names[n]["kept"]) % 32 == 0 for n in names if n.endswith("heads"))
+    exact, _ = _errors(model, result, x)
+    assert exact <= TOL, f"compiled vs hooks relative error {exact:.2e}"
+
+
+def test_llama_exports_to_onnx_with_parity(tmp_path):
+    model, x = _llama(qk_norm=True)
+    result = fxa.abstract(model, x.split(8), keep=0.5, round_to=1, allocation="predicted", replacement="affine",
+                          sites=HEADS)
+    info = fxa.to_onnx(result.module, x[:4], str(tmp_path / "llama.onnx"))
+    assert info["relative_diff"] <= 1e-4, f"onnxruntime differs from torch by {info['relative_diff']:.2e}"
+
+
+class PerHeadGain(nn.Module):
+    """Attention whose queries are scaled by a learned gain per head: not the same op for every head."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.q, self.k, self.v, self.o = heads, *(nn.Linear(dim, dim) for _ in range(4))
+        self.gain = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)                     # [h, 1, 1]
+
+    def forward(self, x):
+        B, T, C = x.size(0), x.size(1), x.size(2)
+        q, k, v = (f(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q * self.gain, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+def test_per_head_operand_is_refused_naming_the_node():
+    """An op between q and the attention whose operand differs per head keeps the heads ineligible,
+    with a reason that names the operand and the node."""
+    torch.manual_seed(0)
+    with pytest.raises(NoSiteError, match=r"q: `gain` \(read by `mul`\) differs per head"):
+        fxa.abstract(PerHeadGain(), torch.randn(16, 6, 32).split(8), keep=0.5, round_to=1, allocation="predicted")
+
+
+@pytest.mark.parametrize("attn_implementation,replacement", [("eager", "constant"), ("eager", "affine"),
+                                                               ("sdpa", "affine")])
+def test_hf_llama_gqa_heads_fold_exactly(attn_implementation, replacement):
+    """A Hugging Face LlamaForCausalLM (4 query heads on 2 kv heads, rotary, RMSNorm) through torch.export."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=2, intermediate_size=128, vocab_size=100, use_cache=False,
+                                      attn_implementation=attn_implementation)
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = torch.randint(0, 100, (16, 12))
+    result = fxa.abstract(model, [{"input_ids": b} for b in x.split(8)], keep=0.5, round_to=1,
+                          allocation="predicted", replacement=replacement, sites=r".*self_attn\.heads")
+    sites = result.report["sites"]
+    assert len(sites) == 2 and all(s["group"] == 32 and len(s["kept"]) == 32 for s in sites), \
+        result.report["ineligible"]
+    for i in range(2):
+        attn = result.module.get_submodule(f"model.layers.{i}.self_attn")
+        assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == attn.v_proj.out_features == 16
+    report = json.loads(json.dumps(result.report))
+    with torch.no_grad():
+        z = model(input_ids=x).logits
+        with intervene(model, report):
+            z_hooks = model(input_ids=x).logits
+        out = result.module(input_ids=x)
+    z_compiled = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, (tuple, list)) else out
+    assert relative_error(z_hooks, z_compiled) <= TOL, "compiled vs hooks"
+    assert relative_error(z, z_compiled) > 1e-3, "the compile must change the outputs"
