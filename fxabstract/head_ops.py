@@ -26,7 +26,7 @@ from torch import nn
 from .ops import _shape, narrow, op_name
 
 ELEMENTWISE = {"add", "sub", "mul", "div", "truediv", "neg", "rsqrt", "sqrt", "pow", "to", "type", "float",
-               "_to_copy", "reciprocal"}
+               "_to_copy", "reciprocal", "type_as"}
 LAST_AXIS = {"mean", "cat", "slice", "getitem", "rms_norm", "layer_norm", "native_layer_norm"}
 NORM_MODULES = (nn.LayerNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else (nn.LayerNorm,)
 MAX_NODES = 64
@@ -92,7 +92,8 @@ def region(gm: fx.GraphModule, out: fx.Node) -> Region | None:
             leaves.append(node)
             continue
         nodes.add(node)
-        stack += [a for a in node.all_input_nodes if _shape(a) is not None or op_name(a) == "native_layer_norm"]
+        inputs = node.args[:1] if op_name(node) == "type_as" else node.all_input_nodes   # (its dtype source: no input)
+        stack += [a for a in inputs if _shape(a) is not None or op_name(a) == "native_layer_norm"]
     sources = {n for n in leaves if _shape(n) == shape}
     if len(sources) != 1 or len(nodes) >= MAX_NODES:
         return None

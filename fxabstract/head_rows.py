@@ -33,7 +33,7 @@ aten = torch.ops.aten
 RESHAPES = {"view", "reshape", "_unsafe_view"}
 INDEX_OPS = RESHAPES | {"transpose", "permute", "contiguous", "clone", "unbind", "getitem", "select",
                         "split", "chunk", "split_with_sizes", "tensor_split", "to", "type", "float",
-                        "expand", "unsqueeze", "slice", "repeat_interleave"}   # the last four: repeat_kv (GQA)
+                        "expand", "unsqueeze", "slice", "repeat_interleave", "type_as"}   # the last four: repeat_kv (GQA)
 SCALINGS = {"mul", "div", "truediv"}          # by a Python number: each row keeps its index
 IDENTITY_MODULES = (nn.Identity, nn.Dropout)
 

@@ -14,6 +14,23 @@ The projections are three Linears, or one fused Linear(d, 3d) whose output is re
 maps of the kept heads' units is folded into proj; head g's rows of q, k and v are deleted (from each
 third of a fused weight), the head count in every view is rewritten and a split takes the new sizes.
 Each head's attention depends on its own q, k, v only, so the fold is exact.
+
+Between the projections and the attention, q and k may pass per-head ops (head_ops.py): rotary
+position embeddings (`q * cos + rotate_half(q) * sin`, cos and sin the same for every head) and a
+q/k RMSNorm or LayerNorm over head_dim (its weight [dh] shared by the heads). They mix values within
+one head only, so a kept head's values are unchanged when other heads are deleted; an operand that
+differs per head (a [h, 1, 1] gain, a per-head cos) keeps the site ineligible, the reason naming it.
+
+Grouped-query attention (h query heads on h_kv key/value heads, each k/v head repeated to
+G = h / h_kv adjacent query heads: Llama's repeat_kv `x[:, :, None].expand(B, h_kv, G, T, dh)
+.reshape(B, h, T, dh)`, `repeat_interleave(G, dim=1)`, or SDPA `enable_gqa=True`). Decision: the
+unit group is one *kv group*, the G query heads that read one k/v head (site.group = G * dh).
+Removing it deletes those query heads' q rows, the k/v head's rows of k and v, and folds the
+replacement of their G * dh output units into proj; every view's head count and repeat_kv's expand
+are rewritten (h_kv -> kept groups, h -> G * kept groups), while G itself, and with it the
+repeat_interleave count, stays. A uniform repeat stays valid, so no gather is needed; the cost is
+coarser units (G heads at a time) than removing single query heads. Query heads that share a k/v
+head but are not adjacent (a repeat on the other side of h_kv) are refused with a reason.
 """
 from __future__ import annotations
 

@@ -103,6 +103,60 @@ def test_llama_exports_to_onnx_with_parity(tmp_path):
     assert info["relative_diff"] <= 1e-4, f"onnxruntime differs from torch by {info['relative_diff']:.2e}"
 
 
+class QKNormAttention(nn.Module):
+    """Self-attention with a torch norm module over head_dim on q and k (nn.RMSNorm or nn.LayerNorm,
+    weight [dh] shared by the heads), applied on [B, T, h, dh] (before the transpose) or [B, h, T, dh]."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, norm: str = "rms", before_transpose: bool = True):
+        super().__init__()
+        self.heads, self.before = heads, before_transpose
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        make = (lambda: nn.RMSNorm(dim // heads)) if norm == "rms" else (lambda: nn.LayerNorm(dim // heads))
+        self.q_norm, self.k_norm = make(), make()
+        for m in (self.q_norm, self.k_norm):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+
+    def forward(self, x):
+        B, T, C = x.size(0), x.size(1), x.size(2)
+        q, k, v = (f(x).view(B, T, self.heads, C // self.heads) for f in (self.q, self.k, self.v))
+        if self.before:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # [B, h, T, dh]
+        if not self.before:
+            q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class QKNormNet(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.inp, self.attn, self.out = nn.Linear(8, 32), QKNormAttention(**kw), nn.Linear(32, 5)
+
+    def forward(self, x):                                                           # [B, T, 8]
+        return self.out(torch.tanh(self.attn(self.inp(x))).mean(1))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+@pytest.mark.parametrize("norm,before_transpose", [("rms", True), ("rms", False), ("layer", True), ("layer", False)])
+def test_qk_norm_modules_over_head_dim_fold_exactly(norm, before_transpose, front_end, monkeypatch):
+    """nn.RMSNorm / nn.LayerNorm over head_dim on q and k (aten.rms_norm, aten.layer_norm through
+    torch.export) are per-head ops: two of four heads removed, exact."""
+    torch.manual_seed(0)
+    model, x = QKNormNet(norm=norm, before_transpose=before_transpose).eval(), torch.randn(24, 6, 8)
+    if front_end == "export":
+        _no_fx(monkeypatch)
+    result = fxa.abstract(model, x.split(8), keep={"attn.heads": 16}, round_to=1, allocation="predicted",
+                          replacement="affine", sites=["attn.heads"])
+    assert _exported(result) == (front_end == "export"), "the capture must use the front end under test"
+    site = result.report["sites"][0]
+    assert site["group"] == 8 and len(site["kept"]) == 16
+    assert result.module.get_submodule("attn.q").out_features == 16
+    assert torch.equal(result.module.get_submodule("attn.q_norm").weight, model.attn.q_norm.weight), "shared by heads"
+    exact, change = _errors(model, result, x)
+    assert exact <= TOL and change > 1e-3, (exact, change)
+
+
 class PerHeadGain(nn.Module):
     """Attention whose queries are scaled by a learned gain per head: not the same op for every head."""
 
@@ -126,16 +180,25 @@ def test_per_head_operand_is_refused_naming_the_node():
         fxa.abstract(PerHeadGain(), torch.randn(16, 6, 32).split(8), keep=0.5, round_to=1, allocation="predicted")
 
 
-@pytest.mark.parametrize("attn_implementation,replacement", [("eager", "constant"), ("eager", "affine"),
-                                                               ("sdpa", "affine")])
-def test_hf_llama_gqa_heads_fold_exactly(attn_implementation, replacement):
-    """A Hugging Face LlamaForCausalLM (4 query heads on 2 kv heads, rotary, RMSNorm) through torch.export."""
+HF = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+      "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16})}
+
+
+@pytest.mark.parametrize("arch,attn_implementation,replacement", [
+    ("llama", "eager", "constant"), ("llama", "eager", "affine"), ("llama", "sdpa", "affine"),
+    ("qwen3", "eager", "affine"), ("gemma3", "eager", "constant")])
+def test_hf_gqa_heads_fold_exactly(arch, attn_implementation, replacement):
+    """Hugging Face decoders through torch.export (4 query heads on 2 kv heads, rotary; Qwen3 and
+    Gemma3 add q/k RMSNorm over head_dim, Gemma3 a weightless v norm and (1 + w) weights)."""
     transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, extra = HF[arch]
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                      num_hidden_layers=2, intermediate_size=128, vocab_size=100, use_cache=False,
-                                      attn_implementation=attn_implementation)
-    model = transformers.LlamaForCausalLM(config).eval()
+    config = getattr(transformers, config_cls)(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
+        vocab_size=100, use_cache=False, attn_implementation=attn_implementation, **extra)
+    model = getattr(transformers, model_cls)(config).eval()
     x = torch.randint(0, 100, (16, 12))
     result = fxa.abstract(model, [{"input_ids": b} for b in x.split(8)], keep=0.5, round_to=1,
                           allocation="predicted", replacement=replacement, sites=r".*self_attn\.heads")
