@@ -23,14 +23,13 @@ differs per head (a [h, 1, 1] gain, a per-head cos) keeps the site ineligible, t
 
 Grouped-query attention (h query heads on h_kv key/value heads, each k/v head repeated to
 G = h / h_kv adjacent query heads: Llama's repeat_kv `x[:, :, None].expand(B, h_kv, G, T, dh)
-.reshape(B, h, T, dh)`, `repeat_interleave(G, dim=1)`, or SDPA `enable_gqa=True`). Decision: the
-unit group is one *kv group*, the G query heads that read one k/v head (site.group = G * dh).
-Removing it deletes those query heads' q rows, the k/v head's rows of k and v, and folds the
-replacement of their G * dh output units into proj; every view's head count and repeat_kv's expand
-are rewritten (h_kv -> kept groups, h -> G * kept groups), while G itself, and with it the
-repeat_interleave count, stays. A uniform repeat stays valid, so no gather is needed; the cost is
-coarser units (G heads at a time) than removing single query heads. Query heads that share a k/v
-head but are not adjacent (a repeat on the other side of h_kv) are refused with a reason.
+.reshape(B, h, T, dh)`, `repeat_interleave(G, dim=1)`, or SDPA `enable_gqa=True`). Decision: units
+are still removed one query head at a time (group = dh): head g's q rows go and its replacement is
+folded into proj; k and v keep every kv head some kept query head reads (a SharedPiece deletes a kv
+head's rows once all its G query heads are removed), and fold rewrites the repeat into an
+index_select of the kept query heads' kv heads (gqa.py); the k/v views take the kept kv head count.
+Refused, with a reason naming the node: q and the shared k/v from one fused projection, query heads
+sharing a kv head that are not adjacent, a repeat spelled otherwise than above.
 """
 from __future__ import annotations
 
@@ -38,11 +37,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .gqa import kv_plan
 from .head_ops import broadcast_ok, region, within_heads
 from .head_rows import (IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader,
                         trace_back)
 from .ops import set_view_shape, view_shape
-from .sites import Piece, Site, _shape
+from .sites import Piece, SharedPiece, Site, _shape
 
 SHAPE_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone"}
 PER_HEAD_OPS = {"softmax", "_softmax", "dropout", "mul", "div", "truediv", "add", "sub", "masked_fill",
@@ -140,10 +140,14 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
     G = _query_heads_per_kv_head(layout)                              # 1 unless grouped-query attention
     if isinstance(G, str):
         return G, modules
-    groups: dict[fx.Node, list[torch.Tensor]] = {}                    # Linear -> [h / G] rows of each unit group
+    q_lin = chains[starts[0]][0]
+    if G > 1 and any(chains[s][0] is q_lin for s in starts[1:]):
+        return f"`{q_lin.target}` projects q and the shared k or v of grouped-query attention (not handled)", modules
+    groups: dict[fx.Node, list[torch.Tensor]] = {}                    # Linear -> rows of each of its heads
     for lin in {chains[s][0] for s in starts}:
         mine = torch.cat([rows for s, rows in layout if chains[s][0] is lin], dim=1)   # [h, rows per head]
-        groups[lin] = [torch.unique(mine[j:j + G]) for j in range(0, h, G)]
+        step = 1 if lin is q_lin else G                               # k, v: one kv head per G query heads
+        groups[lin] = [torch.unique(mine[j:j + step]) for j in range(0, h, step)]
     for lin, heads in groups.items():
         used = torch.cat(heads).sort().values
         if not torch.equal(used, torch.arange(gm.get_submodule(lin.target).out_features)):
@@ -154,9 +158,17 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
     if reason:
         return reason, modules
     shapes = _view_axes(chains, env, groups)
-    merged = _merge_axes(merge, core, h, dh, G)
+    merged = _merge_axes(merge, core, h, dh)
     if isinstance(shapes, str) or isinstance(merged, str):
         return shapes if isinstance(shapes, str) else merged, modules
+    repeats, kv_shapes = [], {}
+    if G > 1:                                                         # gqa.py: the repeats fold rewrites
+        plan = kv_plan(chains, starts[1:], env, dict(layout), h, dh, G, next(iter(kernel)), gqa)
+        if isinstance(plan, str):
+            return plan, modules
+        repeats, kv_side, inside = plan
+        kv_shapes = {n.name: shapes.pop(n.name) for n in kv_side if n.name in shapes}
+        shapes = {name: axis for name, axis in shapes.items() if name not in {n.name for n in inside}}
     pieces, splits = [], []
     for i, (s, rows) in ((2, layout[2]), (0, layout[0]), (1, layout[1])):   # v, q, k: the order of the 3-Linear case
         shared = G if i > 0 else 1                                    # query heads reading one k / v head
@@ -164,18 +176,18 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
         start, lin = int(rows[0, 0]), chains[s][0].target
         if not torch.equal(rows.flatten(), torch.arange(start, start + rows.numel())):
             return f"the rows of `{s.name}` are not one block of `{lin}` (interleaved heads)", modules
-        # unit u of the output projection (query head u // dh) reads row (u // (shared dh)) dh + u % dh: one
-        # piece per k / v head, on the units of the first query head of its group (whole groups are removed)
-        blocks = [(j * shared * dh, j * dh) for j in range(h // shared)] if shared > 1 else [(0, 0)]
-        width = dh if shared > 1 else h * dh
         out_features = gm.get_submodule(lin).out_features
-        pieces += [Piece(lin, lo, lo + width, start + row, out_features) for lo, row in blocks]
-        splits += [Piece(n.name, lo, lo + width) for n in chains[s][1] for lo, _ in blocks if op_name(n) == "getitem"
+        if shared > 1:      # units j G dh .. (j + 1) G dh (G query heads) read k / v rows j dh .. (j + 1) dh
+            pieces += [SharedPiece(lin, j * G * dh, (j + 1) * G * dh, start + j * dh, out_features, G, dh)
+                       for j in range(h // G)]
+            continue
+        pieces.append(Piece(lin, 0, h * dh, start, out_features))
+        splits += [Piece(n.name, 0, h * dh) for n in chains[s][1] if op_name(n) == "getitem"
                    and op_name(n.args[0]) in ("split", "chunk", "split_with_sizes", "tensor_split")]
     prefix = _common_prefix(modules + [proj.target])
     site = Site((prefix + "." if prefix else "") + "heads", y.name, [n.name for n in merge], [proj.target], h * dh,
-                axis=-1, shape=tuple(_shape(y)[1:]), pieces=pieces, reads={proj.target: "features"}, group=G * dh,
-                head_shapes=shapes | merged, splits=splits)
+                axis=-1, shape=tuple(_shape(y)[1:]), pieces=pieces, reads={proj.target: "features"}, group=dh,
+                head_shapes=shapes | merged, splits=splits, kv_shapes=kv_shapes, repeats=repeats)
     if proj.target in modules:
         return f"the output projection `{proj.target}` also projects q, k or v", modules
     return site, modules
@@ -253,11 +265,11 @@ def _view_axes(chains: dict, env: dict, groups: dict):
     return out
 
 
-def _merge_axes(merge: list[fx.Node], core: fx.Node, h: int, dh: int, G: int = 1):
+def _merge_axes(merge: list[fx.Node], core: fx.Node, h: int, dh: int):
     """{view node: (head axis, positions per head)} from the kernel to proj, or why the heads are not
     merged head-major into proj's features (unit u of head u // dh)."""
     units = {core: torch.arange(h * dh).view(1, h, 1, dh).expand(_shape(core))}
-    heads = list(torch.arange(h * dh).view(h // G, G * dh))       # the unit groups: G query heads each
+    heads = list(torch.arange(h * dh).view(h, dh))
     out = {}
     for node in reversed(merge):
         units[node] = apply_op(node, units[node.args[0]])
@@ -282,14 +294,15 @@ def _common_prefix(paths: list[str]) -> str:
     return ".".join(out)
 
 
-def set_head_count(gm: fx.GraphModule, site: Site, heads: int) -> None:
-    """Give every view of a head site its new size on the head axis (heads * positions per head), in
-    place; an inferred size (-1) is left as it is."""
+def set_head_count(gm: fx.GraphModule, site: Site, heads: int, kv_heads: int = 0) -> None:
+    """Give every view of a head site its new size on the head axis (heads * positions per head; the
+    views of grouped-query k and v: kv_heads), in place; an inferred size (-1) is left as it is."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    for name, (axis, per_head) in site.head_shapes.items():
+    counts = [(site.head_shapes, heads), (site.kv_shapes, kv_heads)]
+    for name, (axis, per_head), count in [(n, a, c) for shapes, c in counts for n, a in shapes.items()]:
         node = nodes[name]
         shape = view_shape(node)
         if shape[axis] == -1:
             continue
-        shape[axis] = heads * per_head
+        shape[axis] = count * per_head
         set_view_shape(node, shape)

@@ -1,10 +1,10 @@
 """Attention heads of Llama-style attention: rotary position embeddings and q/k RMSNorm on q and k
 (per-head ops over head_dim: a head's rows stay that head's), and grouped-query attention, where
-h query heads share h_kv key/value heads. Decision (heads.py): the unit group of a GQA head site is
-one kv group, the G = h / h_kv adjacent query heads that read one k/v head; removing it deletes
-those query heads' q rows, the k/v head's rows, and rewrites the head counts of every view and of
-repeat_kv's expand. The compiled module equals the original with the report's hooks (THEORY §1),
-through torch.fx and torch.export, and the compile changes the outputs (the check is not vacuous).
+h query heads share h_kv key/value heads. Decision (gqa.py): units are removed one query head at a
+time (its q rows, its output-projection columns); a kv head's k and v rows go once all its query
+heads are, and the repeat of k and v becomes an index_select of the kept query heads' kv heads.
+The compiled module equals the original with the report's hooks (THEORY §1), through torch.fx and
+torch.export, and the compile changes the outputs (the check is not vacuous).
 """
 from __future__ import annotations
 
@@ -47,6 +47,19 @@ def _exported(result) -> bool:
     return any(isinstance(n.target, torch._ops.OpOverload) for n in result.module.graph.nodes)
 
 
+def _check_gqa_site(site, attn, original, dh=8, G=4):
+    """Whole query heads kept; q keeps their rows; k and v keep the rows of the kv heads they read, in order."""
+    kept = site["kept"]
+    heads = sorted({u // dh for u in kept})
+    assert site["group"] == dh and 0 < len(heads) < 8, "units are removed one query head at a time"
+    assert kept == [u for g in heads for u in range(g * dh, g * dh + dh)], "whole heads"
+    rows = [r for j in sorted({g // G for g in heads}) for r in range(j * dh, j * dh + dh)]
+    assert attn.q.out_features == attn.o.in_features == len(kept) and attn.k.out_features == len(rows)
+    assert torch.equal(attn.q.weight, original.q.weight[kept]), "q keeps the kept query heads' rows"
+    assert torch.equal(attn.k.weight, original.k.weight[rows]), "k keeps the rows of the kv heads still read"
+    assert torch.equal(attn.v.weight, original.v.weight[rows]), "v keeps the rows of the kv heads still read"
+
+
 def _llama(**kw):
     torch.manual_seed(0)
     return zt.Llama(**kw).eval(), torch.randint(0, 50, (24, 16))
@@ -57,8 +70,8 @@ def _llama(**kw):
     ("expand", False, "constant"), ("expand", False, "affine"), ("expand", True, "affine"),
     ("interleave", False, "constant"), ("sdpa", True, "constant")])
 def test_llama_gqa_rotary_heads_fold_exactly(kv_repeat, qk_norm, replacement, front_end, monkeypatch):
-    """8 query heads on 2 kv heads: half the kv groups removed in each layer; q keeps 4 heads' rows,
-    k and v 1 head's; the compiled module equals the hooked original at two batch sizes."""
+    """8 query heads on 2 kv heads: 4 query heads removed in each layer; q keeps their rows, k and v
+    the rows of the kv heads they read; the compiled module equals the hooked original at two batch sizes."""
     model, x = _llama(qk_norm=qk_norm, kv_repeat=kv_repeat)
     if front_end == "export":
         _no_fx(monkeypatch)
@@ -67,21 +80,31 @@ def test_llama_gqa_rotary_heads_fold_exactly(kv_repeat, qk_norm, replacement, fr
     assert _exported(result) == (front_end == "export"), "the capture must use the front end under test"
     sites = result.report["sites"]
     assert [s["name"] for s in sites] == ["blocks.0.attn.heads", "blocks.1.attn.heads"], result.report["ineligible"]
+    assert sum(len(s["kept"]) for s in sites) == 64, "keep 0.5 of the 128 head units of both layers"
     for i, site in enumerate(sites):
-        assert site["group"] == 32 and site["units"] == 64, "a unit group is one kv group: 4 query heads of 8"
-        kept = site["kept"]
-        assert len(kept) == 32 and kept in (list(range(32)), list(range(32, 64))), "whole kv groups are removed"
-        j = kept[0] // 32                                            # the kept kv head
-        attn, original = result.module.get_submodule(f"blocks.{i}.attn"), model.blocks[i].attn
-        assert attn.q.out_features == 32 and attn.k.out_features == attn.v.out_features == 8
-        assert torch.equal(attn.q.weight, original.q.weight[kept]), "q keeps the kept query heads' rows"
-        assert torch.equal(attn.k.weight, original.k.weight[8 * j:8 * j + 8]), "k keeps the kept kv head's rows"
-        assert torch.equal(attn.v.weight, original.v.weight[8 * j:8 * j + 8]), "v keeps the kept kv head's rows"
-        assert attn.o.in_features == 32
+        _check_gqa_site(site, result.module.get_submodule(f"blocks.{i}.attn"), model.blocks[i].attn)
     for batch in (x, x[:5]):
         exact, change = _errors(model, result, batch)
         assert exact <= TOL, f"{kv_repeat}, qk_norm={qk_norm}: compiled vs hooks relative error {exact:.2e}"
         assert change > 1e-3, f"the compile must change the outputs (got {change:.2e}): the check would be vacuous"
+
+
+@pytest.mark.parametrize("kv_repeat", ["expand", "interleave", "sdpa"])
+def test_kv_head_is_deleted_when_all_its_query_heads_are(kv_repeat):
+    """Query heads 0-3 (kv head 0) barely reach the output: removing them deletes kv head 0's rows of k
+    and v; the repeat becomes index_select([0, 0, 0, 0]) over the one kept kv head, exactly."""
+    model, x = _llama(kv_repeat=kv_repeat)
+    with torch.no_grad():
+        model.blocks[0].attn.o.weight[:, :32] *= 0.02
+    result = fxa.abstract(model, x.split(8), keep={"blocks.0.attn.heads": 32}, round_to=1, allocation="predicted",
+                          replacement="affine", sites=["blocks.0.attn.heads"])
+    site = result.report["sites"][0]
+    assert site["kept"] == list(range(32, 64)), "the four weak heads of kv head 0 go"
+    attn = result.module.get_submodule("blocks.0.attn")
+    _check_gqa_site(site, attn, model.blocks[0].attn)
+    assert attn.k.out_features == attn.v.out_features == 8, "kv head 0 is deleted from k and v"
+    exact, change = _errors(model, result, x)
+    assert exact <= TOL and change > 1e-4, (exact, change)
 
 
 def test_llama_global_keep_finds_head_sites():
@@ -90,7 +113,7 @@ def test_llama_global_keep_finds_head_sites():
     result = fxa.abstract(model, x.split(8), keep=0.5, round_to=1, allocation="predicted")
     names = {s["name"]: s for s in result.report["sites"]}
     assert {"blocks.0.attn.heads", "blocks.1.attn.heads"} <= set(names), result.report["ineligible"]
-    assert all(len(names[n]["kept"]) % 32 == 0 for n in names if n.endswith("heads"))
+    assert all(len(names[n]["kept"]) % 8 == 0 for n in names if n.endswith("heads"))
     exact, _ = _errors(model, result, x)
     assert exact <= TOL, f"compiled vs hooks relative error {exact:.2e}"
 
@@ -203,11 +226,13 @@ def test_hf_gqa_heads_fold_exactly(arch, attn_implementation, replacement):
     result = fxa.abstract(model, [{"input_ids": b} for b in x.split(8)], keep=0.5, round_to=1,
                           allocation="predicted", replacement=replacement, sites=r".*self_attn\.heads")
     sites = result.report["sites"]
-    assert len(sites) == 2 and all(s["group"] == 32 and len(s["kept"]) == 32 for s in sites), \
-        result.report["ineligible"]
-    for i in range(2):
+    assert len(sites) == 2 and all(s["group"] == 16 for s in sites), result.report["ineligible"]
+    assert sum(len(s["kept"]) for s in sites) == 64, "keep 0.5 of the 128 head units"
+    for i, site in enumerate(sites):
         attn = result.module.get_submodule(f"model.layers.{i}.self_attn")
-        assert attn.q_proj.out_features == 32 and attn.k_proj.out_features == attn.v_proj.out_features == 16
+        kv = {u // 32 for u in site["kept"]}                         # kv head of query head u // 16: u // 32
+        assert attn.q_proj.out_features == len(site["kept"])
+        assert attn.k_proj.out_features == attn.v_proj.out_features == 16 * len(kv)
     report = json.loads(json.dumps(result.report))
     with torch.no_grad():
         z = model(input_ids=x).logits
