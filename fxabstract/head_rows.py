@@ -9,6 +9,8 @@ One evaluator serves every layout users write, in fx or aten spelling:
     q, k, v = Linear x3 -> view [B, T, h, dh] -> transpose(1, 2)                (three projections)
     qkv = Linear(d, 3d) -> reshape [B, T, 3, h, dh] -> permute(2, 0, 3, 1, 4); q, k, v = qkv.unbind(0)
     q, k, v = Linear(d, 3d).split(d, dim=-1)  (or .chunk(3, -1)) -> view -> transpose
+    q, k -> rotary / q-k norm over head_dim (head_ops.py: per-head ops, row indices unchanged)
+    k, v -> repeat_kv (unsqueeze/None index, expand, reshape) or repeat_interleave   (GQA: gqa.py)
 
 The row indices are `arange(out_features)` broadcast to the traced shape (a stride-0 view: no copy),
 so the value at q[b, j, t, i] is the producer row that q[b, j, t, i] is; a head is laid out well when
@@ -33,7 +35,7 @@ aten = torch.ops.aten
 RESHAPES = {"view", "reshape", "_unsafe_view"}
 INDEX_OPS = RESHAPES | {"transpose", "permute", "contiguous", "clone", "unbind", "getitem", "select",
                         "split", "chunk", "split_with_sizes", "tensor_split", "to", "type", "float",
-                        "expand", "unsqueeze", "slice", "repeat_interleave", "type_as"}   # the last four: repeat_kv (GQA)
+                        "expand", "unsqueeze", "slice", "repeat_interleave", "type_as"}   # + repeat_kv (GQA)
 SCALINGS = {"mul", "div", "truediv"}          # by a Python number: each row keeps its index
 IDENTITY_MODULES = (nn.Identity, nn.Dropout)
 
@@ -62,6 +64,9 @@ def _passes_rows(gm: fx.GraphModule, node: fx.Node) -> bool:
         return constant_sizes(node) or traced_sizes(node) is not None
     if name == "dropout":
         return len(node.all_input_nodes) == 1
+    if name == "slice":                          # a whole axis only: a part would need its bounds rewritten
+        x, size = node.args[0], _shape(node)
+        return isinstance(x, fx.Node) and _shape(x) is not None and size is not None and _shape(x) == size
     if name == "repeat_interleave":              # by a number of repeats
         return len(node.args) >= 2 and isinstance(node.args[1], int)
     return name in INDEX_OPS and node.args[:1] != () and isinstance(node.args[0], fx.Node)

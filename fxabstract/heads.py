@@ -39,8 +39,8 @@ from torch import nn
 
 from .gqa import kv_plan
 from .head_ops import broadcast_ok, region, within_heads
-from .head_rows import (IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader,
-                        trace_back)
+from .head_rows import (IDENTITY_MODULES, _is_linear, apply_op, chain_input, evaluate, head_axis, narrow, op_name,
+                        stray_reader, trace_back)
 from .ops import set_view_shape, view_shape
 from .sites import Piece, SharedPiece, Site, _shape
 
@@ -153,7 +153,7 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
         if not torch.equal(used, torch.arange(gm.get_submodule(lin.target).out_features)):
             return f"the heads do not read every row of `{lin.target}` exactly once", modules
     heads_of = {n: groups[lin] for lin, chain in chains.values() for n in [lin, *chain]}
-    inner = {n for node in heads_of if not _is_linear_node(gm, node) and (r := region(gm, node)) for n in r.nodes}
+    inner = {n for node in heads_of if not _is_linear(gm, node) and (r := region(gm, node)) for n in r.nodes}
     reason = stray_reader(heads_of, kernel | inner, env) or _check_regions(gm, chains, env, groups)
     if reason:
         return reason, modules
@@ -198,10 +198,6 @@ def _check_projections(gm: fx.GraphModule, chains: dict, calls) -> str | None:
         if calls[lin.target] != 1:
             return f"the projection `{lin.target}` is called {calls[lin.target]} times (shared weights)"
     return None
-
-
-def _is_linear_node(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear)
 
 
 def _check_regions(gm: fx.GraphModule, chains: dict, env: dict, groups: dict) -> str | None:

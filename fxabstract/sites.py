@@ -89,7 +89,8 @@ class SharedPiece(Piece):
 
     def rows_of(self, units) -> list[int]:
         units = set(units)
-        return [self.start + i for i in range(self.block) if all(u in units for u in range(self.lo + i, self.hi, self.block))]
+        return [self.start + i for i in range(self.block)
+                if all(u in units for u in range(self.lo + i, self.hi, self.block))]
 
 
 @dataclass

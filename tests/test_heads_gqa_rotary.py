@@ -89,11 +89,14 @@ def test_llama_gqa_rotary_heads_fold_exactly(kv_repeat, qk_norm, replacement, fr
         assert change > 1e-3, f"the compile must change the outputs (got {change:.2e}): the check would be vacuous"
 
 
+@pytest.mark.parametrize("front_end", ["fx", "export"])
 @pytest.mark.parametrize("kv_repeat", ["expand", "interleave", "sdpa"])
-def test_kv_head_is_deleted_when_all_its_query_heads_are(kv_repeat):
+def test_kv_head_is_deleted_when_all_its_query_heads_are(kv_repeat, front_end, monkeypatch):
     """Query heads 0-3 (kv head 0) barely reach the output: removing them deletes kv head 0's rows of k
     and v; the repeat becomes index_select([0, 0, 0, 0]) over the one kept kv head, exactly."""
     model, x = _llama(kv_repeat=kv_repeat)
+    if front_end == "export":
+        _no_fx(monkeypatch)
     with torch.no_grad():
         model.blocks[0].attn.o.weight[:, :32] *= 0.02
     result = fxa.abstract(model, x.split(8), keep={"blocks.0.attn.heads": 32}, round_to=1, allocation="predicted",
@@ -201,6 +204,50 @@ def test_per_head_operand_is_refused_naming_the_node():
     torch.manual_seed(0)
     with pytest.raises(NoSiteError, match=r"q: `gain` \(read by `mul`\) differs per head"):
         fxa.abstract(PerHeadGain(), torch.randn(16, 6, 32).split(8), keep=0.5, round_to=1, allocation="predicted")
+
+
+class GQAForm(nn.Module):
+    """4 query heads on 2 kv heads, in forms fxabstract refuses: one fused projection split in
+    (q, k, v) (`split`) or sliced (`slice`, Phi-3 style), and k/v tiled (`tile`: query head g reads kv
+    head g % 2, so the heads sharing a kv head are not adjacent)."""
+
+    def __init__(self, form: str, dim: int = 32, heads: int = 4, kv_heads: int = 2):
+        super().__init__()
+        self.form, self.h, self.kv, self.dh = form, heads, kv_heads, dim // heads
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.dh)
+        self.o = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, h, kv, dh = x.size(0), x.size(1), self.h, self.kv, self.dh
+        qkv = self.qkv(x)
+        if self.form == "slice":
+            q, k, v = qkv[..., :h * dh], qkv[..., h * dh:(h + kv) * dh], qkv[..., (h + kv) * dh:]
+        else:
+            q, k, v = qkv.split([h * dh, kv * dh, kv * dh], dim=-1)
+        q = q.reshape(B, T, h, dh).transpose(1, 2)
+        k, v = (t.reshape(B, T, kv, dh).transpose(1, 2) for t in (k, v))
+        if self.form == "tile":
+            k, v = k.repeat(1, h // kv, 1, 1), v.repeat(1, h // kv, 1, 1)
+        else:
+            k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, h * dh))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+@pytest.mark.parametrize("form,why", [
+    ("split", "`1.qkv` projects q and the shared k or v of grouped-query attention"),
+    ("slice", "its split piece `"), ("tile", "`repeat` (repeat) between a projection and the attention")])
+def test_unsupported_gqa_forms_are_refused_naming_the_node(form, why, front_end, monkeypatch):
+    """Forms that are not handled leave the projections ineligible with a reason naming the node."""
+    if front_end == "export":
+        _no_fx(monkeypatch)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), GQAForm(form), nn.Tanh(), nn.Linear(32, 5))
+    result = fxa.abstract(net, torch.randn(16, 6, 8).split(8), keep=0.5, round_to=1, allocation="predicted")
+    assert not any(s["name"].endswith("heads") for s in result.report["sites"])
+    reason = result.report["ineligible"]["1.qkv"]
+    assert why in reason, reason
 
 
 HF = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
