@@ -251,15 +251,16 @@ def test_unsupported_gqa_forms_are_refused_naming_the_node(form, why, front_end,
 
 
 HF = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-      "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16})}
+      "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
+      "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {})}
 
 
 @pytest.mark.parametrize("arch,attn_implementation,replacement", [
     ("llama", "eager", "constant"), ("llama", "eager", "affine"), ("llama", "sdpa", "affine"),
-    ("qwen3", "eager", "affine"), ("gemma3", "eager", "constant")])
+    ("qwen3", "eager", "affine"), ("gemma3", "eager", "constant"), ("qwen2", "sdpa", "constant")])
 def test_hf_gqa_heads_fold_exactly(arch, attn_implementation, replacement):
-    """Hugging Face decoders through torch.export (4 query heads on 2 kv heads, rotary; Qwen3 and
-    Gemma3 add q/k RMSNorm over head_dim, Gemma3 a weightless v norm and (1 + w) weights)."""
+    """Hugging Face decoders through torch.export (4 query heads on 2 kv heads, rotary; Qwen2 has q/k/v
+    biases; Qwen3 and Gemma3 add q/k RMSNorm over head_dim, Gemma3 a weightless v norm and (1 + w) weights)."""
     transformers = pytest.importorskip("transformers")
     config_cls, model_cls, extra = HF[arch]
     if not hasattr(transformers, model_cls):
