@@ -5,6 +5,7 @@ The repeat of k and v to h heads cannot stay uniform then, so fold rewrites it (
 
     repeat_kv: x[:, :, None].expand(B, h_kv, G, T, dh).reshape(B, h, T, dh)  ->  x.index_select(1, idx)
     x.repeat_interleave(G, dim=1)                                           ->  x.index_select(1, idx)
+    x.expand(B, h, T, dh)   (multi-query attention, h_kv = 1)                ->  x.index_select(1, idx)
     F.scaled_dot_product_attention(q, k, v, enable_gqa=True)                ->  k, v index_select'ed, no GQA
 
 idx [kept query heads]: the new position of each kept query head's kv head among the kept kv heads.
@@ -17,28 +18,34 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .ops import _shape, narrow, op_name
+from .ops import narrow, op_name
 
 REPEAT_OPS = {"unsqueeze", "getitem", "expand", "clone", "contiguous", "reshape", "view", "_unsafe_view",
               "repeat_interleave"}
 
 
-def _repeat(chain: list[fx.Node], env: dict, h: int, h_kv: int):
+def _rows(t, heads: int, dh: int):
+    """[heads, dh] rows of a [B, heads, T, dh] value whose heads read the same rows at every b and t, or None."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 4 or (t.shape[1], t.shape[3]) != (heads, dh):
+        return None
+    n = narrow(t)                                                 # (broadcast axes narrowed: cheap to compare)
+    return t[0, :, 0, :] if torch.equal(n, n[:1, :, :1].expand_as(n)) else None
+
+
+def _repeat(chain: list[fx.Node], env: dict, expected: torch.Tensor, G: int):
     """(x, y): the kv value [B, h_kv, T, dh] and the repeated value [B, h, T, dh] on a k or v chain
-    (the nodes after x up to y are the repeat), or why there is none."""
-    first = next((i for i, n in enumerate(chain) if isinstance(env[n], torch.Tensor)
-                  and narrow(env[n]).numel() > torch.unique(env[n]).numel()), None)
-    if first is None:
-        return "no repeat of the key/value heads found"
-    i = first
-    while i < len(chain) and (len(_shape(chain[i]) or ()) != 4 or _shape(chain[i])[1] != h):
-        i += 1
-    j = first - 1
-    while j >= 0 and (len(_shape(chain[j]) or ()) != 4 or _shape(chain[j])[1] != h_kv):
-        j -= 1
-    if i == len(chain) or j < 0 or any(op_name(n) not in REPEAT_OPS or len(n.users) != 1 for n in chain[j + 1:i + 1]):
-        return f"`{chain[first].name}` repeats the key/value heads in a form fxabstract does not rewrite"
-    return chain[j], chain[i]
+    (the nodes after x up to y are the repeat), or why there is none; expected: [h, dh] rows."""
+    (h, dh), kv = expected.shape, expected[::G]
+    y = next((i for i, n in enumerate(chain) if (r := _rows(env[n], h, dh)) is not None
+              and torch.equal(r, expected)), None)
+    x = next((j for j in range(y - 1, -1, -1) if (r := _rows(env[chain[j]], h // G, dh)) is not None
+              and torch.equal(r, kv)), None) if y else None
+    if x is None:
+        return "no repeat of the key/value heads over axis 1 found"
+    if any(op_name(n) not in REPEAT_OPS or len(n.users) != 1 for n in chain[x + 1:y + 1]):
+        bad = next(n for n in chain[x + 1:y + 1] if op_name(n) not in REPEAT_OPS or len(n.users) != 1)
+        return f"`{bad.name}` repeats the key/value heads in a form fxabstract does not rewrite"
+    return chain[x], chain[y]
 
 
 def kv_plan(chains: dict, kv_starts: list, env: dict, rows: dict, h: int, dh: int, G: int, kernel: fx.Node,
@@ -52,16 +59,10 @@ def kv_plan(chains: dict, kv_starts: list, env: dict, rows: dict, h: int, dh: in
         return [("sdpa", kernel.name, "")], kv_side, inside
     for s in kv_starts:
         chain = chains[s][1]
-        found = _repeat(chain, env, h, h // G)
+        found = _repeat(chain, env, rows[s], G)                               # rows[s]: [h, dh]
         if isinstance(found, str):
             return found
         x, y = found
-        t = narrow(env[x])
-        if t.dim() != 4 or tuple(t.shape[1::2]) != (h // G, dh):
-            return f"`{x.name}` does not carry the key/value heads on axis 1 before they are repeated"
-        expected = rows[s]                                                      # [h, dh] rows of each query head
-        if not torch.equal(narrow(env[y])[0, :, 0, :], expected):
-            return f"`{y.name}` does not give query head g the key/value head g // {G}"
         a, b = chain.index(x), chain.index(y)
         kv_side |= set(chain[:a + 1])
         inside |= set(chain[a + 1:b + 1])

@@ -17,6 +17,7 @@ known (`broadcast_ok`).
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -119,8 +120,11 @@ def _ancestors(node: fx.Node, limit: int = 256) -> set:
 
 
 def _reads_size(node: fx.Node) -> bool:
-    """x.shape (then an index of it) or x.size(d): a size read, checked by the caller's stray-reader rule."""
-    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)
+    """x.shape[-1] (fx): a read of the last axis' size (rotate_half's `x.shape[-1] // 2`)."""
+    rank = len(_shape(node.args[0]) or ()) if node.args else 0
+    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) and rank > 0 and all(
+        u.target is operator.getitem and isinstance(u.args[1], int) and u.args[1] % rank == rank - 1
+        for u in node.users)
 
 
 def broadcast_ok(source_rows: torch.Tensor, operand: fx.Node) -> bool:

@@ -23,13 +23,15 @@ differs per head (a [h, 1, 1] gain, a per-head cos) keeps the site ineligible, t
 
 Grouped-query attention (h query heads on h_kv key/value heads, each k/v head repeated to
 G = h / h_kv adjacent query heads: Llama's repeat_kv `x[:, :, None].expand(B, h_kv, G, T, dh)
-.reshape(B, h, T, dh)`, `repeat_interleave(G, dim=1)`, or SDPA `enable_gqa=True`). Decision: units
+.reshape(B, h, T, dh)`, `repeat_interleave(G, dim=1)`, SDPA `enable_gqa=True`, or for multi-query
+attention `expand(B, h, T, dh)`). Decision: units
 are still removed one query head at a time (group = dh): head g's q rows go and its replacement is
 folded into proj; k and v keep every kv head some kept query head reads (a SharedPiece deletes a kv
 head's rows once all its G query heads are removed), and fold rewrites the repeat into an
 index_select of the kept query heads' kv heads (gqa.py); the k/v views take the kept kv head count.
-Refused, with a reason naming the node: q and the shared k/v from one fused projection, query heads
-sharing a kv head that are not adjacent, a repeat spelled otherwise than above.
+Refused, with a reason naming the node: q and the shared k/v from one fused projection (split or
+sliced), query heads sharing a kv head that are not adjacent (k.repeat tiling), a repeat spelled
+otherwise than above, an operand of a per-head op that differs per head, a norm over all heads.
 """
 from __future__ import annotations
 
@@ -157,18 +159,17 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
     reason = stray_reader(heads_of, kernel | inner, env) or _check_regions(gm, chains, env, groups)
     if reason:
         return reason, modules
-    shapes = _view_axes(chains, env, groups)
-    merged = _merge_axes(merge, core, h, dh)
-    if isinstance(shapes, str) or isinstance(merged, str):
-        return shapes if isinstance(shapes, str) else merged, modules
-    repeats, kv_shapes = [], {}
+    repeats, kv_side, inside = [], set(), set()
     if G > 1:                                                         # gqa.py: the repeats fold rewrites
         plan = kv_plan(chains, starts[1:], env, dict(layout), h, dh, G, next(iter(kernel)), gqa)
         if isinstance(plan, str):
             return plan, modules
         repeats, kv_side, inside = plan
-        kv_shapes = {n.name: shapes.pop(n.name) for n in kv_side if n.name in shapes}
-        shapes = {name: axis for name, axis in shapes.items() if name not in {n.name for n in inside}}
+    shapes = _view_axes(chains, env, groups, skip=inside)
+    merged = _merge_axes(merge, core, h, dh)
+    if isinstance(shapes, str) or isinstance(merged, str):
+        return shapes if isinstance(shapes, str) else merged, modules
+    kv_shapes = {n.name: shapes.pop(n.name) for n in kv_side if n.name in shapes}
     pieces, splits = [], []
     for i, (s, rows) in ((2, layout[2]), (0, layout[0]), (1, layout[1])):   # v, q, k: the order of the 3-Linear case
         shared = G if i > 0 else 1                                    # query heads reading one k / v head
@@ -213,8 +214,10 @@ def _check_regions(gm: fx.GraphModule, chains: dict, env: dict, groups: dict) ->
             for operand in r.operands:
                 if not broadcast_ok(rows, operand):
                     return f"`{operand.name}` (read by `{node.name}`) differs per head"
-            if r.mixes and not within_heads(rows, groups[lin]):
-                return f"`{node.name}` mixes values of different heads"
+            per_unit = any((_shape(o) or ())[-1:] not in ((), (1,)) for o in r.operands)   # varies on the last axis
+            if (r.mixes or per_unit) and not within_heads(rows, groups[lin]):
+                return (f"`{node.name}` mixes values of different heads" if r.mixes else
+                        f"`{node.name}` reads an operand with one value per unit of several heads")
     return None
 
 
@@ -245,15 +248,17 @@ def _head_rows(t: torch.Tensor, transposed: bool, h: int, dh: int, gqa: bool = F
     n = narrow(t)
     if not torch.equal(n, n[:1, :, :1].expand_as(n)):
         return "its heads read other rows at other positions or samples"
-    return n[0, :, 0, :]
+    return t[0, :, 0, :]                                              # (not n: a broadcast head axis stays h)
 
 
-def _view_axes(chains: dict, env: dict, groups: dict):
-    """{view node: (head axis, positions per head)} on the projections' side, or why one has none."""
+def _view_axes(chains: dict, env: dict, groups: dict, skip: set = frozenset()):
+    """{view node: (head axis, positions per head)} on the projections' side (but `skip`: the repeats
+    of grouped-query k and v, which fold replaces; a single kv head, always kept), or why one has none."""
     out = {}
     for lin, chain in chains.values():
         for node in chain:
-            if op_name(node) in ("view", "reshape", "_unsafe_view", "expand"):
+            if node not in skip and len(groups[lin]) > 1 and op_name(node) in (
+                    "view", "reshape", "_unsafe_view", "expand"):
                 axis = head_axis(env[node], groups[lin])
                 if axis is None or len(view_shape(node)) != len(_shape(node)):
                     return f"the view `{node.name}` does not keep each head on one axis"

@@ -186,15 +186,17 @@ def test_qk_norm_modules_over_head_dim_fold_exactly(norm, before_transpose, fron
 class PerHeadGain(nn.Module):
     """Attention whose queries are scaled by a learned gain per head: not the same op for every head."""
 
-    def __init__(self, dim: int = 32, heads: int = 4):
+    def __init__(self, dim: int = 32, heads: int = 4, per_unit: bool = False):
         super().__init__()
         self.heads, self.q, self.k, self.v, self.o = heads, *(nn.Linear(dim, dim) for _ in range(4))
-        self.gain = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)                     # [h, 1, 1]
+        shape = (dim,) if per_unit else (heads, 1, 1)                              # [h * dh] or [h, 1, 1]
+        self.per_unit, self.gain = per_unit, nn.Parameter(torch.rand(shape) + 0.5)
 
     def forward(self, x):
         B, T, C = x.size(0), x.size(1), x.size(2)
-        q, k, v = (f(x).view(B, T, self.heads, C // self.heads).transpose(1, 2) for f in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q * self.gain, k, v)
+        q, k, v = (f(x) * self.gain if self.per_unit and f is self.q else f(x) for f in (self.q, self.k, self.v))
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q if self.per_unit else q * self.gain, k, v)
         return self.o(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -204,6 +206,14 @@ def test_per_head_operand_is_refused_naming_the_node():
     torch.manual_seed(0)
     with pytest.raises(NoSiteError, match=r"q: `gain` \(read by `mul`\) differs per head"):
         fxa.abstract(PerHeadGain(), torch.randn(16, 6, 32).split(8), keep=0.5, round_to=1, allocation="predicted")
+
+
+def test_per_unit_operand_across_heads_is_refused_naming_the_node():
+    """q_proj(x) * gain[h * dh] before the view: gain would need its entries deleted too; refused."""
+    torch.manual_seed(0)
+    with pytest.raises(NoSiteError, match=r"q: `mul` reads an operand with one value per unit of several heads"):
+        fxa.abstract(PerHeadGain(per_unit=True), torch.randn(16, 6, 32).split(8), keep=0.5, round_to=1,
+                     allocation="predicted")
 
 
 class GQAForm(nn.Module):
@@ -248,6 +258,39 @@ def test_unsupported_gqa_forms_are_refused_naming_the_node(form, why, front_end,
     assert not any(s["name"].endswith("heads") for s in result.report["sites"])
     reason = result.report["ineligible"]["1.qkv"]
     assert why in reason, reason
+
+
+class MultiQuery(nn.Module):
+    """Multi-query attention (one k/v head for all query heads), k and v broadcast by expand(B, h, T, dh)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.h, self.dh = heads, dim // heads
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, self.dh), nn.Linear(dim, self.dh)
+
+    def forward(self, x):
+        B, T, h, dh = x.size(0), x.size(1), self.h, self.dh
+        q = self.q(x).view(B, T, h, dh).transpose(1, 2)
+        k, v = (f(x).view(B, T, 1, dh).transpose(1, 2).expand(B, h, T, dh) for f in (self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, h * dh))
+
+
+@pytest.mark.parametrize("front_end", ["fx", "export"])
+def test_multi_query_attention_heads_fold_exactly(front_end, monkeypatch):
+    """h_kv = 1: query heads are removed one at a time, the k/v head stays (some query head reads it)
+    and the expand becomes index_select([0, 0]) over it."""
+    if front_end == "export":
+        _no_fx(monkeypatch)
+    torch.manual_seed(0)
+    net, x = nn.Sequential(nn.Linear(8, 32), MultiQuery(), nn.Tanh(), nn.Linear(32, 5)).eval(), torch.randn(24, 6, 8)
+    result = fxa.abstract(net, x.split(8), keep={"1.heads": 16}, round_to=1, allocation="predicted",
+                          replacement="affine", sites=["1.heads"])
+    attn = result.module.get_submodule("1")
+    assert attn.q.out_features == 16 and attn.k.out_features == attn.v.out_features == 8
+    exact, change = _errors(net, result, x)
+    assert exact <= TOL and change > 1e-3, (exact, change)
 
 
 HF = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
