@@ -65,7 +65,7 @@ def unit_macs(site: Site, macs: dict[str, int]) -> torch.Tensor:
     cost = torch.zeros(site.n_units, dtype=torch.float64)
     for piece in site.pieces + site.channel_ops:
         if piece.module in macs:
-            cost[piece.lo:piece.hi] += macs[piece.module] / piece.total
+            cost[piece.lo:piece.hi] += macs[piece.module] / piece.total / getattr(piece, "share", 1)
     for name in site.consumers + [c for b in site.branches for c in b.consumers]:  # SE squeezes' consumers too
         cost += macs.get(name, 0) / site.n_units   # each unit: an equal share of the input (a block if flattened)
     return cost

@@ -9,6 +9,8 @@ One evaluator serves every layout users write, in fx or aten spelling:
     q, k, v = Linear x3 -> view [B, T, h, dh] -> transpose(1, 2)                (three projections)
     qkv = Linear(d, 3d) -> reshape [B, T, 3, h, dh] -> permute(2, 0, 3, 1, 4); q, k, v = qkv.unbind(0)
     q, k, v = Linear(d, 3d).split(d, dim=-1)  (or .chunk(3, -1)) -> view -> transpose
+    q, k -> rotary / q-k norm over head_dim (head_ops.py: per-head ops, row indices unchanged)
+    k, v -> repeat_kv (unsqueeze/None index, expand, reshape) or repeat_interleave   (GQA: gqa.py)
 
 The row indices are `arange(out_features)` broadcast to the traced shape (a stride-0 view: no copy),
 so the value at q[b, j, t, i] is the producer row that q[b, j, t, i] is; a head is laid out well when
@@ -25,27 +27,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .ops import _shape, is_batch_size
+from .head_ops import region
+from .ops import _shape, is_batch_size, narrow, op_name
 from .splits import _split_call, constant_sizes, split_intervals, traced_sizes
 
 aten = torch.ops.aten
 RESHAPES = {"view", "reshape", "_unsafe_view"}
 INDEX_OPS = RESHAPES | {"transpose", "permute", "contiguous", "clone", "unbind", "getitem", "select",
-                        "split", "chunk", "split_with_sizes", "tensor_split", "to", "type", "float"}
+                        "split", "chunk", "split_with_sizes", "tensor_split", "to", "type", "float",
+                        "expand", "unsqueeze", "slice", "repeat_interleave", "type_as"}   # + repeat_kv (GQA)
 SCALINGS = {"mul", "div", "truediv"}          # by a Python number: each row keeps its index
 IDENTITY_MODULES = (nn.Identity, nn.Dropout)
-
-
-def op_name(node: fx.Node) -> str:
-    """A node's operation as a bare name: 'view', 'softmax', 'matmul', 'scaled_dot_product_attention'."""
-    t = node.target
-    if node.op == "call_method":
-        return t
-    if node.op != "call_function":
-        return ""
-    if isinstance(t, torch._ops.OpOverload):
-        return t._schema.name.split("::")[1]
-    return "matmul" if t in (operator.matmul, torch.matmul) else getattr(t, "__name__", str(t))
 
 
 def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -64,12 +56,19 @@ def _passes_rows(gm: fx.GraphModule, node: fx.Node) -> bool:
         other = node.args[1] if x is node.args[0] else node.args[0]
         return isinstance(x, fx.Node) and _shape(x) is not None and (
             isinstance(other, (int, float)) or (isinstance(other, fx.Node) and _shape(other) is None))
-    if name == "getitem":
-        return isinstance(node.args[1], int)
+    if name == "getitem":                        # x[0], or x[:, :, None] (a new axis)
+        index = node.args[1]
+        return isinstance(index, int) or isinstance(index, tuple) and all(
+            i is None or i is Ellipsis or i == slice(None, None, None) for i in index)
     if _split_call(node) is not None:            # sizes computed from shapes: read off every traced piece
         return constant_sizes(node) or traced_sizes(node) is not None
     if name == "dropout":
         return len(node.all_input_nodes) == 1
+    if name == "slice":                          # a whole axis only: a part would need its bounds rewritten
+        x, size = node.args[0], _shape(node)
+        return isinstance(x, fx.Node) and _shape(x) is not None and size is not None and _shape(x) == size
+    if name == "repeat_interleave":              # by a number of repeats
+        return len(node.args) >= 2 and isinstance(node.args[1], int)
     return name in INDEX_OPS and node.args[:1] != () and isinstance(node.args[0], fx.Node)
 
 
@@ -88,9 +87,10 @@ def trace_back(gm: fx.GraphModule, starts: list[fx.Node]):
     out, reason = {}, None
     for start in starts:
         node, chain = start, []
-        while isinstance(node, fx.Node) and not _is_linear(gm, node) and _passes_rows(gm, node):
+        while isinstance(node, fx.Node) and not _is_linear(gm, node) and (
+                _passes_rows(gm, node) or region(gm, node) is not None):
             chain.append(node)
-            node = chain_input(node)
+            node = source(gm, node)
         if isinstance(node, fx.Node) and _is_linear(gm, node):
             out[start] = (node, chain[::-1])
         elif reason is None:
@@ -98,6 +98,13 @@ def trace_back(gm: fx.GraphModule, starts: list[fx.Node]):
             reason = (f"`{name}` ({op_name(node) or node.op}) between a projection and the attention is not a view, "
                       "transpose, permute, unbind, split or scaling that fxabstract can follow")
     return out, reason
+
+
+def source(gm: fx.GraphModule, node: fx.Node):
+    """The value a chain node reads: chain_input, or the source of a per-head op (rotary, q/k norm)."""
+    if _passes_rows(gm, node):
+        return chain_input(node)
+    return region(gm, node).source
 
 
 def apply_op(node: fx.Node, x):
@@ -116,10 +123,19 @@ def apply_op(node: fx.Node, x):
         return x.select(*args)
     if name == "getitem":
         return x[args[0]]
+    if name == "expand":
+        return x.expand(_shape(node))
+    if name == "unsqueeze":
+        return x.unsqueeze(args[0])
+    if name == "slice":
+        dim, rest = args[0] if args else 0, list(args[1:]) + [None] * (3 - len(args[1:]))
+        return x[(slice(None),) * (dim % x.dim()) + (slice(*rest),)]
+    if name == "repeat_interleave":
+        return x.repeat_interleave(args[0], dim=args[1] if len(args) > 1 else node.kwargs.get("dim"))
     if _split_call(node) is not None:
         dim = _split_call(node)[2]
         return x.split([hi - lo for lo, hi in split_intervals(node, x.shape[dim])], dim)
-    return x                                          # contiguous, clone, casts, dropout, identity, scaling
+    return x          # contiguous, clone, casts, dropout, identity, scaling; rotary and q/k norm (head_ops.py)
 
 
 def evaluate(gm: fx.GraphModule, chains: dict) -> dict[fx.Node, torch.Tensor]:
@@ -130,16 +146,8 @@ def evaluate(gm: fx.GraphModule, chains: dict) -> dict[fx.Node, torch.Tensor]:
             env[linear] = torch.arange(gm.get_submodule(linear.target).out_features).expand(_shape(linear))
         for node in chain:
             if node not in env:
-                env[node] = apply_op(node, env[chain_input(node)])
+                env[node] = apply_op(node, env[source(gm, node)])
     return env
-
-
-def narrow(t: torch.Tensor) -> torch.Tensor:
-    """t without the repeats of a broadcast axis (stride 0): each such axis narrowed to length 1."""
-    for a in range(t.dim()):
-        if t.stride(a) == 0 and t.shape[a] > 1:
-            t = t.narrow(a, 0, 1)
-    return t
 
 
 def head_axis(t: torch.Tensor, heads: list[torch.Tensor]) -> tuple[int, int] | None:
@@ -169,21 +177,24 @@ def stray_reader(heads_of: dict[fx.Node, list[torch.Tensor]], readers: set[fx.No
         for user in node.users:
             if user in heads_of or user in readers or is_batch_size(user) or not user.users:
                 continue
-            dim = _size_dim(user)
-            if dim is not None and isinstance(env[node], torch.Tensor):
+            dims = _size_dims(user)
+            if dims is not None and isinstance(env[node], torch.Tensor):
                 axis = head_axis(env[node], heads)
-                if axis is not None and dim % env[node].dim() != axis[0]:
+                if axis is not None and all(d % env[node].dim() != axis[0] for d in dims):
                     continue
             return (f"`{node.name}` on the way from a projection to the attention is also read by "
                     f"`{user.name}` ({op_name(user) or user.op}), which depends on the head count")
     return None
 
 
-def _size_dim(node: fx.Node) -> int | None:
-    """d of `x.size(d)` / aten.sym_size.int(x, d), else None."""
+def _size_dims(node: fx.Node) -> list[int] | None:
+    """[d] of `x.size(d)` / aten.sym_size.int(x, d), the d's of `x.shape[d]` (fx), else None."""
     if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-        return node.args[1]
+        return [node.args[1]]
     if node.op == "call_function" and node.target == aten.sym_size.int:
-        return node.args[1]
+        return [node.args[1]]
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) and all(
+            u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+        return [u.args[1] for u in node.users]
     return None
 

@@ -14,6 +14,24 @@ The projections are three Linears, or one fused Linear(d, 3d) whose output is re
 maps of the kept heads' units is folded into proj; head g's rows of q, k and v are deleted (from each
 third of a fused weight), the head count in every view is rewritten and a split takes the new sizes.
 Each head's attention depends on its own q, k, v only, so the fold is exact.
+
+Between the projections and the attention, q and k may pass per-head ops (head_ops.py): rotary
+position embeddings (`q * cos + rotate_half(q) * sin`, cos and sin the same for every head) and a
+q/k RMSNorm or LayerNorm over head_dim (its weight [dh] shared by the heads). They mix values within
+one head only, so a kept head's values are unchanged when other heads are deleted; an operand that
+differs per head (a [h, 1, 1] gain, a per-head cos) keeps the site ineligible, the reason naming it.
+
+Grouped-query attention (h query heads on h_kv key/value heads, each k/v head repeated to
+G = h / h_kv adjacent query heads: Llama's repeat_kv `x[:, :, None].expand(B, h_kv, G, T, dh)
+.reshape(B, h, T, dh)`, `repeat_interleave(G, dim=1)`, SDPA `enable_gqa=True`, or for multi-query
+attention `expand(B, h, T, dh)`). Decision: units
+are still removed one query head at a time (group = dh): head g's q rows go and its replacement is
+folded into proj; k and v keep every kv head some kept query head reads (a SharedPiece deletes a kv
+head's rows once all its G query heads are removed), and fold rewrites the repeat into an
+index_select of the kept query heads' kv heads (gqa.py); the k/v views take the kept kv head count.
+Refused, with a reason naming the node: q and the shared k/v from one fused projection (split or
+sliced), query heads sharing a kv head that are not adjacent (k.repeat tiling), a repeat spelled
+otherwise than above, an operand of a per-head op that differs per head, a norm over all heads.
 """
 from __future__ import annotations
 
@@ -21,10 +39,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .head_rows import (IDENTITY_MODULES, apply_op, chain_input, evaluate, head_axis, narrow, op_name, stray_reader,
-                        trace_back)
+from .gqa import kv_plan
+from .head_ops import broadcast_ok, region, within_heads
+from .head_rows import (IDENTITY_MODULES, _is_linear, apply_op, chain_input, evaluate, head_axis, narrow, op_name,
+                        stray_reader, trace_back)
 from .ops import set_view_shape, view_shape
-from .sites import Piece, Site, _shape
+from .sites import Piece, SharedPiece, Site, _shape
 
 SHAPE_OPS = {"view", "reshape", "_unsafe_view", "transpose", "permute", "contiguous", "clone"}
 PER_HEAD_OPS = {"softmax", "_softmax", "dropout", "mul", "div", "truediv", "add", "sub", "masked_fill",
@@ -71,9 +91,8 @@ def _attention(gm: fx.GraphModule, node: fx.Node):
         mask, reason = bound.get("attn_mask"), None
         if isinstance(mask, fx.Node) and len(_shape(mask) or ()) >= 3 and _shape(mask)[-3] != 1:
             reason = f"the attention mask `{mask.name}` of `{node.name}` differs per head (not handled)"
-        if bound.get("enable_gqa"):
-            reason = f"`{node.name}` shares keys and values between heads (grouped-query attention, not handled)"
-        return bound["query"], bound["key"], bound["value"], {node}, False, reason
+        gqa = bool(bound.get("enable_gqa"))
+        return bound["query"], bound["key"], bound["value"], {node}, False, gqa, reason
     if op_name(node) != "matmul" or len(node.users) != 1:
         return None
     B, h = _shape(node)[:2]
@@ -90,7 +109,7 @@ def _attention(gm: fx.GraphModule, node: fx.Node):
         score = chain_input(score)
     if not isinstance(score, fx.Node) or op_name(score) != "matmul" or (_shape(score) or ())[:2] != (B, h):
         return None
-    return score.args[0], score.args[1], v_in, {node, score}, True, reason
+    return score.args[0], score.args[1], v_in, {node, score}, True, False, reason
 
 
 def _match(gm: fx.GraphModule, proj: fx.Node, calls):
@@ -108,7 +127,7 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
     found = _attention(gm, core)
     if found is None:
         return None
-    *starts, kernel, k_transposed, reason = found
+    *starts, kernel, k_transposed, gqa, reason = found
     chains, stopped = trace_back(gm, starts)
     modules = sorted({lin.target for lin, _ in chains.values()})
     reason = reason or stopped or _check_projections(gm, chains, calls)
@@ -116,40 +135,62 @@ def _match(gm: fx.GraphModule, proj: fx.Node, calls):
         return reason, modules
     env = evaluate(gm, chains)
     B, h, T, dh = _shape(core)
-    layout = [(s, _head_rows(env[s], k_transposed and i == 1, h, dh)) for i, s in enumerate(starts)]
+    layout = [(s, _head_rows(env[s], k_transposed and i == 1, h, dh, gqa and i > 0)) for i, s in enumerate(starts)]
     for s, rows in layout:
         if isinstance(rows, str):
             return f"`{s.name}`: {rows}", modules
-    groups: dict[fx.Node, list[torch.Tensor]] = {}                    # Linear -> [h] rows of each head
+    G = _query_heads_per_kv_head(layout)                              # 1 unless grouped-query attention
+    if isinstance(G, str):
+        return G, modules
+    q_lin = chains[starts[0]][0]
+    if G > 1 and any(chains[s][0] is q_lin for s in starts[1:]):
+        return f"`{q_lin.target}` projects q and the shared k or v of grouped-query attention (not handled)", modules
+    groups: dict[fx.Node, list[torch.Tensor]] = {}                    # Linear -> rows of each of its heads
     for lin in {chains[s][0] for s in starts}:
-        mine = [rows for s, rows in layout if chains[s][0] is lin]    # [h, dh] each
-        groups[lin] = list(torch.cat(mine, dim=1))
+        mine = torch.cat([rows for s, rows in layout if chains[s][0] is lin], dim=1)   # [h, rows per head]
+        step = 1 if lin is q_lin else G                               # k, v: one kv head per G query heads
+        groups[lin] = [torch.unique(mine[j:j + step]) for j in range(0, h, step)]
     for lin, heads in groups.items():
         used = torch.cat(heads).sort().values
         if not torch.equal(used, torch.arange(gm.get_submodule(lin.target).out_features)):
             return f"the heads do not read every row of `{lin.target}` exactly once", modules
     heads_of = {n: groups[lin] for lin, chain in chains.values() for n in [lin, *chain]}
-    reason = stray_reader(heads_of, kernel, env)
+    inner = {n for node in heads_of if not _is_linear(gm, node) and (r := region(gm, node)) for n in r.nodes}
+    reason = stray_reader(heads_of, kernel | inner, env) or _check_regions(gm, chains, env, groups)
     if reason:
         return reason, modules
-    shapes = _view_axes(chains, env, groups)
+    repeats, kv_side, inside = [], set(), set()
+    if G > 1:                                                         # gqa.py: the repeats fold rewrites
+        plan = kv_plan(chains, starts[1:], env, dict(layout), h, dh, G, next(iter(kernel)), gqa)
+        if isinstance(plan, str):
+            return plan, modules
+        repeats, kv_side, inside = plan
+    shapes = _view_axes(chains, env, groups, skip=inside)
     merged = _merge_axes(merge, core, h, dh)
     if isinstance(shapes, str) or isinstance(merged, str):
         return shapes if isinstance(shapes, str) else merged, modules
-    pieces = []
-    for s, rows in (layout[2], layout[0], layout[1]):                 # v, q, k: the order of the 3-Linear case
-        start = int(rows[0, 0])
-        if not torch.equal(rows.flatten(), torch.arange(start, start + h * dh)):
-            return f"the rows of `{s.name}` are not one block of `{chains[s][0].target}` (interleaved heads)", modules
-        pieces.append(Piece(chains[s][0].target, 0, h * dh, start, gm.get_submodule(chains[s][0].target).out_features))
-    if proj.target in modules:
-        return f"the output projection `{proj.target}` also projects q, k or v", modules
-    splits = [Piece(n.name, 0, h * dh) for s in starts for n in chains[s][1] if op_name(n) == "getitem"
-              and op_name(n.args[0]) in ("split", "chunk", "split_with_sizes", "tensor_split")]
+    kv_shapes = {n.name: shapes.pop(n.name) for n in kv_side if n.name in shapes}
+    pieces, splits = [], []
+    for i, (s, rows) in ((2, layout[2]), (0, layout[0]), (1, layout[1])):   # v, q, k: the order of the 3-Linear case
+        shared = G if i > 0 else 1                                    # query heads reading one k / v head
+        rows = rows[::shared]                                         # [h / shared, dh]
+        start, lin = int(rows[0, 0]), chains[s][0].target
+        if not torch.equal(rows.flatten(), torch.arange(start, start + rows.numel())):
+            return f"the rows of `{s.name}` are not one block of `{lin}` (interleaved heads)", modules
+        out_features = gm.get_submodule(lin).out_features
+        if shared > 1:      # units j G dh .. (j + 1) G dh (G query heads) read k / v rows j dh .. (j + 1) dh
+            pieces += [SharedPiece(lin, j * G * dh, (j + 1) * G * dh, start + j * dh, out_features, G, dh)
+                       for j in range(h // G)]
+            continue
+        pieces.append(Piece(lin, 0, h * dh, start, out_features))
+        splits += [Piece(n.name, 0, h * dh) for n in chains[s][1] if op_name(n) == "getitem"
+                   and op_name(n.args[0]) in ("split", "chunk", "split_with_sizes", "tensor_split")]
     prefix = _common_prefix(modules + [proj.target])
     site = Site((prefix + "." if prefix else "") + "heads", y.name, [n.name for n in merge], [proj.target], h * dh,
                 axis=-1, shape=tuple(_shape(y)[1:]), pieces=pieces, reads={proj.target: "features"}, group=dh,
-                head_shapes=shapes | merged, splits=splits)
+                head_shapes=shapes | merged, splits=splits, kv_shapes=kv_shapes, repeats=repeats)
+    if proj.target in modules:
+        return f"the output projection `{proj.target}` also projects q, k or v", modules
     return site, modules
 
 
@@ -160,23 +201,64 @@ def _check_projections(gm: fx.GraphModule, chains: dict, calls) -> str | None:
     return None
 
 
-def _head_rows(t: torch.Tensor, transposed: bool, h: int, dh: int):
-    """[h, dh] producer rows of each head of q, k or v ([B, h, T, dh]; k^T: [B, h, dh, T]), or why not."""
+def _check_regions(gm: fx.GraphModule, chains: dict, env: dict, groups: dict) -> str | None:
+    """Why a per-head op on q or k (rotary, q/k norm: head_ops.py) mixes heads, or None: its cos, sin
+    or weight must be the same for every head, and it must mix values within one unit group only."""
+    for lin, chain in chains.values():
+        for node in chain:
+            r = region(gm, node) if node.op != "call_module" or not isinstance(
+                gm.get_submodule(node.target), IDENTITY_MODULES) else None
+            if r is None:
+                continue
+            rows = env[r.source]
+            for operand in r.operands:
+                if not broadcast_ok(rows, operand):
+                    return f"`{operand.name}` (read by `{node.name}`) differs per head"
+            per_unit = any((_shape(o) or ())[-1:] not in ((), (1,)) for o in r.operands)   # varies on the last axis
+            if (r.mixes or per_unit) and not within_heads(rows, groups[lin]):
+                return (f"`{node.name}` mixes values of different heads" if r.mixes else
+                        f"`{node.name}` reads an operand with one value per unit of several heads")
+    return None
+
+
+def _query_heads_per_kv_head(layout) -> int | str:
+    """G: k and v repeat each of h / G heads to G adjacent query heads (grouped-query attention:
+    repeat_kv, repeat_interleave, SDPA enable_gqa), 1 without; or why the sharing is not that."""
+    found = set()
+    for s, rows in layout[1:]:                                       # k, v: [h, dh]
+        h = rows.shape[0]
+        G = next((g for g in range(h, 0, -1) if h % g == 0 and all(
+            torch.equal(rows[i], rows[i - i % g]) for i in range(h))), 1)
+        if any(torch.equal(rows[i], rows[j]) for i in range(0, h, G) for j in range(i + G, h)):
+            return f"the query heads that share a key/value head through `{s.name}` are not adjacent"
+        found.add(G)
+    if len(found) != 1:
+        return "keys and values are shared by different numbers of query heads"
+    return found.pop()
+
+
+def _head_rows(t: torch.Tensor, transposed: bool, h: int, dh: int, gqa: bool = False):
+    """[h, dh] producer rows of each head of q, k or v ([B, h, T, dh]; k^T: [B, h, dh, T]), or why not;
+    `gqa`: k and v carry h / G heads, each read by G adjacent query heads (SDPA enable_gqa)."""
     t = t.transpose(-2, -1) if transposed else t
+    if gqa and t.dim() == 4 and t.shape[1] < h and h % t.shape[1] == 0:
+        t = t.repeat_interleave(h // t.shape[1], dim=1)
     if tuple(t.shape[1:2]) + tuple(t.shape[3:]) != (h, dh):
         return f"its shape {tuple(t.shape)} is not [batch, {h} heads, positions, {dh}]"
     n = narrow(t)
     if not torch.equal(n, n[:1, :, :1].expand_as(n)):
         return "its heads read other rows at other positions or samples"
-    return n[0, :, 0, :]
+    return t[0, :, 0, :]                                              # (not n: a broadcast head axis stays h)
 
 
-def _view_axes(chains: dict, env: dict, groups: dict):
-    """{view node: (head axis, positions per head)} on the projections' side, or why one has none."""
+def _view_axes(chains: dict, env: dict, groups: dict, skip: set = frozenset()):
+    """{view node: (head axis, positions per head)} on the projections' side (but `skip`: the repeats
+    of grouped-query k and v, which fold replaces; a single kv head, always kept), or why one has none."""
     out = {}
     for lin, chain in chains.values():
         for node in chain:
-            if op_name(node) in ("view", "reshape", "_unsafe_view"):
+            if node not in skip and len(groups[lin]) > 1 and op_name(node) in (
+                    "view", "reshape", "_unsafe_view", "expand"):
                 axis = head_axis(env[node], groups[lin])
                 if axis is None or len(view_shape(node)) != len(_shape(node)):
                     return f"the view `{node.name}` does not keep each head on one axis"
@@ -213,14 +295,15 @@ def _common_prefix(paths: list[str]) -> str:
     return ".".join(out)
 
 
-def set_head_count(gm: fx.GraphModule, site: Site, heads: int) -> None:
-    """Give every view of a head site its new size on the head axis (heads * positions per head), in
-    place; an inferred size (-1) is left as it is."""
+def set_head_count(gm: fx.GraphModule, site: Site, heads: int, kv_heads: int = 0) -> None:
+    """Give every view of a head site its new size on the head axis (heads * positions per head; the
+    views of grouped-query k and v: kv_heads), in place; an inferred size (-1) is left as it is."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    for name, (axis, per_head) in site.head_shapes.items():
+    counts = [(site.head_shapes, heads), (site.kv_shapes, kv_heads)]
+    for name, (axis, per_head), count in [(n, a, c) for shapes, c in counts for n, a in shapes.items()]:
         node = nodes[name]
         shape = view_shape(node)
         if shape[axis] == -1:
             continue
-        shape[axis] = heads * per_head
+        shape[axis] = count * per_head
         set_view_shape(node, shape)

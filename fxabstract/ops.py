@@ -265,3 +265,23 @@ def feeds_gate(node: fx.Node) -> bool:
             return pair[1] is node
         node = readers[0]
     return False
+
+
+def op_name(node: fx.Node) -> str:
+    """A node's operation as a bare name: 'view', 'softmax', 'matmul', 'scaled_dot_product_attention'."""
+    t = node.target
+    if node.op == "call_method":
+        return t
+    if node.op != "call_function":
+        return ""
+    if isinstance(t, torch._ops.OpOverload):
+        return t._schema.name.split("::")[1]
+    return "matmul" if t in (operator.matmul, torch.matmul) else getattr(t, "__name__", str(t))
+
+
+def narrow(t: torch.Tensor) -> torch.Tensor:
+    """t without the repeats of a broadcast axis (stride 0): each such axis narrowed to length 1."""
+    for a in range(t.dim()):
+        if t.stride(a) == 0 and t.shape[a] > 1:
+            t = t.narrow(a, 0, 1)
+    return t

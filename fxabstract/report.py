@@ -23,7 +23,7 @@ def _piece(q) -> dict:
     (a piece of a split value, a GLU half)."""
     entry = {"module": q.module, "units": [q.lo, q.hi]}
     if q.start or q.total != q.hi - q.lo:
-        entry["rows"] = [q.start, q.start + q.hi - q.lo]
+        entry["rows"] = [q.start, q.start + getattr(q, "block", q.hi - q.lo)]   # a SharedPiece: one k/v head
     return entry
 
 

@@ -79,6 +79,21 @@ class Piece:
 
 
 @dataclass
+class SharedPiece(Piece):
+    """A k or v layer's share of a grouped-query head site: units [lo, hi) are `share` query heads of
+    `block` units each, and unit lo + i + k block reads row start + i for every k; a row is deleted once
+    every unit that reads it is removed (the k/v head once all its query heads are)."""
+
+    share: int = 1
+    block: int = 1
+
+    def rows_of(self, units) -> list[int]:
+        units = set(units)
+        return [self.start + i for i in range(self.block)
+                if all(u in units for u in range(self.lo + i, self.hi, self.block))]
+
+
+@dataclass
 class Site:
     """One site: the value read by `consumers`, produced by `producers` through `chain`."""
 
@@ -98,6 +113,8 @@ class Site:
     splits: list[Piece] = field(default_factory=list)          # split pieces (graph nodes) and the units each carries
     branches: list[Site] = field(default_factory=list)         # second readings of the units (an SE squeeze)
     unit_views: list[str] = field(default_factory=list)        # gate views [B, d] -> [B, d, 1, 1] (fold writes d)
+    kv_shapes: dict = field(default_factory=dict)              # GQA: k/v view node -> (kv head axis, 1)
+    repeats: list = field(default_factory=list)                # GQA: (kv value, repeated value) node names (gqa.py)
 
     @property
     def producer(self) -> str:

@@ -230,3 +230,107 @@ class Mixer(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last axis (written out, as Llama code does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) over the last axis: the rotary pairing of Llama code."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def repeat_kv(x, n_rep: int, h_kv: int, dh: int):
+    """[B, h_kv, T, dh] -> [B, h_kv * n_rep, T, dh]: kv head j serves query heads j n_rep .. j n_rep + n_rep - 1
+    (Llama's, with the head count and size as numbers: torch.fx cannot unpack a traced shape)."""
+    B, T = x.size(0), x.size(2)
+    return x[:, :, None, :, :].expand(B, h_kv, n_rep, T, dh).reshape(B, h_kv * n_rep, T, dh)
+
+
+class LlamaAttention(nn.Module):
+    """Causal grouped-query attention with rotary position embeddings: `heads` query heads share
+    `kv_heads` key/value heads, repeated as `kv_repeat` says: "expand" (Llama's repeat_kv),
+    "interleave" (repeat_interleave) or "sdpa" (F.scaled_dot_product_attention(enable_gqa=True));
+    `qk_norm` adds an RMSNorm over head_dim on q and k (as Qwen3 does)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, context: int, qk_norm: bool = False,
+                 kv_repeat: str = "expand"):
+        super().__init__()
+        self.heads, self.kv_heads, self.dh, self.kv_repeat = heads, kv_heads, dim // heads, kv_repeat
+        self.q = nn.Linear(dim, heads * self.dh, bias=False)
+        self.k, self.v = (nn.Linear(dim, kv_heads * self.dh, bias=False) for _ in range(2))
+        self.o = nn.Linear(heads * self.dh, dim, bias=False)
+        self.q_norm, self.k_norm = (RMSNorm(self.dh) if qk_norm else nn.Identity() for _ in range(2))
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.dh, 2).float() / self.dh)
+        angles = torch.outer(torch.arange(context).float(), inv_freq)                 # [context, dh / 2]
+        self.register_buffer("cos", torch.cat((angles, angles), -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((angles, angles), -1).sin(), persistent=False)
+        self.register_buffer("mask", torch.tril(torch.ones(context, context, dtype=torch.bool)), persistent=False)
+
+    def forward(self, x):
+        B, T = x.size(0), x.size(1)
+        q = self.q_norm(self.q(x).view(B, T, self.heads, self.dh)).transpose(1, 2)       # [B, h, T, dh]
+        k = self.k_norm(self.k(x).view(B, T, self.kv_heads, self.dh)).transpose(1, 2)    # [B, h_kv, T, dh]
+        v = self.v(x).view(B, T, self.kv_heads, self.dh).transpose(1, 2)
+        cos, sin = self.cos.narrow(0, 0, T), self.sin.narrow(0, 0, T)        # [T, dh]
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        n_rep = self.heads // self.kv_heads
+        if self.kv_repeat == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)     # [B, h, T, dh]
+            return self.o(y.transpose(1, 2).reshape(B, T, self.heads * self.dh))
+        if self.kv_repeat == "interleave":
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        else:
+            k, v = repeat_kv(k, n_rep, self.kv_heads, self.dh), repeat_kv(v, n_rep, self.kv_heads, self.dh)
+        att = (q @ k.transpose(-2, -1)) * self.dh ** -0.5                                 # [B, h, T, T]
+        att = att.masked_fill(~self.mask.narrow(0, 0, T).narrow(1, 0, T), float("-inf"))
+        y = att.softmax(-1) @ v                                                          # [B, h, T, dh]
+        return self.o(y.transpose(1, 2).reshape(B, T, self.heads * self.dh))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), without biases: the hidden units are one site."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate, self.up, self.down = (nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False),
+                                         nn.Linear(hidden, dim, bias=False))
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int, context: int, qk_norm: bool, kv_repeat: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(dim)
+        self.attn = LlamaAttention(dim, heads, kv_heads, context, qk_norm, kv_repeat)
+        self.ffn_norm, self.ffn = RMSNorm(dim), SwiGLU(dim, 2 * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    """A Llama-style decoder: token embedding, pre-RMSNorm blocks (rotary GQA, SwiGLU), LM head."""
+
+    def __init__(self, vocab: int = 50, dim: int = 64, depth: int = 2, heads: int = 8, kv_heads: int = 2,
+                 context: int = 32, qk_norm: bool = False, kv_repeat: str = "expand"):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.blocks = nn.Sequential(*(LlamaBlock(dim, heads, kv_heads, context, qk_norm, kv_repeat)
+                                      for _ in range(depth)))
+        self.norm, self.head = RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, idx):
+        return self.head(self.norm(self.blocks(self.tok(idx))))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import ChannelBatchNorm
+from ..gqa import select_kv_heads
 from ..heads import set_head_count
 from ..ops import resize_unsqueeze
 from ..splits import rewrite_splits
@@ -177,7 +178,8 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         for piece in site.splits:
             split_lost[piece.module] = split_lost.get(piece.module, 0) + len(piece.rows_of(removed))
         if site.head_shapes:                                  # attention heads: fewer heads in the views
-            set_head_count(gm, site, len(r.kept) // site.group)
+            kv_heads = select_kv_heads(gm, site, r.kept.tolist()) if site.repeats else 0   # GQA (gqa.py)
+            set_head_count(gm, site, len(r.kept) // site.group, kv_heads)
         for view in site.unit_views:                          # an SE gate [B, d] -> [B, d, 1, 1]: d kept
             resize_unsqueeze(nodes[view], len(r.kept))
         node.replace_all_uses_with(node.args[0])

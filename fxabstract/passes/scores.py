@@ -62,6 +62,8 @@ def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,
     elif score == "magnitude":                                  # L2 norm of the producer's row j
         s = torch.zeros(site.n_units, dtype=torch.float64)
         for q in reversed(site.pieces):                         # where pieces share units, the first one's
+            if getattr(q, "share", 1) > 1:                      # a k/v head of GQA: the query heads' rows count
+                continue
             W = gm.get_submodule(q.module).weight.detach().double().flatten(1)
             s[q.lo:q.hi] = W[q.start:q.start + q.hi - q.lo].norm(dim=1)
     elif score == "random":

@@ -233,9 +233,9 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
         selection: str, ridge: float) -> SitePlan:
     """Fit the replacement of the first n_removed units of the site's elimination order."""
     removed = list(cv.order[:n_removed])
-    for piece in site.pieces:  # a producer joined by cat keeps at least one unit: its last one removed
+    for piece in site.pieces:  # a producer joined by cat keeps at least one unit (not a kv head of GQA)
         mine = [u for u in removed if piece.lo <= u < piece.hi]
-        if len(mine) == piece.hi - piece.lo and len(site.pieces) > 1:
+        if len(mine) == piece.hi - piece.lo and len(site.pieces) > 1 and site.group == 1:
             removed.remove(mine[-1])
     P = sorted(removed)
     K = sorted(set(range(site.n_units)) - set(P))
