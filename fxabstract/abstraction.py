@@ -146,7 +146,8 @@ class Analysis:
         module = fold(replace(self.gm, plans))
         report = {
             "score": self.score, "replacement": replacement, "selection": selection,
-            "keep": keep, "budget": budget, "round_to": round_to, "ridge": ridge, "seed": self.seed, "allocation": allocation,
+            "keep": keep, "budget": budget, "round_to": round_to, "ridge": ridge, "seed": self.seed,
+            "allocation": allocation,
             "curvature": {"divergence": self.stats.divergence, "method": self.stats.method,
                           "probes": self.stats.probes},
             "calibration_samples": self.stats.curvature[self.sites[0].name].n,
