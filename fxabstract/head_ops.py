@@ -17,14 +17,13 @@ known (`broadcast_ok`).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from .ops import _shape, narrow, op_name
+from .ops import _shape, narrow, op_name, size_dims
 
 ELEMENTWISE = {"add", "sub", "mul", "div", "truediv", "neg", "rsqrt", "sqrt", "pow", "to", "type", "float",
                "_to_copy", "reciprocal", "type_as"}
@@ -122,9 +121,8 @@ def _ancestors(node: fx.Node, limit: int = 256) -> set:
 def _reads_size(node: fx.Node) -> bool:
     """x.shape[-1] (fx): a read of the last axis' size (rotate_half's `x.shape[-1] // 2`)."""
     rank = len(_shape(node.args[0]) or ()) if node.args else 0
-    return node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) and rank > 0 and all(
-        u.target is operator.getitem and isinstance(u.args[1], int) and u.args[1] % rank == rank - 1
-        for u in node.users)
+    dims = size_dims(node) if node.target is getattr else None
+    return rank > 0 and dims is not None and all(d % rank == rank - 1 for d in dims)
 
 
 def broadcast_ok(source_rows: torch.Tensor, operand: fx.Node) -> bool:

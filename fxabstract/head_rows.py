@@ -21,14 +21,13 @@ fold rewrites its size there (`heads * units per head`).
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .head_ops import region
-from .ops import _shape, is_batch_size, narrow, op_name
+from .ops import _shape, is_batch_size, narrow, op_name, size_dims
 from .splits import _split_call, constant_sizes, split_intervals, traced_sizes
 
 aten = torch.ops.aten
@@ -177,7 +176,7 @@ def stray_reader(heads_of: dict[fx.Node, list[torch.Tensor]], readers: set[fx.No
         for user in node.users:
             if user in heads_of or user in readers or is_batch_size(user) or not user.users:
                 continue
-            dims = _size_dims(user)
+            dims = size_dims(user)
             if dims is not None and isinstance(env[node], torch.Tensor):
                 axis = head_axis(env[node], heads)
                 if axis is not None and all(d % env[node].dim() != axis[0] for d in dims):
@@ -185,16 +184,3 @@ def stray_reader(heads_of: dict[fx.Node, list[torch.Tensor]], readers: set[fx.No
             return (f"`{node.name}` on the way from a projection to the attention is also read by "
                     f"`{user.name}` ({op_name(user) or user.op}), which depends on the head count")
     return None
-
-
-def _size_dims(node: fx.Node) -> list[int] | None:
-    """[d] of `x.size(d)` / aten.sym_size.int(x, d), the d's of `x.shape[d]` (fx), else None."""
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-        return [node.args[1]]
-    if node.op == "call_function" and node.target == aten.sym_size.int:
-        return [node.args[1]]
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) and all(
-            u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
-        return [u.args[1] for u in node.users]
-    return None
-

@@ -285,3 +285,15 @@ def narrow(t: torch.Tensor) -> torch.Tensor:
         if t.stride(a) == 0 and t.shape[a] > 1:
             t = t.narrow(a, 0, 1)
     return t
+
+
+def size_dims(node: fx.Node) -> list[int] | None:
+    """[d] of `x.size(d)` / aten.sym_size.int(x, d), the d's of `x.shape[d]` (fx), else None."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
+        return [node.args[1]]
+    if node.op == "call_function" and node.target == aten.sym_size.int:
+        return [node.args[1]]
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) and all(
+            u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+        return [u.args[1] for u in node.users]
+    return None
