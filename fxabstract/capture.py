@@ -273,7 +273,8 @@ def _install(gm: fx.GraphModule, path: str, layer: nn.Module, x: fx.Node, node: 
 
 # --------------------------------------------------------------------------- Conv1D (GPT-2)
 
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, "view", "reshape"}
+# the flattening views, as fx (method / function) and torch.export (aten) spell them; ops.py reads these too
+VIEWS = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
 
 def _shape(node) -> tuple[str, ...] | None:

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import ChannelBatchNorm
+from .capture import VIEWS, ChannelBatchNorm
 
 aten = torch.ops.aten
 CONVS = (nn.Conv1d, nn.Conv2d)
@@ -77,8 +77,7 @@ IDENTITY_FUNCTIONS = {F.dropout, F.alpha_dropout, aten.dropout.default, aten.clo
 CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
 PRODUCT_FUNCTIONS = {operator.mul, torch.mul, aten.mul.Tensor}
 FLATTEN_FUNCTIONS = {torch.flatten, aten.flatten.using_ints}
-VIEW_TARGETS = {"view", "reshape", torch.reshape, aten.view.default, aten.reshape.default,
-                aten._unsafe_view.default}
+VIEW_TARGETS = VIEWS
 
 
 def _shape(node) -> tuple | None:
