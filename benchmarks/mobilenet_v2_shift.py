@@ -17,6 +17,7 @@ they overlap them in pixels). Then, one block at a time, f of that block only re
 the KL each block costs on each set.
 
     python benchmarks/mobilenet_v2_shift.py            # writes benchmarks/results/mobilenet_v2_shift.{md,png}
+    python benchmarks/mobilenet_v2_shift.py --swap     # the photo roles swapped: mobilenet_v2_shift_swapped.*
     python benchmarks/mobilenet_v2_shift.py --quick --out /tmp/s   # a smoke run
 """
 from __future__ import annotations
@@ -52,9 +53,10 @@ METHODS = (VBP, LOCAL, OBS, GLOBAL)
 def run(args) -> tuple[list[dict], list[dict], dict]:
     torch.manual_seed(0)
     model = load_model()
-    x_cal = crops(CAL_PHOTOS, args.cal, args.size, seed=0)
-    sets = {SETS[0]: crops(EVAL_PHOTOS, args.eval, args.size, seed=1),
-            SETS[1]: crops(CAL_PHOTOS, args.eval, args.size, seed=2)}
+    x_cal = crops(args.cal_photos, args.cal, args.size, seed=0)
+    sets = {SETS[0]: crops(args.eval_photos, args.eval, args.size, seed=1),
+            SETS[1]: crops(args.cal_photos, args.eval, args.size, seed=2)}
+    n_photos = {SETS[0]: len(args.eval_photos), SETS[1]: len(args.cal_photos)}
     with torch.no_grad():
         dense = {k: torch.cat([model(b) for b in x.split(32)]) for k, x in sets.items()}
     info = {"timings": {}}
@@ -62,7 +64,7 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
     base = fxa.analyse(model, x_cal.split(16), score="logit-mse", sites=SITES, probes=args.probes)
     info["timings"]["analyse logit-mse"] = time.perf_counter() - t
     t = time.perf_counter()
-    plain = add_fit_data(base.gm, base.sites, base.stats, crops(CAL_PHOTOS, args.fit_extra, args.size,
+    plain = add_fit_data(base.gm, base.sites, base.stats, crops(args.cal_photos, args.fit_extra, args.size,
                                                                   seed=10).split(32))
     fitted_stats = dataclasses.replace(base.stats, moments=plain.moments, fit_samples=plain.fit_samples,
                                        branch_moments=plain.branch_moments)
@@ -90,7 +92,7 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
             module = make[method]()
             row = {"ratio": f, "method": method, "macs": sum(module_macs(module, x_cal[:1]).values())}
             for k, x in sets.items():
-                row[k] = fidelity(module, x, dense[k], photos=len(CAL_PHOTOS if k == SETS[1] else EVAL_PHOTOS))
+                row[k] = fidelity(module, x, dense[k], photos=n_photos[k])
             rows.append(row)
             log(f"{f:.0%} {method:50s} " + "  ".join(f"{k}: agree {row[k]['agree']:.3f} KL {row[k]['kl']:.3f}"
                                                      for k in sets))
@@ -102,12 +104,12 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
         module = analysis["cwvar"].compile(keep, "affine", "joint", round_to=1, ridge=RIDGE).module
         row = {"site": s.name, "units": s.n_units, "saved": float(per_unit[s.name][:s.n_units - keep[s.name]].sum())}
         for k, (x, z) in small.items():
-            row[k] = fidelity(module, x, z, photos=len(CAL_PHOTOS if k == SETS[1] else EVAL_PHOTOS))["kl"]
+            row[k] = fidelity(module, x, z, photos=n_photos[k])["kl"]
         blocks.append(row)
         log(f"block {s.name}: " + "  ".join(f"{k} KL {row[k]:.3f}" for k in sets))
     joint = {t.name: t.n_units - round(args.block_ratio * t.n_units) for t in base.sites}
     module = analysis["cwvar"].compile(joint, "affine", "joint", round_to=1, ridge=RIDGE).module
-    info["joint"] = {k: fidelity(module, x, z, photos=len(CAL_PHOTOS if k == SETS[1] else EVAL_PHOTOS))["kl"]
+    info["joint"] = {k: fidelity(module, x, z, photos=n_photos[k])["kl"]
                      for k, (x, z) in small.items()}
     return rows, blocks, info
 
@@ -126,7 +128,8 @@ def targets(rows: list[dict]) -> dict:
 def write_markdown(rows: list[dict], blocks: list[dict], info: dict, args, path: str) -> None:
     cell = lambda r, k: f"{r[k]['agree']:.3f} | {r[k]['kl']:.3f}"   # noqa: E731
     lines = [
-        "# MobileNetV2: how the compiled models do on new crops of the calibration photos and on new photos",
+        "# MobileNetV2: how the compiled models do on new crops of the calibration photos and on new photos"
+        + (", photo roles swapped" if args.swap else ""),
         "",
         f"Written by `python benchmarks/mobilenet_v2_shift.py{''.join(' ' + a for a in shown_argv(args.argv))}` "
         f"(torch {torch.__version__}, {platform.machine()}, one CPU thread; "
@@ -135,12 +138,13 @@ def write_markdown(rows: list[dict], blocks: list[dict], info: dict, args, path:
         "## Settings",
         "",
         "- Model, sites, calibration and methods: those of `benchmarks/mobilenet_v2.py` (see mobilenet_v2.md): "
-        f"ImageNet MobileNetV2, the 16 expansion sites, {args.cal} calibration crops of {', '.join(CAL_PHOTOS)} at "
+        f"ImageNet MobileNetV2, the 16 expansion sites, {args.cal} calibration crops of {', '.join(args.cal_photos)} at "
         f"{args.size}x{args.size} (seed 0) for the analysis (logit-mse, Hutchinson with {args.probes} probes), every "
         f"affine map fitted on those plus {args.fit_extra} more crops of the same photos (seed 10), "
         "`round_to=1`, `ridge=1e-3`.",
-        f"- Evaluation, {args.eval} crops each: **{SETS[0]}**: {', '.join(EVAL_PHOTOS)} (seed 1, the main "
-        f"benchmark's set); **{SETS[1]}**: {', '.join(CAL_PHOTOS)} (seed 2: crops not fitted on, drawn from "
+        f"- Evaluation, {args.eval} crops each: **{SETS[0]}**: {', '.join(args.eval_photos)} (seed 1, the main "
+        f"benchmark's set{', photo roles swapped as in mobilenet_v2_swapped.md' if args.swap else ''}); "
+        f"**{SETS[1]}**: {', '.join(args.cal_photos)} (seed 2: crops not fitted on, drawn from "
         "the same photos, so they overlap the fitted crops in pixels and content).",
         "- Figures: top-1 agreement with the dense model and mean KL(p_dense || p_compiled), on each set.",
         "",
@@ -215,10 +219,13 @@ def main(argv=None) -> int:
     ap.add_argument("--block-ratio", type=float, default=0.5, help="the fraction removed from one block at a time")
     ap.add_argument("--block-crops", type=int, default=192, help="crops of each set for the one-block table")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data, two ratios")
+    ap.add_argument("--swap", action="store_true", help="calibrate on the evaluation photos and evaluate on the "
+                    "calibration photos; writes mobilenet_v2_shift_swapped.{md,png}")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.ratios = [float(f) for f in args.ratios.split(",")]
-    args.name = "mobilenet_v2_shift"
+    args.cal_photos, args.eval_photos = (EVAL_PHOTOS, CAL_PHOTOS) if args.swap else (CAL_PHOTOS, EVAL_PHOTOS)
+    args.name = "mobilenet_v2_shift_swapped" if args.swap else "mobilenet_v2_shift"
     if args.quick:
         args.size, args.cal, args.fit_extra, args.eval, args.probes, args.block_crops = 64, 32, 32, 40, 2, 20
         args.ratios = [0.1, 0.5]
