@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxabstract as fxa  # noqa: E402
 from fxabstract.demo import demo_model, digits_data, train  # noqa: E402
-from fxabstract.explain import UnitProbe  # noqa: E402
+from fxabstract.explanations import UnitProbe  # noqa: E402
 from fxabstract.report import write_atomic, write_png  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

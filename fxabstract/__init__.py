@@ -1,10 +1,10 @@
 """fxabstract: compile a trained network into a smaller, faithful causal abstraction of it."""
 from . import errors
 from .abstraction import Abstraction, Analysis, abstract, analyse
-from .backend import backend
-from .certify import certify
-from .combine import combine
-from .explain import explain
+from .dynamo import backend
+from .proofs import certify
+from .combined import combine
+from .explanations import explain
 from .export import to_onnx
 from .saving import load
 from .verify import certificate, iia, intervene
