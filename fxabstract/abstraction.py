@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import saving
 from .capture import capture, linearize_addmm
-from .cost import macs_removals, module_macs, unit_macs
+from .cost import macs_removals, module_macs, site_macs
 from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
 from .data import bind, first_tensor, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractError, FxAbstractWarning, NoSiteError
@@ -44,14 +44,14 @@ def _count(gm: nn.Module) -> int:
 
 
 def _warn_if_short(macs: dict, target: float) -> None:
-    """Unit MACs add within a site and across sites that share no layer (the usual case: expansion channels,
-    FFN neurons). A layer between two sites (the consumer of one and the producer of the next) loses rows and
-    columns both, so the saving is smaller than their sum: say so when the budget is missed."""
+    """The allocation counts a layer that two sites share once (`cost.removal_macs`), so a budget is
+    missed only where the removals allowed cannot save more: say so."""
     short = target - (macs["before"] - macs["after"])
     if short > 1e-6 * macs["before"]:
         warnings.warn(f"the MAC budget is missed by {short:,.0f} MACs per sample ({short / macs['before']:.1%}): "
-                      "some sites share a layer, whose MACs fall by less than the sum of their units' MACs; "
-                      "lower keep, or choose sites that share no layer", FxAbstractWarning, stacklevel=3)
+                      "the removals allowed cannot save more (every site keeps a group of round_to units, a "
+                      "key/value head goes only with all its query heads, a producer joined by cat keeps a "
+                      "unit); raise keep or lower round_to", FxAbstractWarning, stacklevel=3)
 
 
 def _check_budget(keep, budget: str) -> None:
@@ -110,7 +110,7 @@ class Analysis:
         allocation (global budgets of output-unit scores): "measured" allocates on each site's risk
         curve measured on the calibration reservoir; "predicted" on the second-order curves alone.
         budget: "units" (keep counts units) or "macs" (keep is the fraction of the sites' MACs per sample
-        kept, `cost.unit_macs`: output-unit scores take the least risk per MAC saved first across sites,
+        kept, `cost.site_macs`: output-unit scores take the least risk per MAC saved first across sites,
         the others save that fraction at every site); the report then gives MACs before and after."""
         _choose(replacement, REPLACEMENTS, "replacement")
         _choose(selection, SELECTIONS, "selection")
@@ -160,7 +160,7 @@ class Analysis:
         }
         if macs is not None:
             report["macs"] = {"before": sum(macs.values()), "after": sum(module_macs(module, *example).values())}
-            _warn_if_short(report["macs"], (1 - keep) * sum(float(unit_macs(s, macs).sum()) for s in self.sites))
+            _warn_if_short(report["macs"], (1 - keep) * site_macs(self.sites, macs))
         return Abstraction(module, report, example)
 
     def risk_curves(self, replacement: str = "constant", selection: str = "joint", ridge: float = 1e-3) -> dict:

@@ -59,16 +59,55 @@ def module_macs(model: nn.Module, *inputs, **kwinputs) -> dict[str, int]:
     return counts
 
 
-def unit_macs(site: Site, macs: dict[str, int]) -> torch.Tensor:
-    """[d] MACs per sample that removing each unit of `site` saves: its producer row, its channel in
-    every per-channel conv (depthwise), and its column in every consumer."""
-    cost = torch.zeros(site.n_units, dtype=torch.float64)
+def layer_unit_macs(site: Site, macs: dict[str, int]) -> list[tuple[str, str, torch.Tensor]]:
+    """What each unit of `site` costs, layer by layer: (module path, side, [d] MACs per sample). side
+    "out": the unit's rows of a producer or its channel of a per-channel conv (depthwise); "in": its
+    share of a consumer's input (an equal share; a block of features if flattened)."""
+    out = []
     for piece in site.pieces + site.channel_ops:
         if piece.module in macs:
-            cost[piece.lo:piece.hi] += macs[piece.module] / piece.total / getattr(piece, "share", 1)
+            cost = torch.zeros(site.n_units, dtype=torch.float64)
+            cost[piece.lo:piece.hi] = macs[piece.module] / piece.total / getattr(piece, "share", 1)
+            out.append((piece.module, "out", cost))
     for name in site.consumers + [c for b in site.branches for c in b.consumers]:  # SE squeezes' consumers too
-        cost += macs.get(name, 0) / site.n_units   # each unit: an equal share of the input (a block if flattened)
+        if name in macs:
+            out.append((name, "in", torch.full((site.n_units,), macs[name] / site.n_units, dtype=torch.float64)))
+    return out
+
+
+def unit_macs(site: Site, macs: dict[str, int]) -> torch.Tensor:
+    """[d] MACs per sample that removing each unit of `site` saves: its producer row, its channel in
+    every per-channel conv (depthwise), and its column in every consumer. Exact for one site alone;
+    with units removed from two sites that share a layer, see `removal_macs`."""
+    cost = torch.zeros(site.n_units, dtype=torch.float64)
+    for _, _, per_unit in layer_unit_macs(site, macs):
+        cost += per_unit
     return cost
+
+
+def removal_macs(sites: list[Site], removed: dict[str, list[int]], macs: dict[str, int]) -> float:
+    """MACs per sample saved by removing units `removed[site name]` (indices) of every site together.
+    A layer loses a fraction rho of its rows (producer side) and kappa of its input (consumer side),
+    so it keeps (1 - rho)(1 - kappa) of its MACs: where one site's consumer is the next site's producer
+    (an MLP's middle layer), the saving is less than the sum of the units' `unit_macs`."""
+    rows: dict[str, float] = {}
+    cols: dict[str, float] = {}
+    for s in sites:
+        index = torch.as_tensor(list(removed.get(s.name, ())), dtype=torch.long)
+        for name, side, per_unit in layer_unit_macs(s, macs):
+            into = rows if side == "out" else cols
+            into[name] = into.get(name, 0.0) + float(per_unit[index].sum())
+    saved = 0.0
+    for name in rows.keys() | cols.keys():
+        m = float(macs[name])
+        rho, kappa = min(rows.get(name, 0.0) / m, 1.0), min(cols.get(name, 0.0) / m, 1.0)
+        saved += m * (1 - (1 - rho) * (1 - kappa))
+    return saved
+
+
+def site_macs(sites: list[Site], macs: dict[str, int]) -> float:
+    """The sites' MACs per sample: what removing every unit of every site would save, each layer once."""
+    return removal_macs(sites, {s.name: range(s.n_units) for s in sites}, macs)
 
 
 def mac_savings(sites: list[Site], curves: dict, macs: dict[str, int]) -> dict[str, torch.Tensor]:
@@ -80,6 +119,33 @@ def mac_savings(sites: list[Site], curves: dict, macs: dict[str, int]) -> dict[s
     return saved
 
 
+def _first(sites: list[Site], curves: dict, counts: dict[str, int]) -> dict[str, list[int]]:
+    return {s.name: [int(u) for u in curves[s.name].order[:counts[s.name]]] for s in sites}
+
+
+def _meet(sites: list[Site], curves: dict, macs: dict[str, int], removals, need: float) -> dict[str, int]:
+    """removals(x) for the least x in [x0, 1] whose removals save at least `need` MACs together
+    (`removal_macs`), by bisection; removals(x) saves more as x grows (x0: the additive first guess).
+    Where no two sites share a layer, the first guess already saves `need`."""
+    x0 = need / max(sum(float(unit_macs(s, macs).sum()) for s in sites), 1e-12)
+    out = removals(x0)
+    tol = 1e-9 * max(need, 1.0)                   # float sums: the additive guess meets `need` up to rounding
+    saves = lambda r: removal_macs(sites, _first(sites, curves, r), macs) >= need - tol   # noqa: E731
+    if saves(out):
+        return out
+    lo, hi, best = x0, 1.0, removals(1.0)
+    if not saves(best):
+        return best                               # every allowed removal: the caller warns
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        r = removals(mid)
+        if saves(r):
+            hi, best = mid, r
+        else:
+            lo = mid
+    return best
+
+
 def allocate_macs(sites: list[Site], curves: dict, macs: dict[str, int], target: float,
                   round_to: int = 1) -> dict[str, int]:
     """A `keep` dict {site: units kept} that saves at least `target` MACs per sample: the removal with
@@ -88,26 +154,38 @@ def allocate_macs(sites: list[Site], curves: dict, macs: dict[str, int], target:
     curves: `Analysis.risk_curves(...)`; each site's measured curve is used where set, else the
     predicted one. A channel of an early high-resolution block saves far more MACs than one of a
     late block, so a budget in MACs differs from a budget in units. `Analysis.compile(keep,
-    budget="macs")` does this with keep a fraction of the sites' MACs."""
-    removed = cheapest_removals(sites, curves, mac_savings(sites, curves, macs), target, round_to)
+    budget="macs")` does this with keep a fraction of the sites' MACs. The saving counts a layer that
+    two sites share once (`removal_macs`)."""
+    removed = _global(sites, curves, macs, target, round_to)
     return {s.name: s.n_units - removed[s.name] for s in sites}
+
+
+def _global(sites: list[Site], curves: dict, macs: dict[str, int], need: float, round_to: int) -> dict[str, int]:
+    saved = mac_savings(sites, curves, macs)
+    total = sum(float(unit_macs(s, macs).sum()) for s in sites)
+    return _meet(sites, curves, macs, lambda x: cheapest_removals(sites, curves, saved, x * total, round_to), need)
 
 
 def macs_removals(sites: list[Site], curves: dict, macs: dict[str, int], keep: float, global_budget: bool,
                   round_to: int = 1) -> dict[str, int]:
-    """Units removed per site so that at most a fraction `keep` of the sites' MACs stays (the MACs
-    their units cost: `unit_macs`). global_budget (risks in output units): the cheapest risk per MAC
-    saved first across sites; otherwise every site saves at least (1 - keep) of its own MACs, the
-    fewest allowed removals along its order that do."""
-    saved = mac_savings(sites, curves, macs)
-    total = {s.name: float(unit_macs(s, macs).sum()) for s in sites}   # the order leaves a site's last unit out
-    slack = 1 - 1e-9                                # float sums: a target met exactly still counts
+    """Units removed per site so that at most a fraction `keep` of the sites' MACs stays (`site_macs`:
+    each layer that their units touch, once). global_budget (risks in output units): the cheapest risk
+    per MAC saved first across sites; otherwise every site saves the same fraction of its own MACs
+    (`unit_macs`), the fewest allowed removals along its order that do, with the least fraction whose
+    removals together meet the total (1 - keep where no two sites share a layer; sites that share one
+    overlap there, so their own MACs add up to more than the sites' MACs)."""
+    need = (1 - keep) * site_macs(sites, macs) * (1 - 1e-9)     # float sums: a target met exactly still counts
     if global_budget:
-        return cheapest_removals(sites, curves, saved, (1 - keep) * sum(total.values()) * slack, round_to)
-    out = {}
-    for s in sites:
-        steps = allowed_removals(s.n_units, granularity(s, round_to))
-        need = (1 - keep) * total[s.name] * slack
-        out[s.name] = next((k for k in steps if k < len(saved[s.name]) and float(saved[s.name][k]) >= need),
-                           steps[-1])
-    return out
+        return _global(sites, curves, macs, need, round_to)
+    saved = mac_savings(sites, curves, macs)
+    total = {s.name: float(unit_macs(s, macs).sum()) for s in sites}
+
+    def per_site(x: float) -> dict[str, int]:
+        out = {}
+        for s in sites:
+            steps = allowed_removals(s.n_units, granularity(s, round_to))
+            want = min(x, 1.0) * total[s.name]
+            out[s.name] = next((k for k in steps if k < len(saved[s.name]) and float(saved[s.name][k]) >= want),
+                               steps[-1])
+        return out
+    return _meet(sites, curves, macs, per_site, need)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -145,16 +146,72 @@ def test_mac_budget_of_a_per_site_score_saves_the_fraction_at_every_site(small_m
         assert per_unit[:removed - 1].sum() < 0.25 * total, f"{s.name}: the fewest removals that do"
 
 
-def test_mac_budget_warns_when_sites_share_a_layer():
-    """fc2 is fc1-site's consumer and fc2-site's producer: its MACs fall by less than the sum of the units'."""
+def _shared_layer_models():
+    """Stacks where one site's consumer is the next site's producer: an MLP's middle layers, a VGG-style
+    conv stack (zero padding: spatial bias maps), an MLP of odd widths."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
-    x = torch.randn(256, 6)
-    with pytest.warns(fxa.errors.FxAbstractWarning, match="MAC budget is missed"):
-        result = fxa.abstract(model, x.split(64), keep=0.4, round_to=1, budget="macs", allocation="predicted")
+    return [
+        (nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3)),
+         torch.randn(256, 6)),
+        (nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(),
+                       nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)),
+         torch.randn(128, 3, 6, 6)),
+        (nn.Sequential(nn.Linear(5, 23), nn.GELU(), nn.Linear(23, 17), nn.ReLU(), nn.Linear(17, 11), nn.ReLU(),
+                       nn.Linear(11, 4)), torch.randn(256, 5)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_removal_macs_is_what_the_compiled_module_saves_when_sites_share_layers(case):
+    """A layer between two sites keeps (1 - rho)(1 - kappa) of its MACs: cost.removal_macs must equal the
+    MACs measured on compiled modules, for removals at every site at once (the sum of unit MACs does not)."""
+    from fxabstract.cost import removal_macs, site_macs
+    model, x = _shared_layer_models()[case]
+    analysis = fxa.analyse(model, x.split(64), curvature="hutchinson", probes=2)
+    macs = module_macs(analysis.gm, x[:1])
+    curves = analysis.risk_curves("constant", "diagonal")
+    gen = torch.Generator().manual_seed(case)
+    overcounted = False
+    for _ in range(6):
+        keep = {s.name: int(torch.randint(1, s.n_units + 1, (), generator=gen)) for s in analysis.sites}
+        result = analysis.compile(keep, "constant", "diagonal", round_to=1)
+        removed = {e["name"]: [r["unit"] for r in e["replaced"]] for e in result.report["sites"]}
+        measured = sum(macs.values()) - sum(module_macs(result.module, x[:1]).values())
+        assert removal_macs(analysis.sites, removed, macs) == pytest.approx(measured, rel=1e-9), keep
+        additive = sum(float(unit_macs(s, macs)[removed[s.name]].sum()) for s in analysis.sites)
+        overcounted |= additive > measured * (1 + 1e-6)
+    assert overcounted, "the sites share a layer: the sum of unit MACs overcounts it"
+    layers = {n for s in analysis.sites for n in [p.module for p in s.pieces] + s.consumers}
+    assert site_macs(analysis.sites, macs) == pytest.approx(sum(macs[n] for n in layers)), \
+        "the sites' MACs count each layer they touch once"
+
+
+@pytest.mark.parametrize("score", ["logit-mse", "variance"])
+def test_mac_budget_is_met_when_sites_share_a_layer(score):
+    """fc2 is fc1-site's consumer and fc2-site's producer: the budget counts it once and is met, without
+    a warning, by the global allocation (logit-mse) and by the per-site rule (variance)."""
+    from fxabstract.cost import site_macs
+    model, x = _shared_layer_models()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxa.errors.FxAbstractWarning)
+        result = fxa.abstract(model, x.split(64), keep=0.4, score=score, round_to=1, budget="macs",
+                              allocation="predicted")
     assert result.report["macs"] == {"before": 6 * 32 + 32 * 16 + 16 * 3,
                                      "after": sum(module_macs(result.module, x[:1]).values())}, \
-        "the report gives the MACs measured on the compiled module, whatever the warning"
+        "the report gives the MACs measured on the compiled module"
+    analysis = fxa.analyse(model, x.split(64), score=score, curvature="hutchinson", probes=2)
+    total = site_macs(analysis.sites, module_macs(analysis.gm, x[:1]))
+    assert total == 6 * 32 + 32 * 16 + 16 * 3, "the sites' MACs: fc1, fc2 and fc3, each once"
+    assert _saved(result) >= 0.6 * total * (1 - 1e-9), "at most 40% of the sites' MACs stay"
+    kept = {s["name"]: len(s["kept"]) for s in result.report["sites"]}
+    assert kept["0"] * 6 + kept["0"] * kept["2"] + kept["2"] * 3 <= 0.4 * total + 1e-9
+
+
+def test_mac_budget_warns_when_the_allowed_removals_cannot_meet_it():
+    model, x = _shared_layer_models()[0]
+    with pytest.warns(fxa.errors.FxAbstractWarning, match="MAC budget is missed.*raise keep or lower round_to"):
+        result = fxa.abstract(model, x.split(64), keep=0.05, round_to=8, budget="macs", allocation="predicted")
+    assert all(len(s["kept"]) >= 8 for s in result.report["sites"])
 
 
 @pytest.mark.parametrize("keep", [3, True, 1.5, 0.0, {"fc": 2}])
