@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -102,3 +103,32 @@ def test_random_convnets_compile_exactly(model, replacement, selection, keep):
         z_hooks = model(x)
     err = relative_error(z_hooks, result.module(x))
     assert err <= 1e-5, f"compiled vs hooks: relative error {err:.2e}\n{model}\n{result.summary()}"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(model=convnets(), keep=st.floats(0.05, 0.95))
+def test_random_convnets_mac_budget_counts_what_the_compiled_module_saves(model, keep):
+    """cost.removal_macs (each layer keeps (1 - rho)(1 - kappa) of its MACs) equals the MACs the compiled
+    module saves, on random stacks where sites share layers (a split's branch convs read one site and
+    produce the next), and budget='macs' keeps at most `keep` of the sites' MACs when it does not warn."""
+    import warnings
+    from fxabstract.cost import module_macs, removal_macs, site_macs, unit_macs
+    torch.manual_seed(0)
+    x = torch.randn(24, 3, 8, 8)
+    try:
+        analysis = fxa.analyse(model, x.split(12), curvature="hutchinson", probes=2)
+    except fxa.errors.NoSiteError:
+        event("no site")
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = analysis.compile(keep, "constant", "diagonal", round_to=1, allocation="predicted", budget="macs")
+    macs = module_macs(analysis.gm, x[:1])
+    removed = {e["name"]: [r["unit"] for r in e["replaced"]] for e in result.report["sites"]}
+    saved = result.report["macs"]["before"] - result.report["macs"]["after"]
+    assert removal_macs(analysis.sites, removed, macs) == pytest.approx(saved, rel=1e-9, abs=1e-6), \
+        f"{model}\n{result.summary()}"
+    additive = sum(float(unit_macs(s, macs)[removed[s.name]].sum()) for s in analysis.sites)
+    event("sites share a layer" if additive > saved * (1 + 1e-9) else "no shared layer")
+    if not any("MAC budget is missed" in str(w.message) for w in caught):
+        assert saved >= (1 - keep) * site_macs(analysis.sites, macs) * (1 - 1e-9)
