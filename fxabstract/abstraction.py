@@ -50,8 +50,8 @@ def _warn_if_short(macs: dict, target: float) -> None:
     if short > 1e-6 * macs["before"]:
         warnings.warn(f"the MAC budget is missed by {short:,.0f} MACs per sample ({short / macs['before']:.1%}): "
                       "the removals allowed cannot save more (every site keeps a group of round_to units, a "
-                      "key/value head goes only with all its query heads, a producer joined by cat keeps a "
-                      "unit); raise keep or lower round_to", FxAbstractWarning, stacklevel=3)
+                      "producer joined by cat keeps a unit); raise keep or lower round_to", FxAbstractWarning,
+                      stacklevel=3)
 
 
 def _check_budget(keep, budget: str) -> None:

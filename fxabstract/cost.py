@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .passes.select import allowed_removals, cheapest_removals, granularity
-from .sites import Site
+from .sites import SharedPiece, Site
 
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -59,49 +59,42 @@ def module_macs(model: nn.Module, *inputs, **kwinputs) -> dict[str, int]:
     return counts
 
 
-def layer_unit_macs(site: Site, macs: dict[str, int]) -> list[tuple[str, str, torch.Tensor]]:
-    """What each unit of `site` costs, layer by layer: (module path, side, [d] MACs per sample). side
-    "out": the unit's rows of a producer or its channel of a per-channel conv (depthwise); "in": its
-    share of a consumer's input (an equal share; a block of features if flattened)."""
-    out = []
-    for piece in site.pieces + site.channel_ops:
-        if piece.module in macs:
-            cost = torch.zeros(site.n_units, dtype=torch.float64)
-            cost[piece.lo:piece.hi] = macs[piece.module] / piece.total / getattr(piece, "share", 1)
-            out.append((piece.module, "out", cost))
-    for name in site.consumers + [c for b in site.branches for c in b.consumers]:  # SE squeezes' consumers too
-        if name in macs:
-            out.append((name, "in", torch.full((site.n_units,), macs[name] / site.n_units, dtype=torch.float64)))
-    return out
-
-
 def unit_macs(site: Site, macs: dict[str, int]) -> torch.Tensor:
     """[d] MACs per sample that removing each unit of `site` saves: its producer row, its channel in
-    every per-channel conv (depthwise), and its column in every consumer. Exact for one site alone;
-    with units removed from two sites that share a layer, see `removal_macs`."""
+    every per-channel conv (depthwise), and its column in every consumer. Exact for one site alone
+    (a key/value row shared by G query heads: 1/G to each); for units of several sites removed
+    together, `removal_macs`."""
     cost = torch.zeros(site.n_units, dtype=torch.float64)
-    for _, _, per_unit in layer_unit_macs(site, macs):
-        cost += per_unit
+    for piece in site.pieces + site.channel_ops:
+        if piece.module in macs:
+            cost[piece.lo:piece.hi] += macs[piece.module] / piece.total / getattr(piece, "share", 1)
+    for name in site.consumers + [c for b in site.branches for c in b.consumers]:  # SE squeezes' consumers too
+        cost += macs.get(name, 0) / site.n_units   # each unit: an equal share of the input (a block if flattened)
     return cost
 
 
 def removal_macs(sites: list[Site], removed: dict[str, list[int]], macs: dict[str, int]) -> float:
     """MACs per sample saved by removing units `removed[site name]` (indices) of every site together.
-    A layer loses a fraction rho of its rows (producer side) and kappa of its input (consumer side),
-    so it keeps (1 - rho)(1 - kappa) of its MACs: where one site's consumer is the next site's producer
-    (an MLP's middle layer), the saving is less than the sum of the units' `unit_macs`."""
+    A layer loses a fraction rho of its rows (producer side; a key/value row once every query head
+    reading it is removed) and kappa of its input (consumer side), so it keeps (1 - rho)(1 - kappa) of
+    its MACs: where one site's consumer is the next site's producer (an MLP's middle layer), the saving
+    is less than the sum of the units' `unit_macs`."""
     rows: dict[str, float] = {}
     cols: dict[str, float] = {}
     for s in sites:
-        index = torch.as_tensor(list(removed.get(s.name, ())), dtype=torch.long)
-        for name, side, per_unit in layer_unit_macs(s, macs):
-            into = rows if side == "out" else cols
-            into[name] = into.get(name, 0.0) + float(per_unit[index].sum())
+        units = sorted(int(u) for u in removed.get(s.name, ()))
+        for piece in s.pieces + s.channel_ops:
+            if piece.module in macs:
+                n = len(piece.rows_of(units)) if isinstance(piece, SharedPiece) else \
+                    sum(piece.lo <= u < piece.hi for u in units)
+                rows[piece.module] = rows.get(piece.module, 0.0) + n / piece.total
+        for name in s.consumers + [c for b in s.branches for c in b.consumers]:
+            if name in macs:
+                cols[name] = cols.get(name, 0.0) + len(units) / s.n_units
     saved = 0.0
     for name in rows.keys() | cols.keys():
-        m = float(macs[name])
-        rho, kappa = min(rows.get(name, 0.0) / m, 1.0), min(cols.get(name, 0.0) / m, 1.0)
-        saved += m * (1 - (1 - rho) * (1 - kappa))
+        rho, kappa = min(rows.get(name, 0.0), 1.0), min(cols.get(name, 0.0), 1.0)
+        saved += macs[name] * (1 - (1 - rho) * (1 - kappa))
     return saved
 
 

@@ -221,3 +221,29 @@ def test_mac_budget_needs_a_fraction_and_says_so_before_any_analysis(keep):
         fxa.abstract(model, [], keep=keep, budget="macs")      # empty data: the check comes first
     with pytest.raises(ConfigError, match="unknown budget 'flops'"):
         fxa.abstract(model, [], keep=0.5, budget="flops")
+
+
+def test_removal_macs_deletes_a_key_value_row_only_with_all_its_query_heads():
+    """Grouped-query attention: a k/v head's rows go only when every query head reading it is removed,
+    so removal_macs must count exactly what the compiled module saves, whichever query heads go."""
+    from fxabstract import zoo_transformers as zt
+    from fxabstract.cost import removal_macs
+    from fxabstract.sites import SharedPiece
+    torch.manual_seed(0)
+    model, x = zt.Llama(dim=32, depth=1, heads=4, kv_heads=2).eval(), torch.randint(0, 50, (8, 12))
+    analysis = fxa.analyse(model, x.split(4), curvature="hutchinson", probes=2)
+    assert any(isinstance(p, SharedPiece) for s in analysis.sites for p in s.pieces), "a GQA head site"
+    macs = module_macs(analysis.gm, x[:1])
+    gen = torch.Generator().manual_seed(0)
+    partial = False
+    for _ in range(8):
+        keep = {s.name: s.n_units if s.group == 1 else s.group * int(torch.randint(1, s.n_units // s.group + 1, (),
+                                                                                      generator=gen))
+                for s in analysis.sites}
+        result = analysis.compile(keep, "constant", "diagonal", round_to=1)
+        removed = {e["name"]: [r["unit"] for r in e["replaced"]] for e in result.report["sites"]}
+        measured = sum(macs.values()) - sum(module_macs(result.module, x[:1]).values())
+        assert removal_macs(analysis.sites, removed, macs) == pytest.approx(measured, rel=1e-9), keep
+        additive = sum(float(unit_macs(s, macs)[removed[s.name]].sum()) for s in analysis.sites)
+        partial |= additive > measured * (1 + 1e-9)   # a kv head kept for one of its query heads
+    assert partial, "some draw removes a query head whose kv head another query head still reads"
