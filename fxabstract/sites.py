@@ -224,7 +224,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
         d = _width(PRODUCERS, mod)
         if d is None:
             if _width(CHANNEL_OPS, mod) is None:
-                ineligible[name] = "grouped convolution (its output channels are not independent units)"
+                ineligible[name] = (f"grouped convolution (groups={mod.groups}): its output channels could go "
+                                    "only the same number from every group, which fxabstract does not do yet")
             continue
         if calls[name] > 1:
             ineligible[name] = f"module is called {calls[name]} times (shared weights cannot be sliced for one call)"
@@ -411,6 +412,10 @@ def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int,
             return "it is read by the model output (no consumer to fold into)"
         layer = _module(gm, user)
         width = None if layer is None else _width(CONSUMERS, layer)
+        if width is None and isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
+            return (f"it is read by grouped convolution `{user.target}` (groups={layer.groups}): its input "
+                    "channels could go only the same number from every group, each replaced within its "
+                    "group, which fxabstract does not do yet")
         if width is None:
             target = getattr(user.target, "__name__", user.target)
             others = f" (one of its {len(readers)} readers: {', '.join(f'`{r.name}`' for r in readers)}; " \
