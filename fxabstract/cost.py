@@ -10,6 +10,8 @@ activations, elementwise arithmetic and bias additions (all small next to the la
     >>> macs = module_macs(model, x)             # {module path: MACs per sample}
     >>> sum(macs.values())
     >>> unit_macs(site, macs)                     # [d]: MACs per sample saved by removing each unit
+    >>> removal_macs(sites, {name: units}, macs)  # saved by removing units of several sites together
+    >>> site_macs(sites, macs)                    # the sites' MACs: each layer their units touch, once
 """
 from __future__ import annotations
 
