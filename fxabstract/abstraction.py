@@ -119,30 +119,31 @@ class Analysis:
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
         check_ridge(ridge)
-        ridge = tiny_calibration_ridge({s.name: self.stats.moments[s.name].n for s in self.sites},
-                                       {s.name: s.n_units for s in self.sites}, ridge)
+        ridges = tiny_calibration_ridge({s.name: self.stats.moments[s.name].n for s in self.sites},
+                                        {s.name: s.n_units for s in self.sites}, ridge)
         if self.score not in JOINT_SCORES:
             selection = "diagonal"  # variance, magnitude, random have no cross terms: they rank diagonally
         has_matrices = self.stats.curvature[self.sites[0].name].H0 is not None
         if needs_matrices(self.score, replacement, selection) and not has_matrices:
             raise ConfigError(f"{selection} selection with {replacement} replacement needs the d x d statistics; "
                               "analyse with matrices=True")
-        cv = self.risk_curves(replacement, selection, ridge)
+        cv = self.risk_curves(replacement, selection, ridges)
         if isinstance(keep, dict) or self.score not in OUTPUT_UNITS:
             allocation = "per-site"
         for s in tqdm(self.sites, desc="measure risk", unit="site", leave=False,
                       disable=not self.progress or allocation != "measured"):
             cv[s.name].measured = None
             if allocation == "measured":
-                cv[s.name].measured = self._measured(s, cv[s.name], replacement, selection, ridge, round_to)
+                cv[s.name].measured = self._measured(s, cv[s.name], replacement, selection, ridges[s.name],
+                                                    round_to)
         example = tuple(v[:2] if isinstance(v, torch.Tensor) else v for v in self.stats.reservoir[0][0])
         macs = module_macs(self.gm, *example) if budget == "macs" else None
         if macs is not None:
             removed = macs_removals(self.sites, cv, macs, keep, self.score in OUTPUT_UNITS, round_to)
         else:
             removed = allocate(self.sites, cv, keep, self.score, round_to)
-        plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, replacement, selection, ridge)
-                 for s in self.sites]
+        plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, replacement, selection,
+                     ridges[s.name]) for s in self.sites]
         module = fold(replace(self.gm, plans))
         report = {
             "score": self.score, "replacement": replacement, "selection": selection,
@@ -154,8 +155,9 @@ class Analysis:
             "fit_samples": self.stats.fit_samples,
             "parameters": {"before": _count(self.gm), "after": _count(module)},
             "predicted_risk": sum(p.predicted_risk for p in plans),
-            "sites": [site_entry(p, None if cv[p.site.name].measured is None
-                                 else float(cv[p.site.name].measured[len(p.removed)])) for p in plans],
+            "sites": [{**site_entry(p, None if cv[p.site.name].measured is None
+                                    else float(cv[p.site.name].measured[len(p.removed)])),
+                       "ridge": ridges[p.site.name]} for p in plans],
             "ineligible": self.ineligible,
         }
         if macs is not None:
@@ -163,12 +165,13 @@ class Analysis:
             _warn_if_short(report["macs"], (1 - keep) * site_macs(self.sites, macs))
         return Abstraction(module, report, example)
 
-    def risk_curves(self, replacement: str = "constant", selection: str = "joint", ridge: float = 1e-3) -> dict:
+    def risk_curves(self, replacement: str = "constant", selection: str = "joint",
+                    ridge: float | dict[str, float] = 1e-3) -> dict:
         """Per site name: the elimination order and predicted risk curve that `compile` allocates on
         (passes/select.py `Curves`), computed once per setting; for budgets of one's own (e.g. in MACs)."""
         if self.score not in JOINT_SCORES:
             selection = "diagonal"
-        key = (replacement, selection, ridge)
+        key = (replacement, selection, tuple(sorted(ridge.items())) if isinstance(ridge, dict) else ridge)
         if key not in self._curves:
             self._curves[key] = curves(self.sites, self.stats, self.gm, self.score, replacement, selection,
                                        ridge, self.seed)

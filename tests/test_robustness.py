@@ -137,10 +137,12 @@ def test_fewer_samples_than_units_warns_and_regularises(monkeypatch):
         calibration, x = [torch.randn(32, 10)], torch.randn(1000, 10)
         with pytest.warns(FxAbstractWarning, match="32 samples"):
             result = fxa.abstract(model, calibration, keep=0.5, replacement="affine", round_to=1)
-        assert result.report["ridge"] == 64 / 32, "the ridge used must be reported"
+        assert result.report["ridge"] == 1e-3, "the ridge asked for"
+        assert [s["ridge"] for s in result.report["sites"]] == [64 / 32, 64 / 32], "the ridge used, per site"
         regularised += holdout_mse(model, result.module, x)
         with monkeypatch.context() as mp:
-            mp.setattr(fxabstract.abstraction, "tiny_calibration_ridge", lambda samples, units, ridge: ridge)
+            mp.setattr(fxabstract.abstraction, "tiny_calibration_ridge",
+                       lambda samples, units, ridge: dict.fromkeys(units, ridge))
             plain += holdout_mse(model, fxa.abstract(model, calibration, keep=0.5, replacement="affine",
                                                      round_to=1).module, x)
     assert regularised < 0.5 * plain, \
@@ -151,7 +153,25 @@ def test_enough_samples_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FxAbstractWarning)
         result = fxa.abstract(mlp(), [torch.randn(64, 6)], keep=0.5, replacement="affine")
-    assert result.report["ridge"] == 1e-3, "with n >= d the requested ridge is used"
+    assert result.report["ridge"] == 1e-3 and all(s["ridge"] == 1e-3 for s in result.report["sites"]), \
+        "with n >= d the requested ridge is used"
+
+
+def test_only_the_short_site_gets_the_raised_ridge():
+    """n = 32 samples: site `0` (64 units) is short and fits with ridge 64 / 32; site `2` (16 units) is not,
+    and its replacements are those of an analysis of site `2` alone (where nothing is short)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    calibration = [torch.randn(32, 10)]
+    with pytest.warns(FxAbstractWarning, match="site '0' has 64 units.*the other sites with 0.001"):
+        both = fxa.abstract(model, calibration, keep={"0": 32, "2": 8}, replacement="affine", round_to=1)
+    assert {s["name"]: s["ridge"] for s in both.report["sites"]} == {"0": 2.0, "2": 1e-3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxAbstractWarning)
+        alone = fxa.abstract(model, calibration, keep={"2": 8}, replacement="affine", round_to=1, sites=["2"])
+    (mine,), (theirs,) = [s for s in both.report["sites"] if s["name"] == "2"], alone.report["sites"]
+    assert mine["kept"] == theirs["kept"] and mine["replaced"] == theirs["replaced"], \
+        "site 2's fit must not take site 0's raised ridge"
 
 
 # ----------------------------------------------------------------------------- dtypes

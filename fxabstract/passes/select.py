@@ -96,24 +96,26 @@ def group_order(site: Site, stats: Statistics, scores: torch.Tensor, c: torch.Te
 
 
 def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str, replacement: str,
-           selection: str, ridge: float, seed: int) -> dict[str, Curves]:
-    """Scores, constants and full elimination orders for every site (computed once per setting)."""
+           selection: str, ridge: float | dict[str, float], seed: int) -> dict[str, Curves]:
+    """Scores, constants and full elimination orders for every site (computed once per setting); `ridge`:
+    one for every site, or per site name."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for s in sites:
+        r = ridge[s.name] if isinstance(ridge, dict) else ridge
         sc, c = unit_scores(score, s, stats, gm, gen)
         n = s.n_units - 1
         if s.group > 1:
             group_selection = {"local": "joint"}.get(selection, selection) if score in OUTPUT_UNITS else "diagonal"
-            order, curve = group_order(s, stats, sc, c, replacement, group_selection, ridge)
+            order, curve = group_order(s, stats, sc, c, replacement, group_selection, r)
         elif (score == "cwvar" and selection == "joint") or selection == "local":
             G, S = consumer_gram(gm, s), stats.moments[s.name].cov   # layer-local: the consumers' Gram as curvature
             if replacement == "constant":                 # constant = mean: R(P) = 1/2 1_P^T (G * S) 1_P
                 order, curve = risk.joint_constant_order(G * S, torch.zeros_like(sc), n)
             else:                                         # OBS: R(K) = 1/2 tr(G_PP Cov(a_P | a_K))
-                order, curve = risk.joint_affine_order(G, S, ridge, n)
+                order, curve = risk.joint_affine_order(G, S, r, n)
             if selection == "local" and score in OUTPUT_UNITS:   # the order's risk in output units, to allocate on
-                curve = (_evaluated_curve(s, order, stats, score, ridge) if replacement == "affine"
+                curve = (_evaluated_curve(s, order, stats, score, r) if replacement == "affine"
                          else _constant_curve(stats, s.name, c, order))
         elif selection == "diagonal":
             order, curve = risk.diagonal_order(sc, n)
@@ -122,9 +124,9 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
             order, curve = risk.joint_constant_order(M, risk.linear_term(stats, s.name, c), n)
         else:
             _, S = risk.weighted_moments(stats, s.name, weighted=True)
-            order, curve = risk.joint_affine_order(risk.affine_curvature(stats, s.name), S, ridge, n)
+            order, curve = risk.joint_affine_order(risk.affine_curvature(stats, s.name), S, r, n)
             if risk.positions(stats, s.name) > 1:   # the OBS curve is the per-position risk alone: re-evaluate
-                curve = _evaluated_curve(s, order, stats, score, ridge)
+                curve = _evaluated_curve(s, order, stats, score, r)
         out[s.name] = Curves(sc, c, order, curve)
     return out
 
