@@ -118,11 +118,12 @@ def _first(sites: list[Site], curves: dict, counts: dict[str, int]) -> dict[str,
     return {s.name: [int(u) for u in curves[s.name].order[:counts[s.name]]] for s in sites}
 
 
-def _meet(sites: list[Site], curves: dict, macs: dict[str, int], removals, need: float) -> dict[str, int]:
+def _meet(sites: list[Site], curves: dict, macs: dict[str, int], removals, need: float,
+          additive: float) -> dict[str, int]:
     """removals(x) for the least x in [x0, 1] whose removals save at least `need` MACs together
-    (`removal_macs`), by bisection; removals(x) saves more as x grows (x0: the additive first guess).
-    Where no two sites share a layer, the first guess already saves `need`."""
-    x0 = need / max(sum(float(unit_macs(s, macs).sum()) for s in sites), 1e-12)
+    (`removal_macs`), by bisection; removals(x) saves more as x grows. x0 = need / `additive` (the sum
+    of the sites' unit MACs) is the first guess: where no two sites share a layer, it saves `need`."""
+    x0 = need / max(additive, 1e-12)
     out = removals(x0)
     tol = 1e-9 * max(need, 1.0)                   # float sums: the additive guess meets `need` up to rounding
     saves = lambda r: removal_macs(sites, _first(sites, curves, r), macs) >= need - tol   # noqa: E731
@@ -158,7 +159,8 @@ def allocate_macs(sites: list[Site], curves: dict, macs: dict[str, int], target:
 def _global(sites: list[Site], curves: dict, macs: dict[str, int], need: float, round_to: int) -> dict[str, int]:
     saved = mac_savings(sites, curves, macs)
     total = sum(float(unit_macs(s, macs).sum()) for s in sites)
-    return _meet(sites, curves, macs, lambda x: cheapest_removals(sites, curves, saved, x * total, round_to), need)
+    return _meet(sites, curves, macs, lambda x: cheapest_removals(sites, curves, saved, x * total, round_to), need,
+                 total)
 
 
 def macs_removals(sites: list[Site], curves: dict, macs: dict[str, int], keep: float, global_budget: bool,
@@ -183,4 +185,4 @@ def macs_removals(sites: list[Site], curves: dict, macs: dict[str, int], keep: f
             out[s.name] = next((k for k in steps if k < len(saved[s.name]) and float(saved[s.name][k]) >= want),
                                steps[-1])
         return out
-    return _meet(sites, curves, macs, per_site, need)
+    return _meet(sites, curves, macs, per_site, need, sum(total.values()))
