@@ -45,7 +45,7 @@ sys.path.insert(0, ROOT)
 
 import fxabstract as fxa  # noqa: E402
 from fxabstract import zoo  # noqa: E402
-from fxabstract.cost import allocate_macs, module_macs, unit_macs  # noqa: E402
+from fxabstract.cost import allocate_macs, module_macs, site_macs, unit_macs  # noqa: E402
 from fxabstract.data import bind  # noqa: E402
 from fxabstract.passes.fold import fold  # noqa: E402
 from fxabstract.passes.calibrate import add_fit_data  # noqa: E402
@@ -192,7 +192,7 @@ def run(args) -> tuple[list[dict], dict]:
     info["timings"]["fit moments"] = time.perf_counter() - t
     macs = module_macs(base.gm, x_eval[:1])
     per_unit = {s.name: unit_macs(s, macs) for s in base.sites}
-    site_macs = sum(float(v.sum()) for v in per_unit.values())
+    sites_macs = site_macs(base.sites, macs)
     reservoir = [(bind(base.gm, (b,), {}), None) for b in x_cal[:args.reservoir].split(16)]
     measured = {}
     for key in args.measured:
@@ -233,7 +233,7 @@ def run(args) -> tuple[list[dict], dict]:
                  lambda: hybrid(base, fitted, allocate_macs(base.sites, base.risk_curves("constant", "joint", RIDGE),
                                                             macs, target))),
             ]
-        keep_macs = 1 - target / site_macs       # the fraction of the sites' MACs that the uniform removal keeps
+        keep_macs = 1 - target / sites_macs       # the fraction of the sites' MACs that the uniform removal keeps
         for score, rep, sel in GLOBAL:
             def build(score=score, rep=rep, sel=sel, curves=None):
                 a = affine_fits[score] if rep == "affine" else analyses[score]

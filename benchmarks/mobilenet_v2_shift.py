@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fxabstract as fxa  # noqa: E402
-from fxabstract.cost import module_macs, unit_macs  # noqa: E402
+from fxabstract.cost import module_macs, site_macs, unit_macs  # noqa: E402
 from fxabstract.passes.calibrate import add_fit_data  # noqa: E402
 from fxabstract.photos import crops  # noqa: E402
 from fxabstract.report import write_atomic, write_png  # noqa: E402
@@ -74,7 +74,7 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
                 for s in ("variance", "cwvar", "logit-mse")}
     vbp = fxa.Analysis(base.gm, base.sites, base.ineligible, base.stats, "variance", 0)   # means of the 192 crops
     macs = module_macs(base.gm, x_cal[:1])
-    site_macs = sum(float(unit_macs(s, macs).sum()) for s in base.sites)
+    sites_macs = site_macs(base.sites, macs)
     per_unit = {s.name: unit_macs(s, macs) for s in base.sites}
     rows = []
     for f in args.ratios:
@@ -84,7 +84,7 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
             VBP: lambda: vbp.compile(uniform, "constant", round_to=1).module,
             LOCAL: lambda: analysis["variance"].compile(uniform, "affine", round_to=1, ridge=RIDGE).module,
             OBS: lambda: analysis["cwvar"].compile(uniform, "affine", "joint", round_to=1, ridge=RIDGE).module,
-            GLOBAL: lambda: analysis["logit-mse"].compile(1 - saved / site_macs, "affine", "joint", round_to=1,
+            GLOBAL: lambda: analysis["logit-mse"].compile(1 - saved / sites_macs, "affine", "joint", round_to=1,
                                                           ridge=RIDGE, allocation="predicted",
                                                           budget="macs").module,
         }
