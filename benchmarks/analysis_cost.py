@@ -36,7 +36,7 @@ sys.path.insert(0, ROOT)
 import fxabstract as fxa  # noqa: E402
 from fxabstract.demo import DigitsMLP, demo_model, digits_data, train  # noqa: E402
 from fxabstract.passes.scores import unit_scores  # noqa: E402
-from fxabstract.report import write_atomic  # noqa: E402
+from fxabstract.output.files import write_atomic  # noqa: E402
 from fxabstract.zoo import cifar_resnet  # noqa: E402
 
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}  # no heap reuse in RSS

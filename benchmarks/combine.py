@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Combined abstractions (THEORY §5, Pîslar et al.) on the demo digits MLP: the strength-faithfulness
+"""Combined abstractions (docs/math.md §5, Pîslar et al.) on the demo digits MLP: the strength-faithfulness
 curve of each single candidate abstraction against their combination (fxa.combine).
 
 Candidates: fxa.abstract with logit-mse scores, joint selection and affine replacement, on different
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxabstract as fxa  # noqa: E402
 from fxabstract.demo import demo_model, digits_data  # noqa: E402
-from fxabstract.report import write_atomic, write_png  # noqa: E402
+from fxabstract.output.files import write_atomic, write_png  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANDIDATES = (("fc1", 32), ("fc1", 16), ("fc2", 32), ("fc2", 16), (None, 0.125), (None, 0.0625))

@@ -5,7 +5,7 @@ For every architecture: the front end that captured it (torch.fx symbolic_trace,
 cannot trace it), its sites and eligible units, then compile at keep 50% of the eligible units
 (`round_to=1`, `allocation="predicted"`, score logit-mse) with constant and with affine replacement,
 check the compiled module against the original with the report's interventions applied by hooks
-(max relative error, THEORY §1), export the affine one to ONNX (onnxruntime parity on another batch size),
+(max relative error, docs/math.md §1), export the affine one to ONNX (onnxruntime parity on another batch size),
 and count parameters and MACs per sample before and after (fxabstract.cost: every Linear and Conv call,
 depthwise included; attention matmuls, norms and activations not counted). A row that fails says why.
 
@@ -36,9 +36,9 @@ sys.path.insert(0, ROOT)
 import fxabstract as fxa  # noqa: E402
 from fxabstract import zoo  # noqa: E402
 from fxabstract.zoo import randomize_batch_norm  # noqa: E402
-from fxabstract import zoo_transformers as zt  # noqa: E402
+from fxabstract.zoo import transformers as zt  # noqa: E402
 from fxabstract.cost import module_macs  # noqa: E402
-from fxabstract.report import write_atomic  # noqa: E402
+from fxabstract.output.files import write_atomic  # noqa: E402
 from fxabstract.verify import intervene, relative_error  # noqa: E402
 
 TOL = 1e-5
@@ -149,7 +149,7 @@ def _real_mobilenet_v2():
 
 
 def _photos(n: int, size: int) -> torch.Tensor:
-    from fxabstract.photos import crops
+    from fxabstract.zoo.photos import crops
     return crops(["astronaut", "coffee", "chelsea", "rocket"], n, size, seed=0)
 
 
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
         "  Linear and Conv call (grouped and depthwise included) from one forward pass (`fxabstract.cost`);",
         "  attention's activation matmuls, norms, pooling and activations are not counted.",
         "- Random weights, with non-trivial BatchNorm statistics, except `mobilenet_v2_real`: torchvision's ImageNet",
-        "  weights, calibrated on 96x96 crops of four real photos (`fxabstract.photos`). Inputs: Gaussian images and",
+        "  weights, calibrated on 96x96 crops of four real photos (`fxabstract.zoo.photos`). Inputs: Gaussian images and",
         "  sequences, random token ids.",
         "- front end: `fx` when `torch.fx.symbolic_trace` traces the model, `export` when capture fell back to",
         "  `torch.export`.",

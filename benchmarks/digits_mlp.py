@@ -5,7 +5,7 @@
    test accuracy, top-1 agreement with the dense model, logit-MSE, predicted risk, IIA at p = 0.1/0.2/0.5.
 2. The key comparison (keep 25% and 50%, constant replacement): joint vs diagonal logit-mse vs variance
    vs cwvar vs kl, with a computed verdict on whether joint logit-mse beats variance.
-3. Scaling-invariance stress test (THEORY §3): 10 seeds of a function-preserving per-unit rescaling;
+3. Scaling-invariance stress test (docs/math.md §3): 10 seeds of a function-preserving per-unit rescaling;
    Jaccard index of the kept sets per score and site.
 4. A PNG of fidelity against keep.
 
@@ -27,7 +27,7 @@ import time
 import torch
 
 import fxabstract as fxa
-from fxabstract.report import write_atomic, write_png
+from fxabstract.output.files import write_atomic, write_png
 from fxabstract.demo import demo_model, digits_data
 
 SCORES = ("logit-mse", "kl", "ce", "variance", "cwvar", "magnitude", "random")
@@ -183,7 +183,7 @@ def reading_notes(rows, fractions) -> str:
             and (b := find(rows, "penultimate", "cwvar", "constant", "diagonal", f))
             and a["kept_sets"] == b["kept_sets"]]
     out.append(f"- Penultimate site: diagonal logit-mse and cwvar keep identical sets at {len(same)} of "
-               f"{len(fractions)} keeps (THEORY §3: with a linear head h_j = ||W[:, j]||^2 is constant per "
+               f"{len(fractions)} keeps (docs/math.md §3: with a linear head h_j = ||W[:, j]||^2 is constant per "
                "sample, so the logit-mse constant score is cwvar).")
     losses = []
     for scope in SCOPES:
@@ -401,7 +401,7 @@ VBP 0.68, random 0.53).
 
 {notes}
 
-## Scaling invariance (THEORY §3)
+## Scaling invariance (docs/math.md §3)
 
 {seeds} seeds; every hidden unit of fc1 and fc2 rescaled by s ~ log-uniform[0.1, 10] (producer row and bias
 times s, consumer column times 1/s); the function is unchanged (max relative output error {worst:.1e}).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Causal explanatory graphs (THEORY §5, Ahmad et al.): fxa.explain's node effects against
+"""Causal explanatory graphs (docs/math.md §5, Ahmad et al.): fxa.explain's node effects against
 gradient x activation and integrated gradients, on the demo digits MLP and a small CNN on digits.
 
 - Stability: five bootstrap resamples of the calibration (training) split; per class, site and method,
@@ -28,8 +28,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxabstract as fxa  # noqa: E402
 from fxabstract.demo import demo_model, digits_data, train  # noqa: E402
-from fxabstract.explanations import UnitProbe  # noqa: E402
-from fxabstract.report import write_atomic, write_png  # noqa: E402
+from fxabstract.interpret.explanations import UnitProbe  # noqa: E402
+from fxabstract.output.files import write_atomic, write_png  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("fxabstract", "grad x act", "integrated grad")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Compact proofs on group-operation networks (THEORY §5, Wu et al.): fxa.certify vs brute force.
+"""Compact proofs on group-operation networks (docs/math.md §5, Wu et al.): fxa.certify vs brute force.
 
-For Z_n and S5, several seeds each (recipe: fxabstract.groups.train_group_model), per model:
+For Z_n and S5, several seeds each (recipe: fxabstract.interpret.groups.train_group_model), per model:
 brute-force accuracy over all |G|^2 inputs, then for a ladder of abstractions (keep k hidden units,
 constant or affine replacement) the certified lower bound and the proof time / brute-force time
 (medians of repeated runs, measured side by side), and against a stronger baseline: the same
@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxabstract as fxa  # noqa: E402
-from fxabstract.groups import brute_force_accuracy, cyclic_table, domain, symmetric_table, train_group_model  # noqa: E402
-from fxabstract.report import write_atomic, write_png  # noqa: E402
+from fxabstract.interpret.groups import brute_force_accuracy, cyclic_table, domain, symmetric_table, train_group_model  # noqa: E402
+from fxabstract.output.files import write_atomic, write_png  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRACTIONS = (0.25, 0.375, 0.5, 0.625, 0.75)

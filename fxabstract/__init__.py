@@ -1,12 +1,11 @@
 """fxabstract: compile a trained network into a smaller, faithful causal abstraction of it."""
 from . import errors
-from .abstraction import Abstraction, Analysis, abstract, analyse
+from .abstraction import Abstraction, Analysis, abstract, analyse, load
 from .dynamo import backend
-from .proofs import certify
-from .combined import combine
-from .explanations import explain
-from .export import to_onnx
-from .saving import load
+from .interpret.combined import combine
+from .interpret.explanations import explain
+from .interpret.proofs import certify
+from .output.onnx import to_onnx
 from .verify import certificate, iia, intervene
 
 __version__ = "0.1.0"

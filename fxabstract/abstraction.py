@@ -17,20 +17,21 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import saving
 from .capture import capture, linearize_addmm
-from .cost import macs_removals, module_macs, site_macs
-from .checks import check_options, check_ridge, check_statistics, checked_batches, tiny_calibration_ridge
+from .cost import module_macs, site_macs
+from .checks import check_options, check_ridge, check_statistics, checked_batches
 from .data import bind, first_tensor, split_batch
 from .errors import CalibrationError, ConfigError, FxAbstractError, FxAbstractWarning, NoSiteError
+from .output import saving
+from .output.report import site_entry, summary
+from .passes.budget import allocate, allowed_removals, granularity, macs_removals
 from .passes.calibrate import Statistics, add_fit_data, calibrate
 from .passes.distributed import all_reduce
 from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import JOINT_SCORES, OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
-from .passes.select import allocate, allowed_removals, curves, fit, granularity
-from .report import site_entry, summary
+from .passes.select import curves, fit, tiny_calibration_ridge
 from .sites import Site, annotate_shapes, find_sites
 
 REPLACEMENTS = ("constant", "affine")
@@ -55,13 +56,13 @@ def _warn_if_short(macs: dict, target: float) -> None:
 
 
 def _check_budget(keep, budget: str) -> None:
-    _choose(budget, BUDGETS, "budget")
+    choose(budget, BUDGETS, "budget")
     if budget == "macs" and (isinstance(keep, bool) or not isinstance(keep, float) or not 0 < keep <= 1):
         raise ConfigError(f"budget='macs' takes keep as a fraction in (0, 1] of the sites' MACs to keep, got "
                           f"{keep!r}; pass a float such as 0.9, or budget='units' for unit counts")
 
 
-def _choose(value, options, what):
+def choose(value, options, what):
     if value not in options:
         raise ConfigError(f"unknown {what} {value!r}; choose one of {', '.join(options)}")
     return value
@@ -91,6 +92,13 @@ class Abstraction:
         return f"Abstraction(\n{self.summary()}\n)"
 
 
+def load(folder: str) -> Abstraction:
+    """The Abstraction saved in folder by `Abstraction.save`: the module from module.pt2 (no pickled
+    code), the report from report.json."""
+    module, report = saving.read(folder)
+    return Abstraction(module, report)
+
+
 class Analysis:
     """The result of the data pass over one model: sites and their statistics."""
 
@@ -112,9 +120,9 @@ class Analysis:
         budget: "units" (keep counts units) or "macs" (keep is the fraction of the sites' MACs per sample
         kept, `cost.site_macs`: output-unit scores take the least risk per MAC saved first across sites,
         the others save that fraction at every site); the report then gives MACs before and after."""
-        _choose(replacement, REPLACEMENTS, "replacement")
-        _choose(selection, SELECTIONS, "selection")
-        _choose(allocation, ALLOCATIONS, "allocation")
+        choose(replacement, REPLACEMENTS, "replacement")
+        choose(selection, SELECTIONS, "selection")
+        choose(allocation, ALLOCATIONS, "allocation")
         _check_budget(keep, budget)
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
@@ -218,8 +226,8 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     fit_data: more batches (like `calibration`) run forward only, to fit affine replacements on the plain
       moments of calibration + fit_data (passes/calibrate.py `add_fit_data`): a forward pass costs a
       fraction of the curvature pass, and least squares gains from more samples."""
-    _choose(score, SCORES, "score")
-    _choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
+    choose(score, SCORES, "score")
+    choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
     check_options(probes=probes, seed=seed, sites=sites)
     batches = checked_batches(calibration)
     first = next(batches, None)
@@ -289,7 +297,7 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
     score: logit-mse | kl | ce | variance | cwvar | magnitude | random. The first three are risks in
       output units and share one global budget; the others keep the same fraction at every site.
-    selection: joint (cross terms between removed units, THEORY §3) | diagonal (closed-form ranking);
+    selection: joint (cross terms between removed units, docs/math.md §3) | diagonal (closed-form ranking);
       | local (joint elimination with the consumers' Gram matrix W^T W as the curvature: optimal brain
       surgeon at the consumer; for logit-mse, kl and ce the order's risk is then measured in output units,
       so one global budget still allocates it); variance, magnitude and random always rank diagonally;
@@ -301,8 +309,8 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
     fit_data: extra batches, forward only, on which affine replacements are fitted (with the calibration).
     budget: "units" (keep counts units) or "macs" (keep: the fraction of the sites' MACs per sample kept).
     """
-    _choose(replacement, REPLACEMENTS, "replacement")
-    _choose(selection, SELECTIONS, "selection")
+    choose(replacement, REPLACEMENTS, "replacement")
+    choose(selection, SELECTIONS, "selection")
     _check_budget(keep, budget)
     matrices = needs_matrices(score, replacement, selection)
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,

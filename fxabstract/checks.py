@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .data import split_batch
-from .errors import CalibrationError, ConfigError, FxAbstractWarning
+from .errors import CalibrationError, ConfigError
 
 
 def _tensors(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
@@ -134,30 +133,6 @@ def check_report(model: nn.Module, report) -> None:
         if sorted(kept + removed) != list(range(units)):
             raise ConfigError(f"the report's site {site.get('name')!r} does not split its {units} units into kept "
                               "and replaced; pass an unedited report")
-
-
-def short_sample_ridge(n: int, d: int, ridge: float) -> float:
-    """`ridge`, raised to d / n when n samples are fewer than d units (see `tiny_calibration_ridge`)."""
-    return max(ridge, d / max(n, 1)) if n < d else ridge
-
-
-def tiny_calibration_ridge(samples: dict[str, int], units: dict[str, int], ridge: float) -> dict[str, float]:
-    """The ridge to fit each site with: `ridge`, or d / n at a site with fewer samples n than units d.
-
-    With n < d the least-squares fit over the kept units interpolates the calibration set (it can
-    drive the predicted risk to zero and extrapolate wildly); a ridge of d / n times each unit's own
-    variance shrinks the affine fit towards the constant one. Only the short sites are raised; the
-    others keep `ridge`. Warns with FxAbstractWarning."""
-    used = {name: short_sample_ridge(samples[name], d, ridge) for name, d in units.items()}
-    short = {name: (samples[name], d) for name, d in units.items() if samples[name] < d}
-    if short:
-        worst = max(short, key=lambda name: short[name][1] / short[name][0])
-        others = f" and {len(short) - 1} more site(s)" if len(short) > 1 else ""
-        warnings.warn(f"calibration has {short[worst][0]} samples but site {worst!r} has {short[worst][1]} units: "
-                      f"selection and the affine fit would overfit; fitting it{others} with a ridge of d / n "
-                      f"(there {used[worst]:.3g}), the other sites with {ridge:g} (pass more calibration data "
-                      "than units)", FxAbstractWarning, stacklevel=3)
-    return used
 
 
 def check_statistics(gm: fx.GraphModule, stats) -> None:

@@ -22,13 +22,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import fxabstract as fxa
-
-from .abstraction import BUDGETS, REPLACEMENTS, SELECTIONS, needs_matrices
+from .abstraction import BUDGETS, REPLACEMENTS, SELECTIONS, analyse, needs_matrices
 from .data import logits
+from .demo import CACHE_NAME, cache_dir, demo_model, digits_data
 from .errors import FxAbstractError, FxAbstractWarning
+from .output.files import staged, write_atomic
+from .output.onnx import to_onnx
+from .output.plots import summary_png
+from .output.report import dumps
 from .passes.scores import SCORES
-from .report import dumps, staged, summary_png, write_atomic
+from .verify import iia
 
 OUTPUTS = ("model.onnx", "report.json", "summary.png")
 SWEEP = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125, 0.0625)     # keeps of the fidelity sweep in summary.png
@@ -212,7 +215,7 @@ def evaluate(model, result, x, y, swap_ps, trials, args) -> dict:
         ev["accuracy"] = {"before": float((dense == y).double().mean()),
                           "after": float((compiled == y).double().mean())}
     _note("measuring interchange interventions...")
-    ev["iia"] = {str(p): fxa.iia(model, result, x, swap_p=p, trials=trials, seed=args.seed) for p in swap_ps}
+    ev["iia"] = {str(p): iia(model, result, x, swap_p=p, trials=trials, seed=args.seed) for p in swap_ps}
     return ev
 
 
@@ -233,7 +236,7 @@ def fidelity_sweep(analysis, x, dense: torch.Tensor, args) -> list[dict]:
 
 def compile_and_write(model, batches, x, y, swap_ps, trials, args, where: str, fit_data=None) -> None:
     """Compile, evaluate on (x, y), export, write report.json and summary.png, and print the table."""
-    analysis = fxa.analyse(model, batches, score=args.score, seed=args.seed, progress=True,
+    analysis = analyse(model, batches, score=args.score, seed=args.seed, progress=True,
                            matrices=needs_matrices(args.score, args.replacement, args.selection), fit_data=fit_data)
     result = analysis.compile(args.keep, args.replacement, args.selection, args.round_to, budget=args.budget)
     ev = evaluate(model, result, x, y, swap_ps, trials, args)
@@ -264,7 +267,7 @@ def _has_matplotlib() -> bool:
 def _write_outputs(result, ev: dict, x: torch.Tensor, folder: str, png: bool) -> None:
     """model.onnx, report.json and (with matplotlib) summary.png into `folder`; the report names the ONNX
     file relative to itself, so the same compile gives the same bytes whatever --out is."""
-    ev["onnx"] = {**fxa.to_onnx(result.module, x[:4], os.path.join(folder, OUTPUTS[0])), "path": OUTPUTS[0]}
+    ev["onnx"] = {**to_onnx(result.module, x[:4], os.path.join(folder, OUTPUTS[0])), "path": OUTPUTS[0]}
     write_atomic(os.path.join(folder, OUTPUTS[1]), dumps({**result.report, "evaluation": ev}))
     if png:
         summary_png(result.report, ev["sweep"], os.path.join(folder, OUTPUTS[2]))
@@ -298,7 +301,6 @@ def print_table(result, ev: dict, where: str) -> None:
 
 
 def compile_demo(args) -> None:
-    from .demo import CACHE_NAME, cache_dir, demo_model, digits_data
 
     if not os.path.exists(os.path.join(cache_dir(), CACHE_NAME)):
         _note("training demo model (first run only)...")

@@ -21,7 +21,6 @@ import sys
 import torch
 from torch import nn
 
-from .passes.select import allowed_removals, cheapest_removals, granularity
 from .sites import SharedPiece, Site
 
 COUNTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -103,86 +102,3 @@ def removal_macs(sites: list[Site], removed: dict[str, list[int]], macs: dict[st
 def site_macs(sites: list[Site], macs: dict[str, int]) -> float:
     """The sites' MACs per sample: what removing every unit of every site would save, each layer once."""
     return removal_macs(sites, {s.name: range(s.n_units) for s in sites}, macs)
-
-
-def mac_savings(sites: list[Site], curves: dict, macs: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Per site name: [d + 1] MACs per sample saved by removing the first k units of its elimination order."""
-    saved = {}
-    for s in sites:
-        per_unit = unit_macs(s, macs)[torch.tensor(curves[s.name].order, dtype=torch.long)]
-        saved[s.name] = torch.cat([per_unit.new_zeros(1), per_unit.cumsum(0)])
-    return saved
-
-
-def _first(sites: list[Site], curves: dict, counts: dict[str, int]) -> dict[str, list[int]]:
-    return {s.name: [int(u) for u in curves[s.name].order[:counts[s.name]]] for s in sites}
-
-
-def _meet(sites: list[Site], curves: dict, macs: dict[str, int], removals, need: float,
-          additive: float) -> dict[str, int]:
-    """removals(x) for the least x in [x0, 1] whose removals save at least `need` MACs together
-    (`removal_macs`), by bisection; removals(x) saves more as x grows. x0 = need / `additive` (the sum
-    of the sites' unit MACs) is the first guess: where no two sites share a layer, it saves `need`."""
-    x0 = need / max(additive, 1e-12)
-    out = removals(x0)
-    tol = 1e-9 * max(need, 1.0)                   # float sums: the additive guess meets `need` up to rounding
-    saves = lambda r: removal_macs(sites, _first(sites, curves, r), macs) >= need - tol   # noqa: E731
-    if saves(out):
-        return out
-    lo, hi, best = x0, 1.0, removals(1.0)
-    if not saves(best):
-        return best                               # every allowed removal: the caller warns
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        r = removals(mid)
-        if saves(r):
-            hi, best = mid, r
-        else:
-            lo = mid
-    return best
-
-
-def allocate_macs(sites: list[Site], curves: dict, macs: dict[str, int], target: float,
-                  round_to: int = 1) -> dict[str, int]:
-    """A `keep` dict {site: units kept} that saves at least `target` MACs per sample: the removal with
-    the least risk per MAC saved goes first, across all sites (risks in output units add, THEORY §3).
-
-    curves: `Analysis.risk_curves(...)`; each site's measured curve is used where set, else the
-    predicted one. A channel of an early high-resolution block saves far more MACs than one of a
-    late block, so a budget in MACs differs from a budget in units. `Analysis.compile(keep,
-    budget="macs")` does this with keep a fraction of the sites' MACs. The saving counts a layer that
-    two sites share once (`removal_macs`)."""
-    removed = _global(sites, curves, macs, target, round_to)
-    return {s.name: s.n_units - removed[s.name] for s in sites}
-
-
-def _global(sites: list[Site], curves: dict, macs: dict[str, int], need: float, round_to: int) -> dict[str, int]:
-    saved = mac_savings(sites, curves, macs)
-    total = sum(float(unit_macs(s, macs).sum()) for s in sites)
-    return _meet(sites, curves, macs, lambda x: cheapest_removals(sites, curves, saved, x * total, round_to), need,
-                 total)
-
-
-def macs_removals(sites: list[Site], curves: dict, macs: dict[str, int], keep: float, global_budget: bool,
-                  round_to: int = 1) -> dict[str, int]:
-    """Units removed per site so that at most a fraction `keep` of the sites' MACs stays (`site_macs`:
-    each layer that their units touch, once). global_budget (risks in output units): the cheapest risk
-    per MAC saved first across sites; otherwise every site saves the same fraction of its own MACs
-    (`unit_macs`), the fewest allowed removals along its order that do, with the least fraction whose
-    removals together meet the total (1 - keep where no two sites share a layer; sites that share one
-    overlap there, so their own MACs add up to more than the sites' MACs)."""
-    need = (1 - keep) * site_macs(sites, macs) * (1 - 1e-9)     # float sums: a target met exactly still counts
-    if global_budget:
-        return _global(sites, curves, macs, need, round_to)
-    saved = mac_savings(sites, curves, macs)
-    total = {s.name: float(unit_macs(s, macs).sum()) for s in sites}
-
-    def per_site(x: float) -> dict[str, int]:
-        out = {}
-        for s in sites:
-            steps = allowed_removals(s.n_units, granularity(s, round_to))
-            want = min(x, 1.0) * total[s.name]
-            out[s.name] = next((k for k in steps if k < len(saved[s.name]) and float(saved[s.name][k]) >= want),
-                               steps[-1])
-        return out
-    return _meet(sites, curves, macs, per_site, need, sum(total.values()))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import FxAbstractWarning, OutputError
-from .report import write_atomic
+from .output.files import write_atomic
 
 CACHE_NAME = "digits_mlp-v1.pt"
 

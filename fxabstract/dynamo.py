@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .abstraction import SELECTIONS, REPLACEMENTS, Abstraction, _choose, abstract
+from .abstraction import REPLACEMENTS, SELECTIONS, Abstraction, abstract, choose
 from .errors import CalibrationError, ConfigError, FxAbstractWarning, NoSiteError
 from .passes.scores import SCORES
 
@@ -88,7 +88,7 @@ def backend(calibration, keep=0.5, *, then_backend="inductor", **abstract_kwargs
     callable (gm, example_inputs) -> callable."""
     for name, options in (("score", SCORES), ("replacement", REPLACEMENTS), ("selection", SELECTIONS)):
         if name in abstract_kwargs:
-            _choose(abstract_kwargs[name], options, name)
+            choose(abstract_kwargs[name], options, name)
     unknown = set(abstract_kwargs) - (set(inspect.signature(abstract).parameters) - {"model", "calibration", "keep"})
     if unknown:
         raise ConfigError(f"fxa.backend got unknown options {sorted(unknown)}; it takes fxa.abstract's keyword options")

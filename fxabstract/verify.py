@@ -1,4 +1,4 @@
-"""Verification (THEORY §1, §4): exactness against hooks, interchange interventions, certificate.
+"""Verification (docs/math.md §1, §4): exactness against hooks, interchange interventions, certificate.
 
     >>> with intervene(model, result.report):      # the report's replacements as forward pre-hooks
     ...     z_hooks = model(x)
@@ -102,7 +102,7 @@ def _wilson(k: int, n: int, z: float = 1.959964) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def _swap_run(model: nn.Module, site: dict, cols, x_base, x_src, mask):
+def swap_run(model: nn.Module, site: dict, cols, x_base, x_src, mask):
     """Run model on x_base with the site's units `cols` (None = all) swapped to x_src's where mask."""
     reads = site.get("reads") or {c: "features" for c in site["consumers"]}
     first = next(iter(reads))
@@ -138,7 +138,7 @@ def _swap_run(model: nn.Module, site: dict, cols, x_base, x_src, mask):
 
 def iia(model: nn.Module, result, data, swap_p: float = 0.5, trials: int = 10_000, seed: int = 0,
         batch_size: int = 2048) -> dict:
-    """Interchange intervention accuracy per site (THEORY §4).
+    """Interchange intervention accuracy per site (docs/math.md §4).
 
     Each trial draws a base and a source input and a Bernoulli(swap_p) mask over the kept units K;
     a_K := mask ? a_K(source) : a_K(base) in the original (removed units keep their base values) and in
@@ -158,8 +158,8 @@ def iia(model: nn.Module, result, data, swap_p: float = 0.5, trials: int = 10_00
             base = torch.randint(0, len(x), (b,), generator=gen)
             src = torch.randint(0, len(x), (b,), generator=gen)
             mask = (torch.rand(b, len(K), generator=gen) < swap_p).to(x.device)
-            z = _swap_run(original, site, K, x[base], x[src], mask)
-            zc = _swap_run(compiled, site, None, x[base], x[src], mask)
+            z = swap_run(original, site, K, x[base], x[src], mask)
+            zc = swap_run(compiled, site, None, x[base], x[src], mask)
             agree += int((z.argmax(-1) == zc.argmax(-1)).sum())
             mse += float(0.5 * (z.double() - zc.double()).pow(2).sum(-1).sum())
             done += b
@@ -169,7 +169,7 @@ def iia(model: nn.Module, result, data, swap_p: float = 0.5, trials: int = 10_00
 
 
 def certificate(model: nn.Module, result, data) -> dict:
-    """Margin certificate (THEORY §4): P(top-1 disagreement) <= P(m <= 2 eps) + D2 / eps^2, for all eps.
+    """Margin certificate (docs/math.md §4): P(top-1 disagreement) <= P(m <= 2 eps) + D2 / eps^2, for all eps.
 
     m is the dense model's top-1 margin, D2 = E||z_c - z||^2; the bound is minimised over eps."""
     original = copy.deepcopy(model).eval()

@@ -1,5 +1,5 @@
-"""The analysis passes: moments, curvature (THEORY §2), calibration inputs, unit scores and the
-predicted risk (THEORY §3), each checked against an independent computation."""
+"""The analysis passes: moments, curvature (docs/math.md §2), calibration inputs, unit scores and the
+predicted risk (docs/math.md §3), each checked against an independent computation."""
 from __future__ import annotations
 
 import pytest

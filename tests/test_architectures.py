@@ -1,7 +1,7 @@
 """Real architectures (issue 3): conv sites, BatchNorm, depthwise convs, residual blocks, concat,
 flatten, zero padding, transformers, and the torch.export front end. For each, at keep 50% of the
 eligible units, the compiled module equals the original with the report's interventions applied by
-hooks (THEORY §1), and ONNX parity holds.
+hooks (docs/math.md §1), and ONNX parity holds.
 """
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxabstract as fxa
-from fxabstract import photos, zoo
+from fxabstract import zoo
+from fxabstract.zoo import photos
 from fxabstract.zoo import randomize_batch_norm
-from fxabstract import zoo_transformers as zt
+from fxabstract.zoo import transformers as zt
 from fxabstract.passes.fold import BiasMapConv
 from fxabstract.verify import intervene, relative_error
 
@@ -122,7 +123,7 @@ def test_concat_joins_producers_with_offsets():
 
 
 def test_zero_padded_consumer_gets_an_exact_bias_map():
-    """A constant channel is not constant at the border after zero padding (THEORY §1): the fold
+    """A constant channel is not constant at the border after zero padding (docs/math.md §1): the fold
     uses a spatial bias map, and a scalar bias would have been visibly wrong."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1),

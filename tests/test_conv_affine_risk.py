@@ -1,7 +1,7 @@
 """The predicted risk of an affine replacement at a conv site (several positions per sample).
 
 When everything after the site is linear, the logit-MSE risk is exactly quadratic in the perturbation
-delta(x, pos), so the second-order prediction must equal the measured risk (THEORY §2). It does for a
+delta(x, pos), so the second-order prediction must equal the measured risk (docs/math.md §2). It does for a
 constant replacement (delta is the same at every position, and the curvature is summed over positions)
 and for an affine one with a single position. With several positions an affine replacement's residual
 differs from position to position. The prediction (risk.position_affine_risk) splits the residual into its

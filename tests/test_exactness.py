@@ -1,4 +1,4 @@
-"""THEORY §1, the exact transformation: the compiled module equals the original model with the
+"""docs/math.md §1, the exact transformation: the compiled module equals the original model with the
 report's interventions applied by forward pre-hooks, to floating-point precision.
 
 The hooks are rebuilt from the report alone (after a JSON round trip), so these tests check that the

@@ -2,7 +2,7 @@
 reshape/permute/unbind, GPT-2's split or chunk) and F.scaled_dot_product_attention (is_causal, a
 boolean attn_mask) in place of softmax(q k^T) v. Removing head j deletes rows [j dh, (j+1) dh) of each
 third of the fused weight, rewrites the head counts and split sizes, and folds the replacement into
-the output projection: the compiled module equals the original with the report's hooks (THEORY §1),
+the output projection: the compiled module equals the original with the report's hooks (docs/math.md §1),
 through torch.fx and torch.export, and exports to ONNX with parity.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxabstract as fxa
-from fxabstract import zoo_transformers as zt
+from fxabstract.zoo import transformers as zt
 from fxabstract.abstraction import capture_sites
 from fxabstract.verify import intervene, relative_error
 

@@ -3,7 +3,7 @@
 h query heads share h_kv key/value heads. Decision (gqa.py): units are removed one query head at a
 time (its q rows, its output-projection columns); a kv head's k and v rows go once all its query
 heads are, and the repeat of k and v becomes an index_select of the kept query heads' kv heads.
-The compiled module equals the original with the report's hooks (THEORY §1), through torch.fx and
+The compiled module equals the original with the report's hooks (docs/math.md §1), through torch.fx and
 torch.export, and the compile changes the outputs (the check is not vacuous).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxabstract as fxa
-from fxabstract import zoo_transformers as zt
+from fxabstract.zoo import transformers as zt
 from fxabstract.errors import NoSiteError
 from fxabstract.verify import intervene, relative_error
 

@@ -2,7 +2,7 @@
 weight stored [in, out]) become nn.Linear layers at the same module paths, its MLP (c_fc -> gelu_new
 written out as elementwise ops -> c_proj) is an FFN site and its attention (fused c_attn -> split ->
 heads -> c_proj) a head site. At keep 50% the compiled module equals the original with the report's
-hooks on the user's model, whose layers are still Conv1D (THEORY §1), and exports to ONNX with parity.
+hooks on the user's model, whose layers are still Conv1D (docs/math.md §1), and exports to ONNX with parity.
 """
 from __future__ import annotations
 

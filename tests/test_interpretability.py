@@ -1,4 +1,4 @@
-"""The interpretability suite (THEORY §5): certify, combine, explain."""
+"""The interpretability suite (docs/math.md §5): certify, combine, explain."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from torch import nn
 
 import fxabstract as fxa
 from fxabstract.errors import ConfigError
-from fxabstract.groups import (GroupMLP, brute_force_accuracy, cyclic_table, domain, symmetric_table,
+from fxabstract.interpret.groups import (GroupMLP, brute_force_accuracy, cyclic_table, domain, symmetric_table,
                                train_group_model)
 
 # ------------------------------------------------------------------------------------------- certify
@@ -185,7 +185,7 @@ def test_node_effects_at_the_last_site_are_exact_for_a_linear_readout(digits):
         xt = x_train[model(x_train).argmax(1) == 4]
         a = torch.relu(model.fc2(torch.relu(model.fc1(xt))))
         grad = model.fc3.weight[4].expand(len(x_train), -1)
-        from fxabstract.explanations import optimal_constants
+        from fxabstract.interpret.explanations import optimal_constants
         a_all = torch.relu(model.fc2(torch.relu(model.fc1(x_train))))
         c = optimal_constants(a_all, grad)
     expected = model.fc3.weight[4].detach() * (a - c).mean(0)
@@ -194,7 +194,7 @@ def test_node_effects_at_the_last_site_are_exact_for_a_linear_readout(digits):
 
 def test_deleting_the_top_units_hurts_the_class_more_than_the_bottom_units(digits):
     model, x_train, x_test = digits
-    from fxabstract.explanations import UnitProbe
+    from fxabstract.interpret.explanations import UnitProbe
     probe = UnitProbe(model)
     for target in (0, 7):
         g = fxa.explain(model, x_train, target=target)
@@ -243,7 +243,7 @@ def test_explain_on_a_cnn_matches_a_forward_hook_intervention():
     target = int(model(x).argmax(1).mode().values)
     g = fxa.explain(model, x, target=target, top=2)
     assert [s["units"] for s in g.graph["sites"]] == [4, 6], "units are the conv channels"
-    from fxabstract.explanations import UnitProbe, optimal_constants
+    from fxabstract.interpret.explanations import UnitProbe, optimal_constants
     a, grad = UnitProbe(model).gradients(x, target)
     c = optimal_constants(a["act1"], grad["act1"])                     # [4, 8, 8] constant maps
     xt = x[model(x).argmax(1) == target]

@@ -1,5 +1,5 @@
 """cwvar's joint selection (layer-local optimal brain surgeon: the consumers' Gram matrix as curvature,
-THEORY §3 linear-head case) and affine replacements fitted on extra forward-only data (`fit_data`)."""
+docs/math.md §3 linear-head case) and affine replacements fitted on extra forward-only data (`fit_data`)."""
 from __future__ import annotations
 
 import pytest
@@ -111,7 +111,7 @@ def test_local_selection_orders_like_cwvar_and_prices_the_order_in_output_units(
 
 
 def test_local_selection_on_a_vit_removes_whole_heads_and_stays_exact():
-    from fxabstract import zoo_transformers as zt
+    from fxabstract.zoo import transformers as zt
     torch.manual_seed(0)
     model, x = zt.ViT().eval(), torch.randn(48, 3, 32, 32)
     result = fxa.abstract(model, x.split(16), keep=0.5, selection="local", replacement="affine", round_to=1,

@@ -21,7 +21,7 @@ def test_best_setting_at_ten_percent_reaches_its_reported_agreement():
     import mobilenet_v2 as bench
     import fxabstract as fxa
     from fxabstract.cost import module_macs, site_macs, unit_macs
-    from fxabstract.photos import crops
+    from fxabstract.zoo.photos import crops
 
     torch.manual_seed(0)
     model = bench.load_model()

@@ -10,8 +10,8 @@ import torch
 
 import fxabstract as fxa
 import fxabstract.cli
-import fxabstract.report
-import fxabstract.saving
+import fxabstract.output.files
+import fxabstract.output.saving
 from fxabstract.cli import main
 from fxabstract.errors import FxAbstractWarning, OutputError
 from test_cli import user_files  # noqa: F401  (fixture)
@@ -91,10 +91,10 @@ def test_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path, monkey
     def fail(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(fxabstract.report.os, where, fail)
+    monkeypatch.setattr(fxabstract.output.files.os, where, fail)
     expected = OutputError if isinstance(failure, OSError) else KeyboardInterrupt
     with pytest.raises(expected):
-        fxabstract.report.write_atomic(str(path), b"new" * 1000)
+        fxabstract.output.files.write_atomic(str(path), b"new" * 1000)
     monkeypatch.undo()
     assert path.read_bytes() == b"old", "an interrupted write must leave the previous file intact"
     assert leftovers(tmp_path) == [], "an interrupted write must remove its temporary file"
@@ -107,7 +107,7 @@ def test_interrupted_save_writes_neither_file(tmp_path, monkeypatch):
     def interrupt(report):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fxabstract.saving, "dumps", interrupt)       # after module.pt2 and module.pt are staged
+    monkeypatch.setattr(fxabstract.output.saving, "dumps", interrupt)       # after module.pt2 and module.pt are staged
     with pytest.raises(KeyboardInterrupt):
         result.save(str(tmp_path))
     assert os.listdir(tmp_path) == [], f"save must write both files or neither, found {os.listdir(tmp_path)}"
@@ -115,7 +115,7 @@ def test_interrupted_save_writes_neither_file(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("target, failure, status", [
     (fxabstract.cli, KeyboardInterrupt(), 130),             # Ctrl-C after model.onnx, before report.json
-    (fxabstract.report.os, OSError(28, "No space left on device"), 2),   # disk full at the first write
+    (fxabstract.output.files.os, OSError(28, "No space left on device"), 2),   # disk full at the first write
 ], ids=["ctrl-c", "disk-full"])
 def test_interrupted_cli_compile_leaves_no_output(user_files, monkeypatch, capsys, target, failure, status):  # noqa: F811
     folder, module = user_files
@@ -145,7 +145,7 @@ def test_an_unwritable_demo_cache_warns_and_the_demo_still_trains(tmp_path, monk
 
 
 def test_certify_leaves_the_model_bitwise_unchanged():
-    from fxabstract.groups import GroupMLP, cyclic_table, domain
+    from fxabstract.interpret.groups import GroupMLP, cyclic_table, domain
 
     torch.manual_seed(0)
     table = cyclic_table(7)

@@ -1,4 +1,4 @@
-"""Real photos as crops (fxabstract.photos) and MAC counting / MAC budgets (fxabstract.cost)."""
+"""Real photos as crops (fxabstract.zoo.photos) and MAC counting / MAC budgets (fxabstract.cost)."""
 from __future__ import annotations
 
 import sys
@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 import fxabstract as fxa
-from fxabstract import photos, zoo
-from fxabstract.cost import allocate_macs, module_macs, unit_macs
+from fxabstract import zoo
+from fxabstract.zoo import photos
+from fxabstract.cost import module_macs, unit_macs
+from fxabstract.passes.budget import allocate_macs
 from fxabstract.errors import ConfigError, DependencyError
 
 
@@ -226,7 +228,7 @@ def test_mac_budget_needs_a_fraction_and_says_so_before_any_analysis(keep):
 def test_removal_macs_deletes_a_key_value_row_only_with_all_its_query_heads():
     """Grouped-query attention: a k/v head's rows go only when every query head reading it is removed,
     so removal_macs must count exactly what the compiled module saves, whichever query heads go."""
-    from fxabstract import zoo_transformers as zt
+    from fxabstract.zoo import transformers as zt
     from fxabstract.cost import removal_macs
     from fxabstract.sites import SharedPiece
     torch.manual_seed(0)

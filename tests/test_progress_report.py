@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxabstract as fxa
-from fxabstract.report import summary_png
+from fxabstract.output.plots import summary_png
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""Property (THEORY §1): on randomly generated conv networks — conv / BatchNorm / activation / pool /
+"""Property (docs/math.md §1): on randomly generated conv networks — conv / BatchNorm / activation / pool /
 depthwise / concat / split / padding / flatten in random order — compiling a replacement equals applying
 the report's interventions to the original with hooks, to float precision."""
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch
 
 import fxabstract as fxa
 from fxabstract.cli import main
-from fxabstract.report import dumps
+from fxabstract.output.report import dumps
 from test_cli import user_files  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

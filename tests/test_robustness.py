@@ -27,7 +27,7 @@ def mlp(d: int = 16, seed: int = 0) -> nn.Sequential:
 
 
 def holdout_mse(model, module, x) -> float:
-    """E 1/2 ||z - z_c||^2 on held-out inputs: the measured Interventional Risk (THEORY §2)."""
+    """E 1/2 ||z - z_c||^2 on held-out inputs: the measured Interventional Risk (docs/math.md §2)."""
     with torch.no_grad():
         return float(0.5 * (model(x).double() - module(x).double()).pow(2).sum(-1).mean())
 

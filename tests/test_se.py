@@ -3,7 +3,7 @@ twice, by the excitation y = x * gate(fc2(act(fc1(pool(x))))) and by the squeeze
 site: expand row j (with its BatchNorm and depthwise channels), fc2's row j (its gate), fc1's input
 column j and the projection's input column j. The report carries two replacements per site: the usual
 one at the projection's input, and a "branches" entry for fc1's input (the squeeze, on the SE path only).
-The compiled module equals the original with both applied by hooks (THEORY §1), under torch.fx and
+The compiled module equals the original with both applied by hooks (docs/math.md §1), under torch.fx and
 torch.export, for constant and affine replacement; ONNX parity holds; what is not matched stays
 ineligible with a reason naming the node.
 """

@@ -1,4 +1,4 @@
-"""Selection and budgets (THEORY §3): joint vs diagonal selection, the greedy elimination curves,
+"""Selection and budgets (docs/math.md §3): joint vs diagonal selection, the greedy elimination curves,
 the semantics of `keep`, `round_to` and `sites`, reproducibility, and scaling invariance."""
 from __future__ import annotations
 
@@ -316,7 +316,7 @@ def test_variance_rankings_change_under_unit_rescaling():
 
 
 def test_affine_joint_selection_is_invariant_to_unit_rescaling():
-    """THEORY §3: logit-mse selections do not change under per-unit rescaling. At the penultimate site
+    """docs/math.md §3: logit-mse selections do not change under per-unit rescaling. At the penultimate site
     (linear head, so the sample weights w(x) are constant) the affine joint greedy must be invariant too:
     the unregularised OBS risk 1/2 tr(Hbar_PP Cov(a_P | a_K)) is. A ridge of lambda * I with one scalar
     lambda (risk.ridge_of: ridge * mean diag S) is not, since it penalises rescaled units differently;

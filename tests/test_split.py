@@ -7,7 +7,7 @@ Two shapes users bring, under both front ends (fx symbolic_trace and torch.expor
 - gated units (GLU): `a, g = fc1(x).chunk(2)`, `fc2(a * act(g))`, or two Linears multiplied
   (SwiGLU): one site whose unit j is producer rows {j, m + j} (or row j of both Linears).
 At keep 50% the compiled module equals the original with the report's interventions applied by hooks
-(THEORY §1), and ONNX parity holds. What the finder cannot follow stays ineligible, with a reason.
+(docs/math.md §1), and ONNX parity holds. What the finder cannot follow stays ineligible, with a reason.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import fxabstract as fxa
 from fxabstract import zoo
 from fxabstract.abstraction import capture_sites
 from fxabstract.cost import module_macs, unit_macs
-from fxabstract import zoo_transformers as zt
+from fxabstract.zoo import transformers as zt
 from fxabstract.zoo import randomize_batch_norm
 
 from test_architectures import TOL, _check_exact

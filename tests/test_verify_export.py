@@ -1,4 +1,4 @@
-"""Verification (THEORY §4: interchange interventions, margin certificate) and the back ends
+"""Verification (docs/math.md §4: interchange interventions, margin certificate) and the back ends
 (ONNX export with onnxruntime parity, save/load), on the digits MLP trained once per module."""
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def test_save_works_for_the_demo_model(half, tmp_path, digits):
 # ----------------------------------------------------------------------------- real data smoke test
 
 def test_joint_logit_mse_beats_variance_on_digits(digits):
-    """THEORY §4: at the penultimate site, keeping 25%, a sound implementation beats VBP."""
+    """docs/math.md §4: at the penultimate site, keeping 25%, a sound implementation beats VBP."""
     model, x_train, _, x_test, _ = digits
     calibration = list(x_train.split(256))
     metrics = {}

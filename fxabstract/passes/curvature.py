@@ -1,4 +1,4 @@
-"""Per-sample curvature of the Interventional Risk at each site, with torch.func (THEORY §2).
+"""Per-sample curvature of the Interventional Risk at each site, with torch.func (docs/math.md §2).
 
 For D = logit-MSE or KL the risk is flat at the clean activations (g = 0) and its Hessian w.r.t. the
 site's values a is, per sample, H(x) = J^T M J with J = dz/da and M = I (logit-MSE) or the softmax
@@ -13,8 +13,8 @@ constant over all of them, so what matters is the sum over positions: per sample
 Us = sum_pos U(pos) and Ua = sum_pos U(pos) a(pos) (calibrate.py gets both from one backward). The
 constant-replacement risk 1/2 E||c Us - Ua||^2 is then exact to second order, cross-position terms
 included. From them we accumulate, as float64 sums over samples (mergeable like `Moments`):
-  sum h = sum Us^2, sum h a = sum Us Ua, sum h a^2 = sum Ua^2       (THEORY §3: c*, s_j)
-  Us^T Us, Us^T Ua, Ua^T Ua        -> d x d sums for joint selection  (THEORY §3, "Additivity fails")
+  sum h = sum Us^2, sum h a = sum Us Ua, sum h a^2 = sum Ua^2       (docs/math.md §3: c*, s_j)
+  Us^T Us, Us^T Ua, Ua^T Ua        -> d x d sums for joint selection  (docs/math.md §3, "Additivity fails")
   w = tr H(x) as a sample weight   -> sum w, sum w a, sum w a a^T over positions (affine fit)
   sum over positions of U(pos)^T U(pos) -> Hp, the curvature of a per-position perturbation, and the
     per-sample means over positions abar -> sum abar, sum abar abar^T (affine risk: an affine
@@ -27,9 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-DIVERGENCES = ("logit-mse", "kl", "ce")
-
 
 def output_vectors(z: torch.Tensor, divergence: str, method: str, probes: int,
                    generator: torch.Generator | None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Fold every `Replacement` into its consumers and delete the replaced units from the producers and
 the per-channel layers between: the graph physically shrinks and computes exactly what the dense
-intervened graph computed (THEORY §1, exact transformation).
+intervened graph computed (docs/math.md §1, exact transformation).
 
     bias folding    b' = b + W[:, P] beta                       (scalar, per consumer output)
     weight folding  W' = W[:, K] + W[:, P] theta                (1x1 mixing of the input channels)
@@ -24,11 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import ChannelBatchNorm
-from ..gqa import select_kv_heads
-from ..heads import set_head_count
-from ..ops import resize_unsqueeze
-from ..splits import rewrite_splits
-from .replace import Replacement
+from ..sites import PATTERNS
+from .plan import Replacement
 
 
 class BiasMapConv(nn.Module):
@@ -107,7 +104,7 @@ KEEP_CHANNELS = {nn.BatchNorm1d: _keep_batch_norm, nn.BatchNorm2d: _keep_batch_n
 
 # --------------------------------------------------------------------------- fold inputs
 
-def _fold_linear(m: nn.Linear, r: Replacement, how: str) -> nn.Module:
+def _fold_linear(m: nn.Linear, r: Replacement) -> nn.Module:
     """Features: W' = W_K + W_P theta, b' = b + W_P beta. Flattened: the same per block position."""
     d = r.site.n_units
     W = m.weight.detach().double().reshape(m.out_features, d, -1)             # [o, d, block]
@@ -120,10 +117,10 @@ def _fold_linear(m: nn.Linear, r: Replacement, how: str) -> nn.Module:
     return _assign(new, weight=W_new.reshape(m.out_features, -1), bias=b_new)
 
 
-def _fold_conv(m: nn.Module, r: Replacement, how: str) -> nn.Module:
+def _fold_conv(m: nn.Module, r: Replacement) -> nn.Module:
     """Weight folding per kernel tap; beta into the bias, or a bias map under zero padding."""
     if isinstance(m, BiasMapConv):
-        inner = _fold_conv(m.conv, r, how)
+        inner = _fold_conv(m.conv, r)
         if isinstance(inner, BiasMapConv):
             return BiasMapConv(inner.conv, inner.bias_map + m.bias_map)
         return BiasMapConv(inner, m.bias_map)
@@ -156,35 +153,31 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of gm with every Replacement folded away.
 
     Rows (channels) are deleted once per layer after every site is folded: the pieces of a split
-    value are several sites that delete rows of one producer (and the split takes the new sizes)."""
+    value are several sites that delete rows of one producer. Each pattern of the site table then
+    rewrites the graph for the kept units (`sites.patterns`: head counts, split sizes, gate views)."""
     gm = copy.deepcopy(gm)
     deleted: dict[str, set[int]] = {}         # producer or per-channel layer -> its rows to delete
     rows: dict[str, tuple[dict, int]] = {}    # the same layer -> (its table, its rows in all)
-    split_lost: dict[str, int] = {}           # split piece node -> units it no longer carries
-    nodes = {n.name: n for n in gm.graph.nodes}
+    folded = []                               # (site, kept units) of every replacement folded
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), Replacement):
             continue
         r = gm.get_submodule(node.target)
         site = r.site
-        for consumer, how in site.reads.items():
+        for consumer in site.reads:
             layer = gm.get_submodule(consumer)
-            _set_module(gm, consumer, FOLD_INPUTS[type(layer)](layer, r, how))
+            _set_module(gm, consumer, FOLD_INPUTS[type(layer)](layer, r))
         removed = r.removed.tolist()
         for table, pieces in ((KEEP_OUTPUTS, site.pieces), (KEEP_CHANNELS, site.channel_ops)):
             for piece in pieces:
                 deleted.setdefault(piece.module, set()).update(piece.rows_of(removed))
                 rows[piece.module] = (table, piece.total)
-        for piece in site.splits:
-            split_lost[piece.module] = split_lost.get(piece.module, 0) + len(piece.rows_of(removed))
-        if site.head_shapes:                                  # attention heads: fewer heads in the views
-            kv_heads = select_kv_heads(gm, site, r.kept.tolist()) if site.repeats else 0   # GQA (gqa.py)
-            set_head_count(gm, site, len(r.kept) // site.group, kv_heads)
-        for view in site.unit_views:                          # an SE gate [B, d] -> [B, d, 1, 1]: d kept
-            resize_unsqueeze(nodes[view], len(r.kept))
+        folded.append((site, r.kept.tolist()))
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         gm.delete_submodule(node.target)
+    for pattern in PATTERNS:                  # heads, splits, SE gate views: the graph takes the kept sizes
+        pattern.rewrite(gm, folded)
     for path, drop in deleted.items():
         if not drop:
             continue
@@ -192,7 +185,6 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         layer = gm.get_submodule(path)
         keep = torch.tensor([i for i in range(total) if i not in drop], dtype=torch.long)
         _set_module(gm, path, table[type(layer)](layer, keep))
-    rewrite_splits(gm, {piece: n for piece, n in split_lost.items() if n})
     gm.graph.lint()
     gm.recompile()
     return gm

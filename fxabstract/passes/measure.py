@@ -1,11 +1,11 @@
-"""Measured single-site risk curves: the Interventional Risk R(I) = E[D(f(x), f_I(x))] (THEORY §2)
+"""Measured single-site risk curves: the Interventional Risk R(I) = E[D(f(x), f_I(x))] (docs/math.md §2)
 of replacing the first k units of a site's elimination order, measured by running the intervened
 graph on the calibration reservoir, with every other site left clean.
 
 The second-order curves of `risk.py` are exact for a linear head but underestimate large removals
 behind a nonlinearity (measured on the digits MLP: fc1 keeping 64 of 256, predicted 65, measured 96),
 and the global budget then drifts to the sites whose risk is underestimated. Allocating on measured
-curves keeps the additive-across-sites allocation of THEORY §3 while making each term real.
+curves keeps the additive-across-sites allocation of docs/math.md §3 while making each term real.
 Cost: at most `points` forward passes of the reservoir per site; in between, linear interpolation.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..data import logits
 from ..sites import Site
-from .replace import Replacement
+from .plan import Replacement
 
 
 class _Upstream(fx.Interpreter):

@@ -1,5 +1,5 @@
 """Rewrite each planned site as its replacement: a `Replacement` node after the site value, which
-the consumers now read. The graph stays dense; it is the intervened model f_I of THEORY §2.
+the consumers now read. The graph stays dense; it is the intervened model f_I of docs/math.md §2.
 
     >>> gm_I = replace(gm, plans)      # a new GraphModule; `gm` is untouched
 """
@@ -7,33 +7,9 @@ from __future__ import annotations
 
 import copy
 
-import torch
 import torch.fx as fx
-from torch import nn
 
-from .select import SitePlan
-
-
-class Replacement(nn.Module):
-    """do(a_P := beta + theta a_K) on the units' axis (-1 features, 1 channels), at every position
-    (THEORY §1). `site` (sites.Site) tells the fold pass where the units come from and go."""
-
-    def __init__(self, kept: list[int], removed: list[int], beta: torch.Tensor, theta: torch.Tensor,
-                 site=None):
-        super().__init__()
-        self.site = site
-        self.axis = -1 if site is None else site.axis
-        self.register_buffer("kept", torch.tensor(kept, dtype=torch.long))
-        self.register_buffer("removed", torch.tensor(removed, dtype=torch.long))
-        self.register_buffer("beta", beta)        # [|P|]
-        self.register_buffer("theta", theta)      # [|P|, |K|]
-
-    def forward(self, a: torch.Tensor) -> torch.Tensor:
-        if self.axis == 1:
-            a = a.movedim(1, -1)
-        values = self.beta + a.index_select(-1, self.kept) @ self.theta.T
-        a = a.index_copy(-1, self.removed, values)
-        return a.movedim(-1, 1).contiguous() if self.axis == 1 else a
+from .plan import Replacement, SitePlan
 
 
 def replacement_target(site_name: str) -> str:

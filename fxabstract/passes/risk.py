@@ -1,5 +1,5 @@
 """Second-order risk of replacing a set of units, greedy elimination orders, and the fitted
-replacements (THEORY §3). All matrices here are float64 expectations for one site, d units.
+replacements (docs/math.md §3). All matrices here are float64 expectations for one site, d units.
 
 Constant replacement, removed set P, constants c:
     R(P) = sum_P lin_j + 1/2 1_P^T M 1_P,   M = E[(c - a)(c - a)^T * H],  lin = E[g (c - a)]
@@ -24,7 +24,7 @@ from .calibrate import Statistics
 
 
 def constant_matrix(stats: Statistics, name: str, c: torch.Tensor) -> torch.Tensor:
-    """M = E[H_ij (c_i - a_i)(c_j - a_j)]: [d, d] (THEORY §3, joint selection, constant)."""
+    """M = E[H_ij (c_i - a_i)(c_j - a_j)]: [d, d] (docs/math.md §3, joint selection, constant)."""
     k = stats.curvature[name]
     M = torch.outer(c, c) * k.H0 - c[:, None] * k.H1 - c[None, :] * k.H1.T + k.H2
     return (M + M.T) / (2 * k.n)
@@ -75,7 +75,7 @@ def position_affine_risk(stats: Statistics, name: str, S: torch.Tensor, K: list[
 
 
 def ridge_of(S: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Per-unit ridge [d, d]: `ridge` times each unit's own variance, so rescaling a unit (THEORY §3,
+    """Per-unit ridge [d, d]: `ridge` times each unit's own variance, so rescaling a unit (docs/math.md §3,
     scaling invariance) rescales its ridge with it; a tiny floor keeps dead units invertible (at least
     1e-100 when every unit of the site is constant: the inverse of a subnormal overflows)."""
     diag = S.diagonal()
@@ -127,7 +127,7 @@ def joint_affine_order(Hbar: torch.Tensor, S: torch.Tensor, ridge: float, n: int
 
 
 def fit_affine(mu: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], ridge: float):
-    """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + Lambda)^-1 (THEORY §3)."""
+    """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + Lambda)^-1 (docs/math.md §3)."""
     SKK = S[K][:, K]
     theta = torch.linalg.solve(SKK + ridge_of(S, ridge)[K][:, K], S[K][:, P]).T   # [P, K]
     beta = mu[P] - theta @ mu[K]

@@ -1,4 +1,4 @@
-"""Unit scores and their optimal constants, one interface for every criterion (THEORY §3).
+"""Unit scores and their optimal constants, one interface for every criterion (docs/math.md §3).
 
     >>> s, c = unit_scores("logit-mse", site, stats, gm)    # s: [d] risk of replacing unit j by c[j]
 
@@ -6,7 +6,7 @@
 global ranking allocates the budget. The others (variance, cwvar, magnitude, random) are not, and
 selection falls back to the same fraction of units per site for them. `JOINT_SCORES` have cross terms
 between units and so support joint selection: the output-unit scores, and cwvar, whose curvature is the
-consumers' Gram matrix W^T W (`consumer_gram`: THEORY §3's linear-head case applied at the consumer).
+consumers' Gram matrix W^T W (`consumer_gram`: docs/math.md §3's linear-head case applied at the consumer).
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ JOINT_SCORES = OUTPUT_UNITS + ("cwvar",)
 
 
 def optimal_constants(score: str, stats: Statistics, name: str) -> torch.Tensor:
-    """c*: [d]. Curvature-weighted mean E[h a]/E[h] (THEORY §3), with the CE gradient term
-    (E[h a] - E[g])/E[h] (THEORY §2); the plain mean for scores without curvature or units with h = 0."""
+    """c*: [d]. Curvature-weighted mean E[h a]/E[h] (docs/math.md §3), with the CE gradient term
+    (E[h a] - E[g])/E[h] (docs/math.md §2); the plain mean for scores without curvature or units with h = 0."""
     m, k = stats.moments[name], stats.curvature[name]
     if score not in OUTPUT_UNITS:
         return m.mean
@@ -41,7 +41,7 @@ def consumer_column_norms2(gm: fx.GraphModule, site: Site, consumer: str) -> tor
 def consumer_gram(gm: fx.GraphModule, site: Site) -> torch.Tensor:
     """G = sum over the consumers of W^T W over the units (outputs and kernel taps / flattened blocks
     summed): [d, d], whose diagonal is `consumer_column_norms2`; the risk of a perturbation delta of the
-    site, measured at the consumers' outputs, is 1/2 delta^T G delta (THEORY §3, linear head)."""
+    site, measured at the consumers' outputs, is 1/2 delta^T G delta (docs/math.md §3, linear head)."""
     G = torch.zeros(site.n_units, site.n_units, dtype=torch.float64)
     for consumer in site.consumers:
         W = gm.get_submodule(consumer).weight.detach().double()
@@ -68,7 +68,7 @@ def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,
             s[q.lo:q.hi] = W[q.start:q.start + q.hi - q.lo].norm(dim=1)
     elif score == "random":
         s = torch.rand(site.n_units, generator=generator, dtype=torch.float64)
-    else:  # s_j = E[g (c - a)] + 1/2 E[h (c - a)^2]: the constant score of THEORY §3 (g = 0 unless ce)
+    else:  # s_j = E[g (c - a)] + 1/2 E[h (c - a)^2]: the constant score of docs/math.md §3 (g = 0 unless ce)
         quad = 0.5 * (c * c * k.sh - 2 * c * k.sha + k.sha2)
         lin = c * k.sg - k.sga if score == "ce" else 0.0
         s = (lin + quad) / k.n

@@ -1,4 +1,4 @@
-"""Selection: which units each site keeps, and the fitted replacement of the others (THEORY §3).
+"""Selection: which units each site keeps, and the fitted replacement of the others (docs/math.md §3).
 
 Per site, an elimination order and its risk curve R_s[k] (risk after removing k units): the
 diagonal ranking (additive scores), greedy joint elimination (cross terms kept), or "local": the
@@ -9,61 +9,25 @@ same fraction per site otherwise. Kept widths are multiples of `round_to` (or th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from ..checks import short_sample_ridge
-from ..errors import ConfigError
+from ..errors import FxAbstractWarning
 from ..sites import Site
 from . import risk
 from .calibrate import Statistics
+from .plan import Curves, SitePlan
 from .scores import OUTPUT_UNITS, consumer_gram, unit_scores
-
-
-@dataclass
-class SitePlan:
-    """The replacement of one site: do(a_P := beta + theta a_K); theta = 0 for constants."""
-
-    site: Site
-    kept: list[int]              # K, sorted, original numbering
-    removed: list[int]           # P, sorted
-    kind: str                    # "constant" | "affine"
-    beta: torch.Tensor           # [|P|] float64
-    theta: torch.Tensor          # [|P|, |K|] float64
-    scores: torch.Tensor         # [d] the unit scores of the chosen criterion
-    predicted_risk: float
-    branches: list["SitePlan"] = field(default_factory=list)   # the SE squeezes' replacements (`fit_branch`)
-
-
-@dataclass
-class Curves:
-    """Per site: scores [d], constants c* [d], elimination order, predicted risk curve R[0..len(order)],
-    and optionally the measured risk curve (passes/measure.py), which allocation then uses."""
-
-    scores: torch.Tensor
-    constants: torch.Tensor
-    order: list[int]
-    curve: torch.Tensor
-    measured: torch.Tensor | None = None
-
-
-def min_kept(d: int, round_to: int) -> int:
-    return min(round_to, d)
-
-
-def granularity(site: Site, round_to: int) -> int:
-    """Kept widths are multiples of this: the group (an attention head's width), else round_to."""
-    return site.group if site.group > 1 else round_to
 
 
 def group_order(site: Site, stats: Statistics, scores: torch.Tensor, c: torch.Tensor, replacement: str,
                 selection: str, ridge: float) -> tuple[list[int], torch.Tensor]:
     """Elimination order and risk curve over whole groups (attention heads), expanded to units.
 
-    The group risks are THEORY §3's with P a union of groups: diagonal sums unit scores; joint
+    The group risks are docs/math.md §3's with P a union of groups: diagonal sums unit scores; joint
     constant greedily eliminates on G^T M G; joint affine greedily drops the group whose removal
     leaves the least Schur-complement risk (exhaustive per step: there are few heads)."""
     g, d = site.group, site.n_units
@@ -138,7 +102,7 @@ def _fit_moments(stats: Statistics, name: str, score: str) -> tuple[torch.Tensor
 
 
 def _constant_curve(stats: Statistics, name: str, c: torch.Tensor, order: list[int]) -> torch.Tensor:
-    """R(first k of `order`) for constants c: lin.1_P + 1/2 1_P^T M 1_P (THEORY §3), k = 0..len(order)."""
+    """R(first k of `order`) for constants c: lin.1_P + 1/2 1_P^T M 1_P (docs/math.md §3), k = 0..len(order)."""
     o = torch.tensor(order, dtype=torch.long)
     M = risk.constant_matrix(stats, name, c)[o][:, o]
     step = risk.linear_term(stats, name, c)[o] + 0.5 * M.diagonal() + torch.tril(M, -1).sum(1)   # R(P + q) - R(P)
@@ -160,75 +124,28 @@ def _evaluated_curve(site: Site, order: list[int], stats: Statistics, score: str
     return torch.tensor(np.interp(np.arange(len(order) + 1), grid, values), dtype=torch.float64)
 
 
-def allowed_removals(d: int, round_to: int) -> list[int]:
-    """Removal counts that leave a multiple of round_to kept (or everything), increasing."""
-    kept = [d] + [k for k in range((d - 1) // round_to * round_to, 0, -round_to) if k >= min_kept(d, round_to)]
-    return [d - k for k in kept]
+def short_sample_ridge(n: int, d: int, ridge: float) -> float:
+    """`ridge`, raised to d / n when n samples are fewer than d units (see `tiny_calibration_ridge`)."""
+    return max(ridge, d / max(n, 1)) if n < d else ridge
 
 
-def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_to: int) -> dict[str, int]:
-    """Units removed per site for `keep` (fraction, total count or per-site dict)."""
-    total = sum(s.n_units for s in sites)
-    if isinstance(keep, dict):
-        names = {s.name: s for s in sites}
-        unknown = sorted(set(keep) - set(names))
-        if unknown:
-            raise ConfigError(f"keep names unknown sites {unknown}; sites are {sorted(names)}")
-        for k, v in keep.items():
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= names[k].n_units:
-                raise ConfigError(f"keep[{k!r}] = {v!r} must be an int in 1..{names[k].n_units} (units kept at that site)")
-            if v % names[k].group:
-                raise ConfigError(f"keep[{k!r}] = {v} must be a multiple of {names[k].group}: that site's units are "
-                                  "attention heads, removed whole")
-        return {s.name: s.n_units - keep.get(s.name, s.n_units) for s in sites}
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise ConfigError(f"keep must be a fraction, an int or a dict of per-site counts, got {type(keep).__name__}")
-    if isinstance(keep, float):
-        if not 0 < keep <= 1:
-            raise ConfigError(f"keep = {keep} is out of range; give a fraction in (0, 1] of the units to keep")
-        target_kept = round(keep * total)
-    else:
-        if not len(sites) <= keep <= total:
-            raise ConfigError(f"keep = {keep} units is out of range; give between {len(sites)} (one per site) and {total}")
-        target_kept = keep
-    if score not in OUTPUT_UNITS:  # not comparable across sites: the same fraction per site
-        frac = target_kept / total
-        step = {s.name: granularity(s, round_to) for s in sites}
-        return {s.name: s.n_units - max(min_kept(s.n_units, step[s.name]),
-                                        min(s.n_units, round(frac * s.n_units / step[s.name]) * step[s.name]))
-                for s in sites}
-    target = total - target_kept
-    units = {s.name: torch.arange(s.n_units + 1, dtype=torch.float64) for s in sites}
-    return cheapest_removals(sites, cv, units, target, round_to, overshoot=False)
+def tiny_calibration_ridge(samples: dict[str, int], units: dict[str, int], ridge: float) -> dict[str, float]:
+    """The ridge to fit each site with: `ridge`, or d / n at a site with fewer samples n than units d.
 
-
-def cheapest_removals(sites: list[Site], cv: dict[str, Curves], gains: dict[str, torch.Tensor], target: float,
-                      round_to: int, overshoot: bool = True) -> dict[str, int]:
-    """Units removed per site: the cheapest next removal globally (risks are in output units, THEORY
-    §3) until `target` is gained. Each step moves one site to its next allowed count (`granularity`),
-    the one with the least risk per unit of gain; gains[site][k] is the gain of removing its first k
-    units (units, MACs). overshoot=False skips a step that would pass the target by more than half."""
-    allowed = {s.name: allowed_removals(s.n_units, granularity(s, round_to)) for s in sites}
-    pos = {s.name: 0 for s in sites}
-    gained = 0.0
-    while gained < target:
-        best = None
-        for s in sites:
-            steps, i = allowed[s.name], pos[s.name]
-            if i + 1 >= len(steps):
-                continue
-            gain = float(gains[s.name][steps[i + 1]] - gains[s.name][steps[i]])
-            if not overshoot and gained + gain > target + gain // 2:
-                continue
-            curve = cv[s.name].curve if cv[s.name].measured is None else cv[s.name].measured
-            cost = float(curve[steps[i + 1]] - curve[steps[i]]) / max(gain, 1e-12)
-            if best is None or cost < best[0]:
-                best = (cost, s.name, gain)
-        if best is None:
-            break
-        pos[best[1]] += 1
-        gained += best[2]
-    return {s.name: allowed[s.name][pos[s.name]] for s in sites}
+    With n < d the least-squares fit over the kept units interpolates the calibration set (it can
+    drive the predicted risk to zero and extrapolate wildly); a ridge of d / n times each unit's own
+    variance shrinks the affine fit towards the constant one. Only the short sites are raised; the
+    others keep `ridge`. Warns with FxAbstractWarning."""
+    used = {name: short_sample_ridge(samples[name], d, ridge) for name, d in units.items()}
+    short = {name: (samples[name], d) for name, d in units.items() if samples[name] < d}
+    if short:
+        worst = max(short, key=lambda name: short[name][1] / short[name][0])
+        others = f" and {len(short) - 1} more site(s)" if len(short) > 1 else ""
+        warnings.warn(f"calibration has {short[worst][0]} samples but site {worst!r} has {short[worst][1]} units: "
+                      f"selection and the affine fit would overfit; fitting it{others} with a ridge of d / n "
+                      f"(there {used[worst]:.3g}), the other sites with {ridge:g} (pass more calibration data "
+                      "than units)", FxAbstractWarning, stacklevel=3)
+    return used
 
 
 def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, replacement: str,

@@ -1,4 +1,4 @@
-"""Combined abstractions (THEORY §5, Pîslar et al.): several candidate abstractions each explain a
+"""Combined abstractions (docs/math.md §5, Pîslar et al.): several candidate abstractions each explain a
 subset of the inputs; inputs no candidate explains fall back to the dense model.
 
     >>> candidates = [analysis.compile(k) for k in (0.5, 0.25, 0.125)]
@@ -7,7 +7,7 @@ subset of the inputs; inputs no candidate explains fall back to the dense model.
     >>> combo.assignments[0.8]       # [n] candidate index per input, -1 = the dense model
 
 Per candidate c, a graph over the n evaluation inputs: the weight w_c[b, s] of the ordered pair
-(base b, source s) is the interchange agreement of THEORY §4 (mask over the kept units with
+(base b, source s) is the interchange agreement of docs/math.md §4 (mask over the kept units with
 probability swap_p, averaged over c's sites). A candidate's *strength* is the fraction of the
 model's parameters it removes. The IIA of a set S of base inputs under c is the mean of w_c over
 S x (all inputs): a combined model must accept a swap from any source, so splitting inputs between
@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .verify import _swap_run, gather
+from ..errors import ConfigError
+from ..verify import gather, swap_run
 
 
 def interchange_graph(original: nn.Module, candidate, x: torch.Tensor, swap_p: float, gen: torch.Generator,
                       batch_size: int = 4096) -> torch.Tensor:
     """w [n, n]: agreement of the top-1 of original and candidate under the interchange (base b, source s),
-    averaged over the candidate's sites (THEORY §4)."""
+    averaged over the candidate's sites (docs/math.md §4)."""
     n = len(x)
     base, src = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     base, src = base.reshape(-1), src.reshape(-1)
@@ -44,8 +44,8 @@ def interchange_graph(original: nn.Module, candidate, x: torch.Tensor, swap_p: f
         for i in range(0, n * n, batch_size):
             b, s = base[i:i + batch_size], src[i:i + batch_size]
             mask = (torch.rand(len(b), len(K), generator=gen) < swap_p).to(x.device)
-            z = _swap_run(original, site, K, x[b], x[s], mask)
-            zc = _swap_run(candidate.module, site, None, x[b], x[s], mask)
+            z = swap_run(original, site, K, x[b], x[s], mask)
+            zc = swap_run(candidate.module, site, None, x[b], x[s], mask)
             w[i:i + batch_size] += (z.argmax(-1) == zc.argmax(-1)).double().cpu() / len(sites)
     return w.reshape(n, n)
 
@@ -95,7 +95,7 @@ class Combination:
 def combine(model: nn.Module, candidates: list, data, lambdas=(0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.0),
             swap_p: float = 0.5, samples: int = 150, seed: int = 0, batch_size: int = 4096) -> Combination:
     """Combine candidate abstractions (fxa.abstract results of `model`) over the first `samples` inputs
-    of `data`; returns the assignment and the strength-faithfulness curve per lambda (THEORY §5)."""
+    of `data`; returns the assignment and the strength-faithfulness curve per lambda (docs/math.md §5)."""
     if not candidates:
         raise ConfigError("combine needs at least one candidate abstraction; pass a list of fxa.abstract results")
     if any(not 0.0 <= lam <= 1.0 for lam in lambdas) or not lambdas:

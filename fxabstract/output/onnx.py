@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, ExportError, OutputError
-from .report import check_new, staged, write_atomic
+from ..errors import ConfigError, ExportError, OutputError
+from .files import check_new, staged, write_atomic
 
 EXPORTERS = ("dynamo", "torchscript")
 TWO_GB = 2**31

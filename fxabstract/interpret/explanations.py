@@ -1,4 +1,4 @@
-"""Causal explanatory graphs (THEORY §5, Ahmad et al.): per class, a graph over hidden units whose
+"""Causal explanatory graphs (docs/math.md §5, Ahmad et al.): per class, a graph over hidden units whose
 node effects and edge effects are measured by interventions, not read off gradients.
 
     >>> g = fxa.explain(model, x_calib, target=3)        # inputs the model assigns to class 3
@@ -8,7 +8,7 @@ node effects and edge effects are measured by interventions, not read off gradie
 Units are the channels (dim 1) of each site's value: the features of an MLP layer, the channels of
 a convolution's feature map. By default the sites are the outputs of the activation functions.
 - node effect of unit j: E_x[ z_t(x) - z_t(x; do(a_j := c*_j)) ] over the inputs of class t, with
-  c*_j the optimal constant of THEORY §3 for the class logit (curvature h = (dz_t/da_j)^2 over all
+  c*_j the optimal constant of docs/math.md §3 for the class logit (curvature h = (dz_t/da_j)^2 over all
   calibration inputs; per position for a feature map, so c*_j is a constant map);
 - edge effect i -> j (adjacent sites s, s+1): the path effect through j alone:
   E_x[ z_t(x) - z_t(x; do(a_{s+1,j} := a_{s+1,j}(x; do(a_{s,i} := c*_i)))) ], every other unit of s+1
@@ -24,11 +24,11 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import capture
-from .data import logits
-from .errors import ConfigError
-from .report import write_atomic
-from .verify import gather
+from ..capture import capture
+from ..data import logits
+from ..errors import ConfigError
+from ..output.files import write_atomic
+from ..verify import gather
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU,
                       nn.Softplus, nn.Hardswish, nn.Hardtanh)
@@ -168,14 +168,14 @@ class Explanation:
 
 
 def optimal_constants(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """c* [d, ...] = E[h a] / E[h] with h = g^2 per unit and position; the mean where h vanishes (THEORY §3)."""
+    """c* [d, ...] = E[h a] / E[h] with h = g^2 per unit and position; the mean where h vanishes (docs/math.md §3)."""
     h = g.double().pow(2)
     num, den = (h * a.double()).sum(0), h.sum(0)
     return torch.where(den > 0, num / den.clamp_min(1e-300), a.double().mean(0)).to(a.dtype)
 
 
 def explain(model: nn.Module, data, target: int, sites=None, top: int = 8, batch_size: int = 1024) -> Explanation:
-    """The causal explanatory graph of class `target` (THEORY §5) over `data` (a Tensor of inputs or
+    """The causal explanatory graph of class `target` (docs/math.md §5) over `data` (a Tensor of inputs or
     batches); the class inputs are those the model assigns to `target`."""
     probe = UnitProbe(model, sites)
     x = gather(data).to(next(probe.gm.parameters()).device)

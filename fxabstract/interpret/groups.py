@@ -1,4 +1,4 @@
-"""Finite-group operation tasks (THEORY §5, compact proofs): multiplication tables, the
+"""Finite-group operation tasks (docs/math.md §5, compact proofs): multiplication tables, the
 one-hidden-layer network of Wu et al. that learns (x, y) -> x*y, and its training recipe.
 
     >>> table = cyclic_table(59)                 # [59, 59]: table[x, y] = (x + y) mod 59

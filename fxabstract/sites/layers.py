@@ -9,13 +9,15 @@ plus one in `passes/fold.py`.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import VIEWS, ChannelBatchNorm
+from ..capture import VIEWS, ChannelBatchNorm
+from .site import Refusal
 
 aten = torch.ops.aten
 CONVS = (nn.Conv1d, nn.Conv2d)
@@ -77,20 +79,19 @@ IDENTITY_FUNCTIONS = {F.dropout, F.alpha_dropout, aten.dropout.default, aten.clo
 CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
 PRODUCT_FUNCTIONS = {operator.mul, torch.mul, aten.mul.Tensor}
 FLATTEN_FUNCTIONS = {torch.flatten, aten.flatten.using_ints}
-VIEW_TARGETS = VIEWS
 
 
-def _shape(node) -> tuple | None:
+def shape_of(node) -> tuple | None:
     return node.meta.get("fxa_shape") if isinstance(node, fx.Node) else None
 
 
 # --------------------------------------------------------------------------- op classes
 
-def _module(gm: fx.GraphModule, node: fx.Node):
+def module_of(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _width(table: dict, mod) -> int | None:
+def width_of(table: dict, mod) -> int | None:
     fn = table.get(type(mod))
     return None if fn is None else fn(mod)
 
@@ -118,7 +119,7 @@ def is_per_unit(gm: fx.GraphModule, node: fx.Node, source: fx.Node, axis: int, d
         return False
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        return isinstance(mod, POOL_MODULES) or _width(CHANNEL_OPS, mod) == d
+        return isinstance(mod, POOL_MODULES) or width_of(CHANNEL_OPS, mod) == d
     return node.op == "call_function" and node.target in POOL_FUNCTIONS
 
 
@@ -126,7 +127,7 @@ def is_cat(node: fx.Node, axis: int) -> bool:
     if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
         return False
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    rank = len(_shape(node) or ())
+    rank = len(shape_of(node) or ())
     return rank > 0 and dim % rank == axis % rank
 
 
@@ -140,7 +141,7 @@ def _multiplies(node: fx.Node) -> bool:
 def is_product(node: fx.Node) -> bool:
     """a * b of two values of the same shape (gated units: a unit is the product of one unit of each)."""
     a, b = node.args[:2] if len(node.args) >= 2 else (None, None)
-    return _multiplies(node) and a is not b and _shape(a) == _shape(b) == _shape(node)
+    return _multiplies(node) and a is not b and shape_of(a) == shape_of(b) == shape_of(node)
 
 
 def is_batch_size(node: fx.Node) -> bool:
@@ -152,13 +153,13 @@ def is_batch_size(node: fx.Node) -> bool:
     return False
 
 
-def _readers(node: fx.Node) -> list[fx.Node]:
+def readers_of(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if not is_batch_size(u)]
 
 
 def is_flatten(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Flattens every axis after the batch (nn.Flatten(), torch.flatten(x, 1), x.view(B, -1), ...)."""
-    rank = len(_shape(node.args[0]) or ()) if node.args else 0
+    rank = len(shape_of(node.args[0]) or ()) if node.args else 0
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         return isinstance(mod, nn.Flatten) and mod.start_dim == 1 and mod.end_dim in (-1, rank - 1)
@@ -195,8 +196,8 @@ def gate_of(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if not _multiplies(node):
         return None
     for x, g in (node.args, node.args[::-1]):
-        xs, gs = _shape(x), _shape(g)
-        if (xs is not None and gs is not None and len(xs) == len(gs) > 2 and xs == _shape(node) and gs != xs
+        xs, gs = shape_of(x), shape_of(g)
+        if (xs is not None and gs is not None and len(xs) == len(gs) > 2 and xs == shape_of(node) and gs != xs
                 and gs[:2] == xs[:2] and all(v == 1 for v in gs[2:])):
             return x, g
     return None
@@ -208,7 +209,7 @@ def is_spatial_mean(node: fx.Node, source: fx.Node) -> bool:
     if not ((node.op == "call_function" and node.target in MEAN_FUNCTIONS)
             or (node.op == "call_method" and node.target == "mean")) or node.args[:1] != (source,):
         return False
-    rank = len(_shape(source) or ())
+    rank = len(shape_of(source) or ())
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims = [dims] if isinstance(dims, int) else dims
     return (rank > 2 and isinstance(dims, (list, tuple)) and all(isinstance(v, int) for v in dims)
@@ -220,7 +221,7 @@ def is_unsqueeze(node: fx.Node, source: fx.Node) -> bool:
     units stay on axis 1; the batch size may be read (`g.view(g.size(0), -1, 1, 1)`)."""
     spelled = (node.op == "call_function" and node.target in UNSQUEEZE_FUNCTIONS) or (
         node.op == "call_method" and node.target in UNSQUEEZE_METHODS)
-    a, b = _shape(source), _shape(node)
+    a, b = shape_of(source), shape_of(node)
     return (spelled and node.args[:1] == (source,) and a is not None and b is not None and len(a) >= 2
             and len(b) > len(a) and b[:2] == a[:2] and all(v == 1 for v in a[2:] + b[2:])
             and all(n is source or is_batch_size(n) for n in node.all_input_nodes))
@@ -241,7 +242,7 @@ def set_view_shape(node: fx.Node, shape: list) -> None:
 def resize_unsqueeze(node: fx.Node, width: int) -> None:
     """Write `width` as the channel entry of a view / reshape whose target shape spells it as a constant
     (`g.view(-1, 64, 1, 1)`, aten.view(g, [B, 64, 1, 1])); unsqueeze and indexing need nothing."""
-    if node.target in VIEW_TARGETS and len(shape := view_shape(node)) > 1 and isinstance(shape[1], int):
+    if node.target in VIEWS and len(shape := view_shape(node)) > 1 and isinstance(shape[1], int):
         shape[1] = width
         set_view_shape(node, shape)
 
@@ -249,16 +250,16 @@ def resize_unsqueeze(node: fx.Node, width: int) -> None:
 def excitation(x: fx.Node) -> fx.Node | None:
     """The product `x * gate` if x has two readers, that product (x the gated operand) and one other
     (the SE squeeze, checked in excitation.py), else None."""
-    for user in _readers(x):
+    for user in readers_of(x):
         pair = gate_of(user)
-        if pair is not None and pair[0] is x and sum(1 for r in _readers(x) if r is not user) == 1:
+        if pair is not None and pair[0] is x and sum(1 for r in readers_of(x) if r is not user) == 1:
             return user
     return None
 
 
 def feeds_gate(node: fx.Node) -> bool:
     """Whether node's value reaches a gate product as its gate, through single readers."""
-    while len(readers := _readers(node)) == 1:
+    while len(readers := readers_of(node)) == 1:
         pair = gate_of(readers[0])
         if pair is not None:
             return pair[1] is node
@@ -296,3 +297,63 @@ def size_dims(node: fx.Node) -> list[int] | None:
             u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
         return [u.args[1] for u in node.users]
     return None
+
+
+def stateless(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A module without parameters or buffers (an activation, a pooling): calling it more than once
+    (`self.act(a)`, `self.act(b)`) shares nothing that a fold would slice."""
+    mod = gm.get_submodule(node.target)
+    return next(mod.parameters(), None) is None and next(mod.buffers(), None) is None
+
+
+def zero_padded(m: nn.Module) -> bool:
+    """A conv whose zero padding makes a constant input channel non-constant at the border."""
+    return isinstance(m, CONVS) and (m.padding == "same" or (m.padding != "valid" and any(m.padding)))
+
+
+def consumer_reads(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, axis: int, tied: dict):
+    """{consumer: how it reads} if `site` is read only by unshared affine consumers; Refusal if not."""
+    readers = readers_of(site)
+    if not readers:
+        raise Refusal("its output is never read")
+    rank = len(shape_of(site))
+    reads = {}
+    for user in readers:
+        how = "features" if axis == rank - 1 else "channels"
+        if user.op != "output" and is_flatten(gm, user) and axis == 1 and rank > 2:
+            nxt = readers_of(user)
+            while len(nxt) == 1 and is_identity(gm, nxt[0]):
+                nxt = readers_of(nxt[0])
+            if len(nxt) != 1:
+                raise Refusal(f"it is flattened (`{user.name}`) and then read by {len(nxt)} nodes")
+            user, how = nxt[0], "flattened"
+        if user.op == "output":
+            raise Refusal("it is read by the model output (no consumer to fold into)")
+        layer = module_of(gm, user)
+        width = None if layer is None else width_of(CONSUMERS, layer)
+        if width is None and isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
+            raise Refusal(f"it is read by grouped convolution `{user.target}` (groups={layer.groups}): its input "
+                          "channels could go only the same number from every group, each replaced within its "
+                          "group, which fxabstract does not do yet")
+        if width is None:
+            target = getattr(user.target, "__name__", user.target)
+            others = f" (one of its {len(readers)} readers: {', '.join(f'`{r.name}`' for r in readers)}; " \
+                     "per-unit ops are followed only when they are a value's one reader)" if len(readers) > 1 else ""
+            raise Refusal(f"it is read by `{user.name}` ({user.op} {target}), which is not an affine layer "
+                          f"fxabstract can fold into{others}")
+        if len(user.all_input_nodes) != 1:
+            raise Refusal(f"consumer `{user.target}` reads it in an unsupported way")
+        if calls[user.target] > 1:
+            raise Refusal(f"consumer `{user.target}` is called {calls[user.target]} times (shared weights)")
+        if user.target in tied:
+            raise Refusal(f"consumer `{user.target}` shares a weight with `{tied[user.target]}` (tied weights)")
+        if isinstance(layer, nn.Linear) and how == "channels":
+            raise Refusal(f"consumer `{user.target}` is a Linear over an axis that is not the units' axis")
+        if isinstance(layer, CONVS) and how != "channels":
+            raise Refusal(f"consumer `{user.target}` convolves an axis that is not the units' axis")
+        if how == "flattened" and width % d:
+            raise Refusal(f"consumer `{user.target}` reads {width} features, not a multiple of the {d} units")
+        if how != "flattened" and width != d:
+            raise Refusal(f"consumer `{user.target}` reads {width} features, not the {d} units produced")
+        reads[user.target] = how
+    return reads

@@ -1,5 +1,5 @@
 """Values split along the unit axis: which output of a split carries which units, and how fold
-rewrites the split when units are deleted (THEORY §1: a removed unit's producer rows are deleted, so
+rewrites the split when units are deleted (docs/math.md §1: a removed unit's producer rows are deleted, so
 every split of the producer's output must take the new widths).
 
 Three forms are followed, in fx (symbolic_trace) or aten (torch.export) spelling:
@@ -14,7 +14,7 @@ pieces that are left (a chunk becomes a split with those sizes, since pieces nee
 equally), and a slice's bounds move down by the units removed before them. GLU needs no rewrite: its
 two halves lose the same units.
 
-    >>> outputs = split_outputs(gm, h_node, axis=1)   # [(output node, lo, hi)], a reason, or None
+    >>> outputs = split_outputs(gm, h_node, axis=1)   # [(output node, lo, hi)] or None; Refusal
     >>> rewrite_splits(gm, {"getitem": 3})             # 3 units removed from piece `getitem`
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from .ops import _shape
+from .layers import readers_of, shape_of
+from .site import Context, Refusal, Site
 
 aten = torch.ops.aten
 
@@ -41,7 +42,7 @@ PARAMETERS = ("split_size_or_sections", "split_size", "split_sizes", "chunks", "
 GLU = {torch.nn.functional.glu, aten.glu.default}
 
 
-def _split_call(node: fx.Node):
+def split_call(node: fx.Node):
     """(splitting function, parameter, dim) if node splits its first argument, else None."""
     if node.op == "call_function" and node.target in SPLIT_FUNCTIONS:
         fn = SPLIT_FUNCTIONS[node.target]
@@ -57,7 +58,7 @@ def _split_call(node: fx.Node):
 def split_intervals(node: fx.Node, d: int) -> list[tuple[int, int]]:
     """The unit interval [lo, hi) of each output of a split of d units (the split run on arange(d);
     sizes computed in the graph, `x.split(C)` with C from x.shape, are read off the traced pieces)."""
-    fn, param, _ = _split_call(node)
+    fn, param, _ = split_call(node)
     sizes = [len(t) for t in fn(torch.arange(d), param, 0)] if constant_sizes(node) else traced_sizes(node)
     ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
     return [(e - s, e) for s, e in zip(sizes, ends)]
@@ -65,14 +66,14 @@ def split_intervals(node: fx.Node, d: int) -> list[tuple[int, int]]:
 
 def constant_sizes(node: fx.Node) -> bool:
     """Whether a split's sizes (or chunk count) are constants in the graph."""
-    param = _split_call(node)[1]
+    param = split_call(node)[1]
     return all(isinstance(v, int) for v in (param if isinstance(param, (list, tuple)) else [param]))
 
 
 def traced_sizes(node: fx.Node) -> list[int] | None:
     """The sizes of a split's pieces as traced, when every piece is indexed (else None)."""
-    dim = _split_call(node)[2]
-    traced = {_getitem_index(u, node): _shape(u)[dim] for u in node.users if _shape(u) is not None}
+    dim = split_call(node)[2]
+    traced = {_getitem_index(u, node): shape_of(u)[dim] for u in node.users if shape_of(u) is not None}
     return [traced[k] for k in range(len(traced))] if set(traced) == set(range(len(traced))) and traced else None
 
 
@@ -114,26 +115,27 @@ def _getitem_index(node: fx.Node, parent: fx.Node):
 
 def split_outputs(readers: list[fx.Node], value: fx.Node, axis: int):
     """How `value` (units on `axis`) is split by its readers: [(output node, lo, hi)] (a glu is one
-    output listed for both halves); a reason (str) when a split there cannot be followed; or None when
-    `value` is not split (its readers are then checked as consumers)."""
-    shape = _shape(value) or ()
+    output listed for both halves), or None when
+    `value` is not split (its readers are then checked as consumers); Refusal when a split there cannot
+    be followed."""
+    shape = shape_of(value) or ()
     rank = len(shape)
     if not readers or not rank:
         return None
     d = shape[axis]
-    if len(readers) == 1 and (call := _split_call(readers[0])) is not None:
+    if len(readers) == 1 and (call := split_call(readers[0])) is not None:
         split = readers[0]
         if call[2] % rank != axis % rank:
             return None
         sizes = call[1] if isinstance(call[1], (list, tuple)) else [call[1]]
         if not all(isinstance(v, int) for v in sizes):
-            return f"the split `{split.name}` has sizes that are not constants"
+            raise Refusal(f"the split `{split.name}` has sizes that are not constants")
         intervals = split_intervals(split, d)
         outputs = []
         for user in split.users:
             k = _getitem_index(user, split)
             if k is None:
-                return f"the split `{split.name}` is read by `{user.name}`, which is not an indexing of one piece"
+                raise Refusal(f"the split `{split.name}` is read by `{user.name}`, which is not an indexing of one piece")
             if user.users:                          # a piece nothing reads is left as it is
                 outputs.append((user, *intervals[k]))
         return sorted(outputs, key=lambda o: o[1])
@@ -148,12 +150,29 @@ def split_outputs(readers: list[fx.Node], value: fx.Node, axis: int):
         return None
     for r, (_, _, _, step) in slices:
         if step != 1:
-            return f"the slice `{r.name}` has a step ({step}); only contiguous slices of the units are followed"
+            raise Refusal(f"the slice `{r.name}` has a step ({step}); only contiguous slices of the units are followed")
     outputs = sorted(((r, _bound(s[1], 0, d), _bound(s[2], d, d)) for r, s in slices), key=lambda o: o[1:])
     for (a, _, hi), (b, lo, _) in zip(outputs, outputs[1:]):
         if lo < hi:
-            return f"the slices `{a.name}` and `{b.name}` overlap (a unit read by two pieces is not followed)"
+            raise Refusal(f"the slices `{a.name}` and `{b.name}` overlap (a unit read by two pieces is not followed)")
     return outputs
+
+
+def find(ctx: Context, value: fx.Node, axis: int):
+    """The pieces [(output node, lo, hi)] `value` is split into along the units' `axis`, or None when it is
+    not split; Refusal when a split there cannot be followed (`split_outputs`)."""
+    return split_outputs(readers_of(value), value, axis)
+
+
+def rewrite(gm: fx.GraphModule, folded: list[tuple[Site, list[int]]]) -> None:
+    """Every split whose pieces lost units takes its new sizes or bounds, in place. The pieces of one
+    split are several sites: their losses are summed per piece first."""
+    lost: dict[str, int] = {}                 # split piece node -> units it no longer carries
+    for site, kept in folded:
+        removed = sorted(set(range(site.n_units)) - set(kept))
+        for piece in site.splits:
+            lost[piece.module] = lost.get(piece.module, 0) + len(piece.rows_of(removed))
+    rewrite_splits(gm, {piece: n for piece, n in lost.items() if n})
 
 
 def rewrite_splits(gm: fx.GraphModule, removed: dict[str, int]) -> None:
@@ -167,7 +186,7 @@ def rewrite_splits(gm: fx.GraphModule, removed: dict[str, int]) -> None:
         if parent in done:
             continue
         done.add(parent)
-        if _split_call(parent) is not None:
+        if split_call(parent) is not None:
             _resize_split(parent, removed)
         else:
             _move_slices(parent, removed)
@@ -177,9 +196,9 @@ def _resize_split(split: fx.Node, removed: dict[str, int]) -> None:
     """split / chunk / tensor_split -> a split with the sizes left (torch.split, Tensor.split or
     aten.split_with_sizes: the same spelling family as before)."""
     x = split.args[0]
-    _, _, dim = _split_call(split)
+    _, _, dim = split_call(split)
     lost = {_getitem_index(u, split): removed.get(u.name, 0) for u in split.users}
-    sizes = [hi - lo - lost.get(k, 0) for k, (lo, hi) in enumerate(split_intervals(split, _shape(x)[dim]))]
+    sizes = [hi - lo - lost.get(k, 0) for k, (lo, hi) in enumerate(split_intervals(split, shape_of(x)[dim]))]
     if split.op == "call_method":
         split.target, split.args, split.kwargs = "split", (x, sizes), {"dim": dim}
     elif isinstance(split.target, torch._ops.OpOverload):
@@ -190,9 +209,9 @@ def _resize_split(split: fx.Node, removed: dict[str, int]) -> None:
 
 def _move_slices(x: fx.Node, removed: dict[str, int]) -> None:
     """Every slice of x moves down by the units removed before it and shrinks by its own."""
-    rank = len(_shape(x) or ())
+    rank = len(shape_of(x) or ())
     slices = [(s, _slice(s, rank)) for s in x.users if _slice(s, rank) is not None]
-    d = _shape(x)[slices[0][1][0]]
+    d = shape_of(x)[slices[0][1][0]]
     spans = [(s, _bound(a, 0, d), _bound(b, d, d)) for s, (_, a, b, _) in slices]
     for s, lo, hi in spans:
         before = sum(removed.get(t.name, 0) for t, _, t_hi in spans if t_hi <= lo)

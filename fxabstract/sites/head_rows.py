@@ -1,7 +1,7 @@
 """Which rows of which projection each attention head reads: q, k and v are followed back from the
 attention kernel through index ops (views, transposes, permutes, unbind, split/chunk, select,
 scalar scaling) to the Linear(s) that produce them, and the producer's row indices are carried
-forward along the same ops (THEORY §1: a removed unit's producer rows are deleted; here a head's
+forward along the same ops (docs/math.md §1: a removed unit's producer rows are deleted; here a head's
 rows are deleted from q, k and v).
 
 One evaluator serves every layout users write, in fx or aten spelling:
@@ -27,8 +27,9 @@ import torch.fx as fx
 from torch import nn
 
 from .head_ops import region
-from .ops import _shape, is_batch_size, narrow, op_name, size_dims
-from .splits import _split_call, constant_sizes, split_intervals, traced_sizes
+from .layers import shape_of, is_batch_size, narrow, op_name, size_dims
+from .site import Refusal
+from .splits import split_call, constant_sizes, split_intervals, traced_sizes
 
 aten = torch.ops.aten
 RESHAPES = {"view", "reshape", "_unsafe_view"}
@@ -39,7 +40,7 @@ SCALINGS = {"mul", "div", "truediv"}          # by a Python number: each row kee
 IDENTITY_MODULES = (nn.Identity, nn.Dropout)
 
 
-def _is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+def is_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear)
 
 
@@ -53,19 +54,19 @@ def _passes_rows(gm: fx.GraphModule, node: fx.Node) -> bool:
             return False
         x = chain_input(node)
         other = node.args[1] if x is node.args[0] else node.args[0]
-        return isinstance(x, fx.Node) and _shape(x) is not None and (
-            isinstance(other, (int, float)) or (isinstance(other, fx.Node) and _shape(other) is None))
+        return isinstance(x, fx.Node) and shape_of(x) is not None and (
+            isinstance(other, (int, float)) or (isinstance(other, fx.Node) and shape_of(other) is None))
     if name == "getitem":                        # x[0], or x[:, :, None] (a new axis)
         index = node.args[1]
         return isinstance(index, int) or isinstance(index, tuple) and all(
             i is None or i is Ellipsis or i == slice(None, None, None) for i in index)
-    if _split_call(node) is not None:            # sizes computed from shapes: read off every traced piece
+    if split_call(node) is not None:            # sizes computed from shapes: read off every traced piece
         return constant_sizes(node) or traced_sizes(node) is not None
     if name == "dropout":
         return len(node.all_input_nodes) == 1
     if name == "slice":                          # a whole axis only: a part would need its bounds rewritten
-        x, size = node.args[0], _shape(node)
-        return isinstance(x, fx.Node) and _shape(x) is not None and size is not None and _shape(x) == size
+        x, size = node.args[0], shape_of(node)
+        return isinstance(x, fx.Node) and shape_of(x) is not None and size is not None and shape_of(x) == size
     if name == "repeat_interleave":              # by a number of repeats
         return len(node.args) >= 2 and isinstance(node.args[1], int)
     return name in INDEX_OPS and node.args[:1] != () and isinstance(node.args[0], fx.Node)
@@ -75,7 +76,7 @@ def chain_input(node: fx.Node):
     """The tensor an index op or scaling reads: its first argument (the second in `scale * q`)."""
     a = node.args[0]
     if op_name(node) == "mul" and len(node.args) == 2 and isinstance(node.args[1], fx.Node) and (
-            not isinstance(a, fx.Node) or _shape(a) is None):
+            not isinstance(a, fx.Node) or shape_of(a) is None):
         return node.args[1]
     return a
 
@@ -86,11 +87,11 @@ def trace_back(gm: fx.GraphModule, starts: list[fx.Node]):
     out, reason = {}, None
     for start in starts:
         node, chain = start, []
-        while isinstance(node, fx.Node) and not _is_linear(gm, node) and (
+        while isinstance(node, fx.Node) and not is_linear(gm, node) and (
                 _passes_rows(gm, node) or region(gm, node) is not None):
             chain.append(node)
             node = source(gm, node)
-        if isinstance(node, fx.Node) and _is_linear(gm, node):
+        if isinstance(node, fx.Node) and is_linear(gm, node):
             out[start] = (node, chain[::-1])
         elif reason is None:
             name = getattr(node, "name", node)
@@ -111,7 +112,7 @@ def apply_op(node: fx.Node, x):
     name = op_name(node)
     args = node.args[1:]
     if name in RESHAPES:
-        return x.reshape(_shape(node))
+        return x.reshape(shape_of(node))
     if name == "transpose":
         return x.transpose(*args)
     if name == "permute":
@@ -123,7 +124,7 @@ def apply_op(node: fx.Node, x):
     if name == "getitem":
         return x[args[0]]
     if name == "expand":
-        return x.expand(_shape(node))
+        return x.expand(shape_of(node))
     if name == "unsqueeze":
         return x.unsqueeze(args[0])
     if name == "slice":
@@ -131,8 +132,8 @@ def apply_op(node: fx.Node, x):
         return x[(slice(None),) * (dim % x.dim()) + (slice(*rest),)]
     if name == "repeat_interleave":
         return x.repeat_interleave(args[0], dim=args[1] if len(args) > 1 else node.kwargs.get("dim"))
-    if _split_call(node) is not None:
-        dim = _split_call(node)[2]
+    if split_call(node) is not None:
+        dim = split_call(node)[2]
         return x.split([hi - lo for lo, hi in split_intervals(node, x.shape[dim])], dim)
     return x          # contiguous, clone, casts, dropout, identity, scaling; rotary and q/k norm (head_ops.py)
 
@@ -142,7 +143,7 @@ def evaluate(gm: fx.GraphModule, chains: dict) -> dict[fx.Node, torch.Tensor]:
     env = {}
     for linear, chain in chains.values():
         if linear not in env:
-            env[linear] = torch.arange(gm.get_submodule(linear.target).out_features).expand(_shape(linear))
+            env[linear] = torch.arange(gm.get_submodule(linear.target).out_features).expand(shape_of(linear))
         for node in chain:
             if node not in env:
                 env[node] = apply_op(node, env[source(gm, node)])
@@ -168,8 +169,8 @@ def head_axis(t: torch.Tensor, heads: list[torch.Tensor]) -> tuple[int, int] | N
     return found.pop() if len(found) == 1 else None
 
 
-def stray_reader(heads_of: dict[fx.Node, list[torch.Tensor]], readers: set[fx.Node], env: dict) -> str | None:
-    """Why a value on the chains (heads_of: node -> the rows of each head of its producer) is read by
+def check_stray_readers(heads_of: dict[fx.Node, list[torch.Tensor]], readers: set[fx.Node], env: dict) -> None:
+    """Refusal if a value on the chains (heads_of: node -> the rows of each head of its producer) is read by
     something else than the chains and `readers` (the attention), or None: the other readers allowed
     are size reads of an axis that does not carry heads (`k.size(-1)`), batch-size reads and dead nodes."""
     for node, heads in heads_of.items():
@@ -181,6 +182,5 @@ def stray_reader(heads_of: dict[fx.Node, list[torch.Tensor]], readers: set[fx.No
                 axis = head_axis(env[node], heads)
                 if axis is not None and all(d % env[node].dim() != axis[0] for d in dims):
                     continue
-            return (f"`{node.name}` on the way from a projection to the attention is also read by "
-                    f"`{user.name}` ({op_name(user) or user.op}), which depends on the head count")
-    return None
+            raise Refusal(f"`{node.name}` on the way from a projection to the attention is also read by "
+                          f"`{user.name}` ({op_name(user) or user.op}), which depends on the head count")

@@ -1,7 +1,7 @@
 """Grouped-query attention: h query heads read h_kv key/value heads, kv head j serving the G = h / h_kv
 adjacent query heads j G .. j G + G - 1. A head site's units are removed one query head at a time
 (group = dh); a kv head's rows of k and v are deleted once all G of its query heads are (SharedPiece).
-The repeat of k and v to h heads cannot stay uniform then, so fold rewrites it (THEORY §1: exact):
+The repeat of k and v to h heads cannot stay uniform then, so fold rewrites it (docs/math.md §1: exact):
 
     repeat_kv: x[:, :, None].expand(B, h_kv, G, T, dh).reshape(B, h, T, dh)  ->  x.index_select(1, idx)
     x.repeat_interleave(G, dim=1)                                           ->  x.index_select(1, idx)
@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .ops import narrow, op_name
+from .layers import narrow, op_name
+from .site import Refusal
 
 REPEAT_OPS = {"unsqueeze", "getitem", "expand", "clone", "contiguous", "reshape", "view", "_unsafe_view",
               "repeat_interleave"}
@@ -34,17 +35,17 @@ def _rows(t, heads: int, dh: int):
 
 def _repeat(chain: list[fx.Node], env: dict, expected: torch.Tensor, G: int):
     """(x, y): the kv value [B, h_kv, T, dh] and the repeated value [B, h, T, dh] on a k or v chain
-    (the nodes after x up to y are the repeat), or why there is none; expected: [h, dh] rows."""
+    (the nodes after x up to y are the repeat); Refusal if there is none; expected: [h, dh] rows."""
     (h, dh), kv = expected.shape, expected[::G]
     y = next((i for i, n in enumerate(chain) if (r := _rows(env[n], h, dh)) is not None
               and torch.equal(r, expected)), None)
     x = next((j for j in range(y - 1, -1, -1) if (r := _rows(env[chain[j]], h // G, dh)) is not None
               and torch.equal(r, kv)), None) if y else None
     if x is None:
-        return "no repeat of the key/value heads over axis 1 found"
+        raise Refusal("no repeat of the key/value heads over axis 1 found")
     if any(op_name(n) not in REPEAT_OPS or len(n.users) != 1 for n in chain[x + 1:y + 1]):
         bad = next(n for n in chain[x + 1:y + 1] if op_name(n) not in REPEAT_OPS or len(n.users) != 1)
-        return f"`{bad.name}` repeats the key/value heads in a form fxabstract does not rewrite"
+        raise Refusal(f"`{bad.name}` repeats the key/value heads in a form fxabstract does not rewrite")
     return chain[x], chain[y]
 
 
@@ -59,10 +60,7 @@ def kv_plan(chains: dict, kv_starts: list, env: dict, rows: dict, h: int, dh: in
         return [("sdpa", kernel.name, "")], kv_side, inside
     for s in kv_starts:
         chain = chains[s][1]
-        found = _repeat(chain, env, rows[s], G)                               # rows[s]: [h, dh]
-        if isinstance(found, str):
-            return found
-        x, y = found
+        x, y = _repeat(chain, env, rows[s], G)                                # rows[s]: [h, dh]
         a, b = chain.index(x), chain.index(y)
         kv_side |= set(chain[:a + 1])
         inside |= set(chain[a + 1:b + 1])

@@ -1,7 +1,7 @@
 """Per-head ops between the q/k projections and the attention: rotary position embeddings and q/k
 normalisation over head_dim. They mix values only along the last axis, within one head, with
 tensors (cos, sin, a norm weight [dh]) that are the same for every head; so a head's rows stay that
-head's, and deleting whole heads leaves every kept head's values unchanged (THEORY §1: the fold is
+head's, and deleting whole heads leaves every kept head's values unchanged (docs/math.md §1: the fold is
 exact).
 
     q * cos + rotate_half(q) * sin            rotate_half(x) = cat((-x[..., d/2:], x[..., :d/2]), -1)
@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .ops import _shape, narrow, op_name, size_dims
+from .layers import shape_of, narrow, op_name, size_dims
 
 ELEMENTWISE = {"add", "sub", "mul", "div", "truediv", "neg", "rsqrt", "sqrt", "pow", "to", "type", "float",
                "_to_copy", "reciprocal", "type_as"}
@@ -55,7 +55,7 @@ def _within_last_axis(gm: fx.GraphModule, node: fx.Node) -> bool:
         return True
     if name not in LAST_AXIS or not node.args:
         return False
-    x, rank = node.args[0], len(_shape(node.args[0] if name != "cat" else node.args[0][0]) or ())
+    x, rank = node.args[0], len(shape_of(node.args[0] if name != "cat" else node.args[0][0]) or ())
     if name == "cat":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         return rank > 0 and _last(dim, rank)
@@ -82,7 +82,7 @@ def region(gm: fx.GraphModule, out: fx.Node) -> Region | None:
     """The per-head op ending at `out` (rotary, q/k norm), or None when out is not one."""
     if out.op not in ("call_function", "call_method", "call_module") or not _within_last_axis(gm, out):
         return None
-    shape = _shape(out)
+    shape = shape_of(out)
     nodes, leaves, stack = set(), [], [out]
     while stack:
         node = stack.pop()
@@ -93,8 +93,8 @@ def region(gm: fx.GraphModule, out: fx.Node) -> Region | None:
             continue
         nodes.add(node)
         inputs = node.args[:1] if op_name(node) == "type_as" else node.all_input_nodes   # (its dtype source: no input)
-        stack += [a for a in inputs if _shape(a) is not None or op_name(a) == "native_layer_norm"]
-    sources = {n for n in leaves if _shape(n) == shape}
+        stack += [a for a in inputs if shape_of(a) is not None or op_name(a) == "native_layer_norm"]
+    sources = {n for n in leaves if shape_of(n) == shape}
     if len(sources) != 1 or len(nodes) >= MAX_NODES:
         return None
     source = sources.pop()
@@ -120,7 +120,7 @@ def _ancestors(node: fx.Node, limit: int = 256) -> set:
 
 def _reads_size(node: fx.Node) -> bool:
     """x.shape[-1] (fx): a read of the last axis' size (rotate_half's `x.shape[-1] // 2`)."""
-    rank = len(_shape(node.args[0]) or ()) if node.args else 0
+    rank = len(shape_of(node.args[0]) or ()) if node.args else 0
     dims = size_dims(node) if node.target is getattr else None
     return rank > 0 and dims is not None and all(d % rank == rank - 1 for d in dims)
 
@@ -129,7 +129,7 @@ def broadcast_ok(source_rows: torch.Tensor, operand: fx.Node) -> bool:
     """The operand (cos, sin, a weight) is the same for every head: size 1 (or absent) on each axis
     other than the last along which the source's row indices vary (the head axis)."""
     t = narrow(source_rows)
-    shape = list(_shape(operand) or ())
+    shape = list(shape_of(operand) or ())
     shape = [1] * (t.dim() - len(shape)) + shape
     return len(shape) == t.dim() and all(shape[a] == 1 for a in range(t.dim() - 1) if t.shape[a] > 1)
 

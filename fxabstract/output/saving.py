@@ -1,7 +1,7 @@
 """Saving and loading an abstraction without pickling code: torch.export's `.pt2` plus the report.
 
     >>> result.save("out/")                  # out/module.pt2, out/report.json (and out/module.pt)
-    >>> loaded = fxa.load("out/")            # Abstraction: a runnable module and the report
+    >>> loaded = fxa.load("out/")            # Abstraction: a runnable module and the report (`read`)
     >>> loaded.module(x), loaded.report["sites"][0]["kept"]
 
 `module.pt2` is a torch.export archive: the graph as JSON and the weights as tensors, so loading it
@@ -18,8 +18,9 @@ import os
 import torch
 import torch.fx as fx
 
-from .errors import ConfigError, ExportError, OutputError
-from .report import check_new, dumps, staged, write_atomic
+from ..errors import ConfigError, ExportError, OutputError
+from .files import check_new, staged, write_atomic
+from .report import dumps
 
 PROGRAM, REPORT, PICKLED = "module.pt2", "report.json", "module.pt"
 SAVED = (PROGRAM, PICKLED, REPORT)
@@ -59,14 +60,13 @@ def save(module: fx.GraphModule, report: dict, example: tuple | None, folder: st
         write_atomic(os.path.join(staging, REPORT), dumps(report))
 
 
-def load(folder: str):
-    """The Abstraction saved in folder: module from module.pt2 (no pickled code), report from report.json."""
-    from .abstraction import Abstraction
-
+def read(folder: str) -> tuple[torch.nn.Module, dict]:
+    """(module, report) saved in folder: the module from module.pt2 (no pickled code), the report from
+    report.json; `fxa.load` wraps them in an Abstraction."""
     missing = [name for name in (PROGRAM, REPORT) if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise ConfigError(f"{folder} has no {' or '.join(missing)}; write it with Abstraction.save(folder)")
     program = torch.export.load(os.path.join(folder, PROGRAM))
     with open(os.path.join(folder, REPORT)) as f:
         report = json.load(f)
-    return Abstraction(program.module(), report)
+    return program.module(), report

@@ -15,7 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, DependencyError
+from ..errors import ConfigError, DependencyError
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
 SKLEARN_PHOTOS = ("china", "flower")

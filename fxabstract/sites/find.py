@@ -1,4 +1,4 @@
-"""Find sites: graph values whose units can be replaced and folded away (THEORY §1).
+"""Find sites: graph values whose units can be replaced and folded away (docs/math.md §1).
 
 A site is the output of one or more *producers* (layers whose output features or channels are the
 units: Linear, Conv1d/2d), followed by a chain of per-unit ops, read only by affine *consumers*.
@@ -40,85 +40,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch import nn
 
-from .ops import (CHANNEL_OPS, CONSUMERS, CONVS, ELEMENTWISE_FUNCTIONS, PRODUCERS, _module, _readers, _shape,
-                  _width, excitation, feeds_gate, gate_of, is_cat, is_elementwise, is_flatten, is_identity,
-                  is_per_unit, is_product, is_unsqueeze)
-from .splits import split_outputs
-
-
-@dataclass
-class Piece:
-    """A layer's share of a site's units: units [lo, hi) are its output rows (channels) start ..
-    start + hi - lo, out of `rows` (0: hi - lo, the whole layer). A split value's pieces take part of
-    a layer's rows; a gated unit (GLU) takes one row from each half."""
-
-    module: str
-    lo: int
-    hi: int
-    start: int = 0
-    rows: int = 0
-
-    @property
-    def total(self) -> int:
-        """The layer's rows (channels) in all."""
-        return self.rows or self.hi - self.lo
-
-    def rows_of(self, units) -> list[int]:
-        """The layer's rows for those of `units` that fall in this piece."""
-        return [self.start + u - self.lo for u in units if self.lo <= u < self.hi]
-
-    def restrict(self, lo: int, hi: int) -> Piece | None:
-        """This piece's part of units [lo, hi), numbered from lo (the units of a piece of a split)."""
-        a, b = max(self.lo, lo), min(self.hi, hi)
-        return Piece(self.module, a - lo, b - lo, self.start + a - self.lo, self.total) if a < b else None
-
-    def shifted(self, offset: int) -> Piece:
-        return Piece(self.module, self.lo + offset, self.hi + offset, self.start, self.rows)
-
-
-@dataclass
-class SharedPiece(Piece):
-    """A k or v layer's share of a grouped-query head site: units [lo, hi) are `share` query heads of
-    `block` units each, and unit lo + i + k block reads row start + i for every k; a row is deleted once
-    every unit that reads it is removed (the k/v head once all its query heads are)."""
-
-    share: int = 1
-    block: int = 1
-
-    def rows_of(self, units) -> list[int]:
-        units = set(units)
-        return [self.start + i for i in range(self.block)
-                if all(u in units for u in range(self.lo + i, self.hi, self.block))]
-
-
-@dataclass
-class Site:
-    """One site: the value read by `consumers`, produced by `producers` through `chain`."""
-
-    name: str                 # stable name: the first producer's module path (+ `.piece<k>`: a split's pieces)
-    node: str                 # graph node whose value is the site (read by the consumers)
-    chain: list[str]          # graph nodes of the per-unit ops between the producers and the site
-    consumers: list[str]      # module paths of the affine layers that read the site
-    n_units: int
-    axis: int = -1            # the units' axis in the site value: -1 (features) or 1 (channels)
-    shape: tuple = ()         # the site value's shape without the batch axis (traced input size)
-    pieces: list[Piece] = field(default_factory=list)          # producers and their unit ranges
-    channel_ops: list[Piece] = field(default_factory=list)     # per-channel layers and their unit ranges
-    reads: dict[str, str] = field(default_factory=dict)        # consumer -> features | channels | flattened
-    bias_maps: list[str] = field(default_factory=list)         # zero-padded conv consumers: spatial bias maps
-    group: int = 1            # units are removed in groups of this many (an attention head's width)
-    head_shapes: dict = field(default_factory=dict)            # view node -> (head axis, positions per head)
-    splits: list[Piece] = field(default_factory=list)          # split pieces (graph nodes) and the units each carries
-    branches: list[Site] = field(default_factory=list)         # second readings of the units (an SE squeeze)
-    unit_views: list[str] = field(default_factory=list)        # gate views [B, d] -> [B, d, 1, 1] (fold writes d)
-    kv_shapes: dict = field(default_factory=dict)              # GQA: k/v view node -> (kv head axis, 1)
-    repeats: list = field(default_factory=list)                # GQA: (kv value, repeated value) node names (gqa.py)
-
-    @property
-    def producer(self) -> str:
-        return self.pieces[0].module
+from .layers import (CHANNEL_OPS, CONVS, ELEMENTWISE_FUNCTIONS, PRODUCERS, consumer_reads, excitation,
+                     feeds_gate, gate_of, is_cat, is_elementwise, is_per_unit, is_product, is_unsqueeze, module_of,
+                     readers_of, shape_of, stateless, width_of, zero_padded)
+from .patterns import CLAIM, SITE, VALUE, stage
+from .site import Context, Piece, Refusal, Site
 
 
 # --------------------------------------------------------------------------- shapes
@@ -157,7 +84,7 @@ def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> li
     """start, then each node that is the one reader of the last and keeps its units: per-unit, cat, product."""
     path = [start]
     while True:
-        readers = _readers(path[-1])
+        readers = readers_of(path[-1])
         if len(readers) > 1 and (region := _elementwise_join(gm, path[-1])):
             path += region                  # a per-unit function written out (GPT-2's gelu): one op
             continue
@@ -167,8 +94,8 @@ def _follow(gm: fx.GraphModule, calls: Counter, start: fx.Node, axis: int) -> li
         if len(readers) != 1:
             return path
         (user,) = readers
-        if not ((is_per_unit(gm, user, path[-1], axis, _shape(path[-1])[axis])
-                 and (user.op != "call_module" or calls[user.target] == 1 or _stateless(gm, user)))
+        if not ((is_per_unit(gm, user, path[-1], axis, shape_of(path[-1])[axis])
+                 and (user.op != "call_module" or calls[user.target] == 1 or stateless(gm, user)))
                 or is_cat(user, axis) or is_product(user) or gate_of(user) is not None
                 or (axis == 1 and is_unsqueeze(user, path[-1]) and feeds_gate(user))):
             return path
@@ -179,27 +106,20 @@ def _elementwise_join(gm: fx.GraphModule, start: fx.Node, limit: int = 32) -> li
     """The nodes, in graph order, of a per-unit function of `start` written out as elementwise ops of
     several readers that meet again in one node (`0.5 * x * (1 + tanh(c * (x + a * x**3)))`), or None:
     every op reads only `start`, the region's values and scalars, at start's shape."""
-    region, shape = [start], _shape(start)
+    region, shape = [start], shape_of(start)
     node = start.next
     while len(region) <= limit and node.op != "output":
         inputs = node.all_input_nodes
         if any(a in region for a in inputs):
             elementwise = (node.op == "call_function" and node.target in ELEMENTWISE_FUNCTIONS) or (
                 node.op == "call_module" and is_elementwise(gm, node, inputs[0]))
-            if not elementwise or node.kwargs or _shape(node) != shape or any(a not in region for a in inputs):
+            if not elementwise or node.kwargs or shape_of(node) != shape or any(a not in region for a in inputs):
                 return None
             region.append(node)
-            if all(set(_readers(n)) <= set(region) for n in region[:-1]):
+            if all(set(readers_of(n)) <= set(region) for n in region[:-1]):
                 return region[1:]       # every value but the last is read inside the region only
         node = node.next
     return None
-
-
-def _stateless(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A module without parameters or buffers (an activation, a pooling): calling it more than once
-    (`self.act(a)`, `self.act(b)`) shares nothing that a fold would slice."""
-    mod = gm.get_submodule(node.target)
-    return next(mod.parameters(), None) is None and next(mod.buffers(), None) is None
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
@@ -209,21 +129,20 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     split along the unit axis starts one path per piece (splits.py). Producers connected this way
     form a region, which is eligible whole or not at all: a split's rows are deleted consistently.
     Needs `annotate_shapes` to have run (shapes decide the unit axis, flatten blocks and bias maps)."""
-    from .heads import find_head_sites  # heads.py builds on this module's Site
-
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     tied = tied_modules(gm)
-    head_sites, claimed, ineligible = find_head_sites(gm, calls, set(tied))   # ineligible: unmatched attention
+    ctx = Context(gm, calls, tied)
+    claimed_sites, claimed, ineligible = _claim(ctx)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     pending: dict[fx.Node, list[_Path]] = {}          # path end -> the paths that end there
     for node in gm.graph.nodes:
-        mod = _module(gm, node)
+        mod = module_of(gm, node)
         if mod is None or type(mod) not in PRODUCERS or node.target in claimed or node.target in ineligible:
             continue
         name = node.target
-        d = _width(PRODUCERS, mod)
+        d = width_of(PRODUCERS, mod)
         if d is None:
-            if _width(CHANNEL_OPS, mod) is None:
+            if width_of(CHANNEL_OPS, mod) is None:
                 ineligible[name] = (f"grouped convolution (groups={mod.groups}): its output channels could go "
                                     "only the same number from every group, which fxabstract does not do yet")
             continue
@@ -233,7 +152,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
         if name in tied:
             ineligible[name] = f"it shares a weight with `{tied[name]}` (tied weights cannot be sliced for one layer)"
             continue
-        shape = _shape(node)
+        shape = shape_of(node)
         if shape is None:
             ineligible[name] = "its output shape is unknown (the layer did not run on the calibration batch)"
             continue
@@ -253,17 +172,17 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
         producers = sorted({q.module for p in group for q in p.pieces}, key=str)
         for m in producers[1:]:
             region[root(m)] = root(producers[0])
-        merged = _merge(gm, order, group)
-        outputs = None if isinstance(merged, str) else split_outputs(_readers(end), end, group[0].axis)
-        reason = merged if isinstance(merged, str) else outputs if isinstance(outputs, str) else None
-        if reason is None and outputs:
-            for path in _pieces(gm, calls, end, outputs, merged, group[0].axis):
-                pending.setdefault(path.nodes[-1], []).append(path)
-        elif reason is None:
-            site, reason = _build_site(gm, calls, tied, end, merged, group[0].axis)
-            built.append(site)
-        if reason:
+        try:                                          # one candidate: the value `end` and the paths into it
+            merged = _merge(gm, order, group)
+            outputs = _split(ctx, end, group[0].axis)
+            if outputs:
+                for path in _pieces(gm, calls, end, outputs, merged, group[0].axis):
+                    pending.setdefault(path.nodes[-1], []).append(path)
+            else:
+                built.append(_build_site(ctx, end, merged, group[0].axis))
+        except Refusal as refusal:
             piece = next((p.piece for p in group if p.piece), None)
+            reason = refusal.reason
             failures.append((producers[0], reason if piece is None else f"its split piece `{piece}`: {reason}"))
     failed: dict[str, str] = {}
     for m, reason in failures:                        # the first failure in graph order names the region
@@ -271,7 +190,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     for m in list(region):
         if root(m) in failed:
             ineligible[m] = failed[root(m)]
-    sites = head_sites + [s for s in built if s is not None and root(s.producer) not in failed]
+    sites = claimed_sites + [s for s in built if root(s.producer) not in failed]
     _name_pieces(sites)
     for s in sites:
         for k, b in enumerate(s.branches):
@@ -281,12 +200,43 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     return sites, ineligible
 
 
+def _claim(ctx: Context) -> tuple[list[Site], set[str], dict[str, str]]:
+    """The sites that CLAIM patterns find whole (attention heads), before any path is followed; the
+    module paths they claim (producers and consumers); and, for candidates refused, the reason per
+    module named. A candidate that touches a tied or already claimed module is left to the paths."""
+    sites, claimed, reasons = [], set(), {}
+    for node in ctx.gm.graph.nodes:
+        for pattern in stage(CLAIM):
+            try:
+                site = pattern.find(ctx, node)
+            except Refusal as refusal:
+                reasons.update({m: refusal.reason for m in refusal.modules if m not in claimed})
+                continue
+            if site is None:
+                continue
+            modules = {p.module for p in site.pieces} | set(site.consumers)
+            if modules & (set(ctx.tied) | claimed):
+                continue
+            sites.append(site)
+            claimed |= modules
+    return sites, claimed, {m: r for m, r in reasons.items() if m not in claimed}
+
+
+def _split(ctx: Context, end: fx.Node, axis: int):
+    """The pieces [(output node, lo, hi)] the first VALUE pattern splits `end` into, or None."""
+    for pattern in stage(VALUE):
+        outputs = pattern.find(ctx, end, axis)
+        if outputs is not None:
+            return outputs
+    return None
+
+
 def _merge(gm: fx.GraphModule, order: dict, group: list[_Path]):
     """The units of every path of the group numbered in their common end value: (pieces, channel
-    ops, split pieces, chain nodes), or why they do not tile it."""
+    ops, split pieces, chain nodes); Refusal if they do not tile it."""
     end, axis = group[0].nodes[-1], group[0].axis
-    if len({p.axis % len(_shape(end)) for p in group}) > 1:
-        return f"its units meet units on another axis at `{end.name}` (a Linear's features and a Conv's channels)"
+    if len({p.axis % len(shape_of(end)) for p in group}) > 1:
+        raise Refusal(f"its units meet units on another axis at `{end.name}` (a Linear's features and a Conv's channels)")
     on_path = {n for p in group for n in p.nodes}
     offset: dict[fx.Node, int] = {end: 0}             # node -> the end's unit of its unit 0
     for path in group:
@@ -296,13 +246,13 @@ def _merge(gm: fx.GraphModule, order: dict, group: list[_Path]):
                 tensors = list(node.args[0])
                 for t in tensors:
                     if t not in on_path:
-                        return (f"it is concatenated (`{node.name}`) with `{getattr(t, 'name', t)}`, "
+                        raise Refusal(f"it is concatenated (`{node.name}`) with `{getattr(t, 'name', t)}`, "
                                 "which is not the output of an eligible producer")
-                off += sum(_shape(t)[axis] for t in tensors[:tensors.index(prev)])
+                off += sum(shape_of(t)[axis] for t in tensors[:tensors.index(prev)])
             elif is_product(node) or gate_of(node) is not None:
                 other = next(a for a in node.all_input_nodes if a is not prev)
                 if other not in on_path:
-                    return (f"it is gated (`{node.name}`) by `{other.name}`, which is not reached from a producer "
+                    raise Refusal(f"it is gated (`{node.name}`) by `{other.name}`, which is not reached from a producer "
                             "(an SE gate must be a Linear or Conv's output through per-unit ops that nothing else reads)"
                             if gate_of(node) is not None else
                             f"it is multiplied (`{node.name}`) by `{other.name}`, which is not the output of an "
@@ -312,13 +262,13 @@ def _merge(gm: fx.GraphModule, order: dict, group: list[_Path]):
     splits = [q.shifted(offset[p.nodes[0]]) for p in group for q in p.splits]
     nodes = sorted({n for p in group for n in p.nodes[1:]}, key=order.get)
     channel_ops = [q.shifted(offset[p.nodes[0]]) for p in group for q in p.channel_ops] + [
-        Piece(n.target, offset[n], offset[n] + _shape(n)[axis]) for n in nodes
-        if n.op == "call_module" and _width(CHANNEL_OPS, gm.get_submodule(n.target)) is not None]
-    d = _shape(end)[axis]
+        Piece(n.target, offset[n], offset[n] + shape_of(n)[axis]) for n in nodes
+        if n.op == "call_module" and width_of(CHANNEL_OPS, gm.get_submodule(n.target)) is not None]
+    d = shape_of(end)[axis]
     covered = Counter(u for q in pieces for u in range(q.lo, q.hi))
     rows = Counter((q.module, r) for q in pieces for r in range(q.start, q.start + q.hi - q.lo))
     if set(covered) != set(range(d)) or max(rows.values()) > 1:
-        return "its producers' channels do not tile the site exactly once (a value concatenated twice?)"
+        raise Refusal("its producers' channels do not tile the site exactly once (a value concatenated twice?)")
     chain = sorted({n for p in group for n in p.before} | set(nodes) | {p.nodes[0] for p in group if p.piece},
                    key=order.get)
     return pieces, channel_ops, splits, chain
@@ -351,32 +301,23 @@ def _name_pieces(sites: list[Site]) -> None:
             s.name = f"{name}.piece{k}"
 
 
-def _build_site(gm: fx.GraphModule, calls: Counter, tied: dict, end: fx.Node, merged, axis: int):
-    """(Site, None) for the value `end` whose units `merged` describes, or (None, why not)."""
+def _build_site(ctx: Context, end: fx.Node, merged, axis: int) -> Site:
+    """The Site of the value `end` whose units `merged` describes, with every SITE pattern's part
+    (an SE squeeze's branches); Refusal if its readers or a pattern's part cannot be folded."""
+    gm = ctx.gm
     pieces, channel_ops, splits, chain = merged
-    shape = _shape(end)
+    shape = shape_of(end)
     d = shape[axis]
-    reads = _consumer_problem(gm, end, calls, d, axis, tied)
-    if isinstance(reads, str):
-        return None, reads
-    from .excitation import squeeze_branches   # excitation.py builds on this module's Site
-    branches = squeeze_branches(gm, calls, tied, chain, {q.module for q in pieces}, d)
-    if isinstance(branches, str):
-        return None, branches
+    reads = consumer_reads(gm, end, ctx.calls, d, axis, ctx.tied)
     first = {n.target: i for i, n in enumerate(gm.graph.nodes) if n.op == "call_module"}
     pieces = sorted(pieces, key=lambda q: (q.lo, first[q.module], q.start))
     channel_ops = sorted(channel_ops, key=lambda q: (first[q.module], q.lo))
     site = Site(pieces[0].module, end.name, [n.name for n in chain], list(reads), d,
                 axis=1 if axis == 1 else -1, shape=tuple(shape[1:]), pieces=pieces, channel_ops=channel_ops,
-                reads=reads, bias_maps=[c for c in reads if _zero_padded(gm.get_submodule(c))], splits=splits,
-                branches=branches, unit_views=[n.name for n in chain if n.all_input_nodes
-                                               and is_unsqueeze(n, n.args[0])])
-    return site, None
-
-
-def _zero_padded(m: nn.Module) -> bool:
-    """A conv whose zero padding makes a constant input channel non-constant at the border."""
-    return isinstance(m, CONVS) and (m.padding == "same" or (m.padding != "valid" and any(m.padding)))
+                reads=reads, bias_maps=[c for c in reads if zero_padded(gm.get_submodule(c))], splits=splits)
+    for pattern in stage(SITE):
+        site = pattern.find(ctx, site)
+    return site
 
 
 def tied_modules(gm: fx.GraphModule) -> dict[str, str]:
@@ -392,49 +333,3 @@ def tied_modules(gm: fx.GraphModule) -> dict[str, str]:
     return tied
 
 
-def _consumer_problem(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, axis: int, tied: dict):
-    """{consumer: how it reads} if `site` is read only by unshared affine consumers, else why not."""
-    readers = _readers(site)
-    if not readers:
-        return "its output is never read"
-    rank = len(_shape(site))
-    reads = {}
-    for user in readers:
-        how = "features" if axis == rank - 1 else "channels"
-        if user.op != "output" and is_flatten(gm, user) and axis == 1 and rank > 2:
-            nxt = _readers(user)
-            while len(nxt) == 1 and is_identity(gm, nxt[0]):
-                nxt = _readers(nxt[0])
-            if len(nxt) != 1:
-                return f"it is flattened (`{user.name}`) and then read by {len(nxt)} nodes"
-            user, how = nxt[0], "flattened"
-        if user.op == "output":
-            return "it is read by the model output (no consumer to fold into)"
-        layer = _module(gm, user)
-        width = None if layer is None else _width(CONSUMERS, layer)
-        if width is None and isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
-            return (f"it is read by grouped convolution `{user.target}` (groups={layer.groups}): its input "
-                    "channels could go only the same number from every group, each replaced within its "
-                    "group, which fxabstract does not do yet")
-        if width is None:
-            target = getattr(user.target, "__name__", user.target)
-            others = f" (one of its {len(readers)} readers: {', '.join(f'`{r.name}`' for r in readers)}; " \
-                     "per-unit ops are followed only when they are a value's one reader)" if len(readers) > 1 else ""
-            return (f"it is read by `{user.name}` ({user.op} {target}), which is not an affine layer "
-                    f"fxabstract can fold into{others}")
-        if len(user.all_input_nodes) != 1:
-            return f"consumer `{user.target}` reads it in an unsupported way"
-        if calls[user.target] > 1:
-            return f"consumer `{user.target}` is called {calls[user.target]} times (shared weights)"
-        if user.target in tied:
-            return f"consumer `{user.target}` shares a weight with `{tied[user.target]}` (tied weights)"
-        if isinstance(layer, nn.Linear) and how == "channels":
-            return f"consumer `{user.target}` is a Linear over an axis that is not the units' axis"
-        if isinstance(layer, CONVS) and how != "channels":
-            return f"consumer `{user.target}` convolves an axis that is not the units' axis"
-        if how == "flattened" and width % d:
-            return f"consumer `{user.target}` reads {width} features, not a multiple of the {d} units"
-        if how != "flattened" and width != d:
-            return f"consumer `{user.target}` reads {width} features, not the {d} units produced"
-        reads[user.target] = how
-    return reads

@@ -1,4 +1,4 @@
-"""Compact proofs (THEORY §5): a certified lower bound on a group-operation network's accuracy over
+"""Compact proofs (docs/math.md §5): a certified lower bound on a group-operation network's accuracy over
 its whole finite domain, from its compiled abstraction plus a rigorous bound on the deviation of the
 dense model from the abstraction.
 
@@ -29,7 +29,7 @@ import time
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 U32 = 2.0 ** -24  # unit roundoff of float32
 
@@ -45,7 +45,7 @@ def _structure(model: nn.Module, abstraction) -> tuple:
     types = (nn.Embedding, nn.Embedding, nn.Linear, nn.Linear)
     if not all(isinstance(getattr(model, a, None), t) for a, t in zip(names, types)):
         raise ConfigError("certify needs a groups.GroupMLP-shaped model (left/right nn.Embedding, nn.Linear "
-                          "hidden and unembed); build it with fxabstract.groups.GroupMLP")
+                          "hidden and unembed); build it with fxabstract.interpret.groups.GroupMLP")
     sites = abstraction.report["sites"]
     if len(sites) != 1 or sites[0]["producer"] != "hidden" or sites[0]["consumers"] != ["unembed"]:
         raise ConfigError("certify needs an abstraction of the single site `hidden`; compile with sites=['hidden']")
@@ -95,7 +95,7 @@ def _replacement(site: dict) -> tuple:
 def certify(model: nn.Module, abstraction, domain: torch.Tensor, batch_size: int = 2048) -> dict:
     """A sound lower bound on `model`'s accuracy over every (x, y) of the group whose multiplication
     table is `domain` ([n, n] long, groups.cyclic_table / symmetric_table), from `abstraction` (an
-    fxa.abstract result on the site `hidden`) and a per-input bound on the deviation (THEORY §5).
+    fxa.abstract result on the site `hidden`) and a per-input bound on the deviation (docs/math.md §5).
 
     Returns {"bound", "certified" (count), "inputs", "mask" ([n, n] bool: the inputs (x, y) proven
     correct), "abstraction_accuracy", "gap_max", "gap_mean" (the certified bound on the deviation of
@@ -105,7 +105,7 @@ def certify(model: nn.Module, abstraction, domain: torch.Tensor, batch_size: int
     n = model.left.num_embeddings
     if not (isinstance(domain, torch.Tensor) and domain.shape == (n, n) and not domain.is_floating_point()):
         raise ConfigError(f"domain must be the group's [{n}, {n}] integer multiplication table "
-                          "(fxabstract.groups.cyclic_table or symmetric_table)")
+                          "(fxabstract.interpret.groups.cyclic_table or symmetric_table)")
     K, P, beta, theta = _replacement(site)
     k, p = len(K), len(P)
     affine = p > 0 and bool(theta.abs().max() > 0)
