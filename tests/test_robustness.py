@@ -89,6 +89,24 @@ def test_a_site_whose_units_are_all_dead_gets_a_finite_affine_fit(selection):
     assert_finite_and_exact(model, result, x)
 
 
+def test_a_numerically_constant_unit_gets_no_exploding_coefficient():
+    """A unit whose spread is at float32 rounding level (variance 0 after the moments' cancellation,
+    a covariance of rounding noise left over) must not be a regressor with a weight of 1e7: the
+    compiled module's own rounding would then be amplified (seen on a MobileNetV2 with a 1x1 late
+    stage on one CPU thread: hooks vs compiled 3.6e-3). Its ridge floor is its rounding level."""
+    from fxabstract.passes.risk import fit_affine
+    mu = torch.tensor([0.3, 0.3], dtype=torch.float64)
+    S = torch.tensor([[0.0, 1e-17], [1e-17, 3e-13]], dtype=torch.float64)     # unit 0: constant to rounding
+    _, theta = fit_affine(mu, S, [0], [1], 1e-3)
+    assert abs(float(theta)) < 1e-2, f"theta {float(theta):.3g} divides rounding noise by rounding noise"
+    scaled = torch.tensor([1000.0, 1.0], dtype=torch.float64)                 # the floor scales with the unit
+    _, theta_scaled = fit_affine(mu * scaled, S * torch.outer(scaled, scaled), [0], [1], 1e-3)
+    assert torch.allclose(theta_scaled * 1000, theta, rtol=1e-9), "the floor must keep the fit scale invariant"
+    S_real = torch.tensor([[1.0, 0.5], [0.5, 1.0]], dtype=torch.float64)     # a real unit: the ridge asked for
+    _, theta_real = fit_affine(mu, S_real, [0], [1], 1e-3)
+    assert float(theta_real) == pytest.approx(0.5 / (1 + 1e-3 + 1e-12), rel=1e-12)
+
+
 @pytest.mark.parametrize("replacement", ["constant", "affine"])
 @pytest.mark.parametrize("scale", ["weights", "inputs"])
 def test_huge_activations_give_a_finite_exact_compile(scale, replacement):

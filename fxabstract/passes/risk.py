@@ -74,12 +74,23 @@ def position_affine_risk(stats: Statistics, name: str, S: torch.Tensor, K: list[
     return affine_risk(k.H0 / k.n, Sb, K, P, theta) + affine_risk(Hw, Sw, K, P, theta)
 
 
-def ridge_of(S: torch.Tensor, ridge: float) -> torch.Tensor:
+ROUNDING = 10 * torch.finfo(torch.float32).eps   # spread below this fraction of a unit's size: rounding noise
+
+
+def ridge_of(S: torch.Tensor, ridge: float, mu: torch.Tensor | None = None) -> torch.Tensor:
     """Per-unit ridge [d, d]: `ridge` times each unit's own variance, so rescaling a unit (docs/math.md §3,
     scaling invariance) rescales its ridge with it; a tiny floor keeps dead units invertible (at least
-    1e-100 when every unit of the site is constant: the inverse of a subnormal overflows)."""
+    1e-100 when every unit of the site is constant: the inverse of a subnormal overflows). With the
+    means `mu`, a unit whose spread is at float32 rounding level (std below ROUNDING times its root mean
+    square: a numerically constant unit) gets a ridge of that level instead, so a fit never divides rounding
+    noise by rounding noise (coefficients of 1e8 that the compiled module's own rounding then amplifies);
+    it is still scale invariant."""
     diag = S.diagonal()
-    return torch.diag(ridge * diag + float((1e-12 * diag.mean()).clamp_min(1e-100)))
+    lam = ridge * diag + float((1e-12 * diag.mean()).clamp_min(1e-100))
+    if mu is not None:
+        noise = ROUNDING ** 2 * (diag + mu * mu)                                   # [d] rounding level of each unit
+        lam = torch.where(diag < noise, noise, lam)
+    return torch.diag(lam)
 
 
 def diagonal_order(scores: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
@@ -129,7 +140,7 @@ def joint_affine_order(Hbar: torch.Tensor, S: torch.Tensor, ridge: float, n: int
 def fit_affine(mu: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], ridge: float):
     """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + Lambda)^-1 (docs/math.md §3)."""
     SKK = S[K][:, K]
-    theta = torch.linalg.solve(SKK + ridge_of(S, ridge)[K][:, K], S[K][:, P]).T   # [P, K]
+    theta = torch.linalg.solve(SKK + ridge_of(S, ridge, mu)[K][:, K], S[K][:, P]).T   # [P, K]
     beta = mu[P] - theta @ mu[K]
     return beta, theta
 
