@@ -155,23 +155,42 @@ def _frame_argnames() -> list[str]:
     return list(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
 
 
+def _argument(source, argnames: list[str]) -> tuple[tuple, str] | None:
+    """(sort key, placeholder name) when `source` is an argument of the frame: a local (`x`), or one
+    item of the frame's *args or **kwargs (`L['args'][0]`: Dynamo compiles nn.Sequential and other
+    modules called through `Module.__call__` that way); None for anything else."""
+    from torch._dynamo.source import DictGetItemSource, GetItemSource, LocalSource   # 1.5 s to import: on use
+
+    def position(name: str) -> int:
+        return argnames.index(name) if name in argnames else len(argnames)
+    if isinstance(source, LocalSource):
+        return (position(source.local_name), 0), source.local_name
+    if (isinstance(source, (GetItemSource, DictGetItemSource)) and isinstance(source.base, LocalSource)
+            and not getattr(source, "index_is_slice", False) and isinstance(source.index, (int, str))):
+        base, index = source.base.local_name, source.index
+        name = f"{base}_{index}" if isinstance(index, int) else index
+        return (position(base), index if isinstance(index, int) else len(argnames) + position(index)), name
+    return None
+
+
 def lift(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule | None, list[int], str | None]:
     """Dynamo's graph -> (a GraphModule over the frame's tensor arguments, with parameters and buffers
     as attributes; the positions of those arguments among Dynamo's inputs; or a problem)."""
-    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+    from torch._dynamo.source import TensorProperty, TensorPropertySource
 
     problem = _frame_problem(gm)
     if problem is not None:
         return None, [], problem
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sources = [n.meta.get("grapharg") and n.meta["grapharg"].source for n in placeholders]
-    data = [i for i, s in enumerate(sources) if isinstance(s, LocalSource) and isinstance(example_inputs[i], torch.Tensor)]
     argnames = _frame_argnames()
-    data.sort(key=lambda i: argnames.index(sources[i].local_name) if sources[i].local_name in argnames else len(argnames))
+    named = {i: _argument(s, argnames) for i, s in enumerate(sources)}
+    data = [i for i, a in named.items() if a is not None and isinstance(example_inputs[i], torch.Tensor)]
+    data.sort(key=lambda i: named[i][0])
     arguments = {sources[i]: placeholders[i] for i in data}
     root, graph, env = nn.Module(), fx.Graph(), {}
     for i in data:
-        env[placeholders[i]] = graph.placeholder(sources[i].local_name)
+        env[placeholders[i]] = graph.placeholder(named[i][1])
     for i, (node, source) in enumerate(zip(placeholders, sources)):
         if i in data or not node.users:
             continue

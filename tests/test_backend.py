@@ -153,3 +153,21 @@ def test_backend_options_are_checked_before_compiling():
         fxa.backend([torch.randn(4, 6)], score="nope")
     with pytest.raises(ConfigError, match="unknown options"):
         fxa.backend([torch.randn(4, 6)], kepe=0.5)
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_a_sequential_through_torch_compile_is_abstracted(keyword):
+    """nn.Sequential reaches the back end as `Module.__call__(*args)`: its input is L['args'][0], not a
+    local. It must be abstracted like any model, and equal fxa.abstract's module."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    calibration = list(torch.randn(256, 8, generator=torch.Generator().manual_seed(1)).split(64))
+    be = fxa.backend(calibration, keep=0.5, then_backend="eager")
+    compiled = torch.compile(model, backend=be)
+    x = torch.randn(9, 8)
+    with torch.no_grad():
+        got = compiled(input=x) if keyword else compiled(x)
+        expected = fxa.abstract(model, calibration, keep=0.5).module(x)
+    assert be.passed_through == [], f"the Sequential graph must be abstracted: {be.passed_through}"
+    assert len(be.abstractions) == 1 and be.abstractions[0].report["sites"], "one abstraction with sites"
+    assert torch.allclose(got, expected, atol=1e-6), "torch.compile with the back end must equal fxa.abstract"
