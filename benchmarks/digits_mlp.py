@@ -391,7 +391,7 @@ Python {platform.python_version()}. {alloc_note}.
 
 ## The key comparison
 
-Constant replacement. The digits MLP is not THEORY's MNIST 784-512-512-10 MLP, so these figures are not
+Constant replacement. The digits MLP is not the MNIST 784-512-512-10 MLP, so these figures are not
 directly comparable with its published reference point (keep 256 of 512 at the penultimate layer, p = 0.5:
 VBP 0.68, random 0.53).
 
@@ -406,7 +406,7 @@ VBP 0.68, random 0.53).
 {seeds} seeds; every hidden unit of fc1 and fc2 rescaled by s ~ log-uniform[0.1, 10] (producer row and bias
 times s, consumer column times 1/s); the function is unchanged (max relative output error {worst:.1e}).
 Kept sets of the original and the rescaled model compared at keep 25% with constant replacement, per site.
-"expected invariant" is THEORY's prediction.
+"expected invariant" is the prediction of docs/math.md.
 
 {md_table(["score", "selection", "keep", "site", "mean Jaccard", "min Jaccard", "seeds with Jaccard 1",
            "expected invariant"], scale_table)}

@@ -1,4 +1,4 @@
-"""The pipeline of DESIGN.md: capture -> sites -> calibrate (moments, curvature) -> scores -> select
+"""The pipeline (docs/architecture.md): capture -> sites -> calibrate (moments, curvature) -> scores -> select
 -> replace -> fold. `abstract` runs it all; `analyse` stops after the data pass so one analysis can
 be compiled at many budgets (`Analysis.compile`), which is what benchmarks and sweeps want.
 
@@ -292,7 +292,7 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
              probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
              progress: bool = False, distributed: bool = False, sequential: bool = False,
              fit_data=None, budget: str = "units") -> Abstraction:
-    """Compile `model` into a smaller causal abstraction of it (DESIGN.md, the contract).
+    """Compile `model` into a smaller causal abstraction of it (docs/api.md).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
     score: logit-mse | kl | ce | variance | cwvar | magnitude | random. The first three are risks in

@@ -1,4 +1,4 @@
-"""Batches and outputs: the shapes of data fxabstract accepts (DESIGN.md, the contract).
+"""Batches and outputs: the shapes of data fxabstract accepts.
 
 A batch is a Tensor (the one input), a dict (keyword inputs), or a pair (inputs, targets) whose
 inputs is a Tensor, a tuple or a dict.

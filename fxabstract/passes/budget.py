@@ -70,7 +70,7 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
 
 def cheapest_removals(sites: list[Site], cv: dict[str, Curves], gains: dict[str, torch.Tensor], target: float,
                       round_to: int, overshoot: bool = True) -> dict[str, int]:
-    """Units removed per site: the cheapest next removal globally (risks are in output units, THEORY
+    """Units removed per site: the cheapest next removal globally (risks are in output units, docs/math.md
     §3) until `target` is gained. Each step moves one site to its next allowed count (`granularity`),
     the one with the least risk per unit of gain; gains[site][k] is the gain of removing its first k
     units (units, MACs). overshoot=False skips a step that would pass the target by more than half."""
