@@ -80,11 +80,48 @@ def half():
 def bfloat16():
     return build().bfloat16()
 
+def regression():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 1))
+
 def overflow():
     model = build().half()
     with torch.no_grad():
         model[0].weight.mul_(1e5)
     return model
+
+class DictHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.cls = nn.Linear(6, 32), nn.Linear(32, 8), nn.Linear(8, 3)
+    def forward(self, x):
+        e = self.fc2(torch.relu(self.fc1(x)))
+        return {"embedding": e, "logits": self.cls(torch.relu(e))}
+
+def dictheads():
+    return DictHeads()
+
+class NaNOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+    def forward(self, x):
+        return self.fc(x) * float("nan")
+
+def nanout():
+    return NaNOut()
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.up, self.out = nn.Embedding(20, 8), nn.Linear(8, 32), nn.Linear(32, 5)
+    def forward(self, input_ids, attention_mask):
+        return self.out(torch.relu(self.up(self.tok(input_ids)))) * attention_mask[..., None]
+
+def tagger():
+    return Tagger()
 '''
 
 
@@ -121,14 +158,37 @@ class Workspace:
                  "bfloat16.pt": self.x.bfloat16(), "weights.pt": self.nets.build().state_dict(),
                  "list.pt": [1, 2, 3], "module.pt": self.nets.build(), "other.pt": self.nets.wide().state_dict(),
                  "evil.pt": {"x": Payload(str(folder / "EXECUTED"))}}
+        gen = torch.Generator().manual_seed(1)
+        lengths = torch.randint(2, 9, (64,), generator=gen)
+        self.tokens = {"input_ids": torch.randint(0, 20, (64, 8), generator=gen),
+                       "attention_mask": (torch.arange(8)[None] < lengths[:, None]).long()}
+        files.update({"badlabels.pt": {"x": self.x, "y": self.y + 7}, "regression.pt": self.x,
+                      "extrakeys.pt": {"inputs": self.x, "labels": self.y, "weights": self.y},
+                      "sizes.pt": (self.x, self.x[:50]), "eval_narrow.pt": self.x[:, :5]})
         for name, obj in files.items():
             torch.save(obj, folder / name)
         (folder / "existing").mkdir()
         for name in ("model.onnx", "report.json", "module.pt"):
             (folder / "existing" / name).write_text("an earlier output")
 
-    def result(self):
-        return fxa.abstract(self.nets.build(), [self.x[:100], self.x[100:]], keep=0.5)
+    def result(self, **options):
+        return fxa.abstract(self.nets.build(), [self.x[:100], self.x[100:]], keep=0.5, **options)
+
+    def edited(self, edit):
+        """intervene with a copy of an affine report after edit(report) (a hand-edited report)."""
+        import copy
+        report = copy.deepcopy(self.result(replacement="affine", round_to=1).report)
+        edit(report)
+        return fxa.intervene(self.nets.build(), report).__enter__()
+
+    def saved(self, spoil=None) -> str:
+        """A saved abstraction's folder, after spoil(folder) (a file removed or damaged); outside the
+        workspace, whose new files count as partial output."""
+        folder = Path(tempfile.mkdtemp(prefix="fxabstract-saved-")) / "saved"
+        self.result(replacement="affine", round_to=1).save(str(folder))
+        if spoil is not None:
+            spoil(folder)
+        return str(folder)
 
 
 @dataclass
@@ -224,6 +284,89 @@ CASES = [
          ["--model", "badnets:training", "--data", "data.pt"], expect="ok"),
     Case("float16 model", lambda ws: fxa.abstract(ws.nets.half(), batches(ws, ws.x.half())),
          ["--model", "badnets:half", "--data", "half.pt"], expect="ok"),
+    # real models end to end: inputs, outputs, options
+    Case("sites regex that matches no site name", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), sites="fc"),
+         None),
+    Case("round_to at least every site's width (nothing to remove)",
+         lambda ws: fxa.abstract(ws.nets.build(), batches(ws), round_to=64),
+         ["--model", B, "--data", "data.pt", "--round-to", "64"]),
+    Case("fit_data an exhausted generator", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), replacement="affine",
+                                                                    fit_data=iter([])), None),
+    Case("calibration given as list(x) (samples without a batch axis)",
+         lambda ws: fxa.abstract(ws.nets.build(), list(ws.x[:40])), None),
+    Case("output= a key the model's output lacks", lambda ws: fxa.abstract(ws.nets.build(), batches(ws),
+                                                                           output="hidden"), None),
+    Case("mask= an input the batches lack", lambda ws: fxa.abstract(ws.nets.build(), batches(ws),
+                                                                    mask="attention_mask"), None),
+    Case("certificate of a regression (one-output) model",
+         lambda ws: fxa.certificate(ws.nets.regression(), fxa.abstract(ws.nets.regression(), batches(ws)), ws.x), None),
+    Case("iia with an unknown output_kind", lambda ws: fxa.iia(ws.nets.build(), ws.result(), ws.x, trials=10,
+                                                               output_kind="labels"), None),
+    Case("evaluation inputs whose batch sizes differ",
+         lambda ws: fxa.iia(ws.nets.build(), ws.result(), {"input": ws.x[:10], "other": ws.x[:5]}, trials=10), None),
+    # exporting
+    Case("to_onnx of a model with dict outputs", lambda ws: fxa.to_onnx(ws.nets.dictheads(), ws.x[:4],
+                                                                        str(ws.folder / "dict.onnx")), None, expect="ok"),
+    Case("to_onnx given the Abstraction, not its module", lambda ws: fxa.to_onnx(ws.result(), ws.x[:4],
+                                                                                 str(ws.folder / "result.onnx")),
+         None, expect="ok"),
+    Case("to_onnx with a negative tolerance", lambda ws: fxa.to_onnx(ws.result(), ws.x[:4], str(ws.folder / "t.onnx"),
+                                                                     tolerance=-1), None),
+    Case("to_onnx of a model whose outputs are NaN", lambda ws: fxa.to_onnx(ws.nets.nanout(), ws.x[:4],
+                                                                            str(ws.folder / "nan.onnx")), None),
+    Case("to_onnx of a file name instead of a module", lambda ws: fxa.to_onnx("model.pt", ws.x[:4],
+                                                                              str(ws.folder / "s.onnx")), None),
+    Case("save with example inputs the module cannot take",
+         lambda ws: ws.result().save(str(ws.folder / "badexample"), example_inputs=ws.x[:4, :5]), None),
+    # hand-edited and damaged reports
+    Case("report with a theta one coefficient short",
+         lambda ws: ws.edited(lambda r: r["sites"][0]["replaced"][0]["theta"].pop()), None),
+    Case("report with a string beta",
+         lambda ws: ws.edited(lambda r: r["sites"][0]["replaced"][0].update(beta="0.5")), None),
+    Case("report with a replacement's kind changed",
+         lambda ws: ws.edited(lambda r: r["sites"][0]["replaced"][0].update(kind="constant")), None),
+    Case("report with a NaN beta",
+         lambda ws: ws.edited(lambda r: r["sites"][0]["replaced"][0].update(beta=float("nan"))), None),
+    Case("report with an empty site list", lambda ws: ws.edited(lambda r: r.update(sites=[])), None),
+    Case("report of an unknown version", lambda ws: ws.edited(lambda r: r.update(version=99)), None),
+    Case("load of a folder without a saved abstraction", lambda ws: fxa.load(str(ws.folder / "existing")), None),
+    Case("load of a report.json without its tensors.safetensors",
+         lambda ws: fxa.load(ws.saved(lambda f: (f / "tensors.safetensors").unlink())), None),
+    Case("load of a truncated report.json",
+         lambda ws: fxa.load(ws.saved(lambda f: (f / "report.json").write_text('{"sites": ['))), None),
+    Case("load of a damaged module.pt2",
+         lambda ws: fxa.load(ws.saved(lambda f: (f / "module.pt2").write_bytes(b"not a zip"))), None),
+    # inputs and outputs
+    Case("a torch.export module exported with a static batch",
+         lambda ws: fxa.abstract(torch.export.export(ws.nets.build(), (ws.x[:8],)).module(), batches(ws)), None),
+    Case("output= a callable that returns no tensor", lambda ws: fxa.abstract(ws.nets.build(), batches(ws),
+                                                                              output=lambda z: z.shape), None),
+    Case("output= an index into a one-tensor output", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), output=1),
+         None),
+    Case("certificate of per-position logits", lambda ws: fxa.certificate(
+        ws.nets.tagger(), fxa.abstract(ws.nets.tagger(), [ws.tokens], round_to=1), ws.tokens,
+        output_kind="classes"), None),
+    Case("iia with zero trials", lambda ws: fxa.iia(ws.nets.build(), ws.result(), ws.x, trials=0), None),
+    Case("fit_data whose inputs differ from the calibration's",
+         lambda ws: fxa.abstract(ws.nets.build(), batches(ws), replacement="affine", fit_data=[ws.tokens]), None),
+    Case("keep given as a string", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), keep="half"), None),
+    Case("negative ridge", lambda ws: fxa.abstract(ws.nets.build(), batches(ws), replacement="affine", ridge=-1.0),
+         None),
+    Case("a regression model (one output value)", lambda ws: fxa.abstract(ws.nets.regression(), batches(ws)),
+         ["--model", "badnets:regression", "--data", "regression.pt"], expect="ok"),
+    # the command line's new options and data files
+    Case("labels out of range in --data", None, ["--model", B, "--data", "badlabels.pt"]),
+    Case("--eval-data with other inputs than --data", None, ["--model", B, "--data", "data.pt", "--eval-data",
+                                                             "eval_narrow.pt"]),
+    Case("--fit-data with other inputs than --data", None, ["--model", B, "--data", "data.pt", "--fit-data",
+                                                            "eval_narrow.pt", "--replacement", "affine"]),
+    Case("--output naming a key the model's output lacks", None, ["--model", B, "--data", "data.pt", "--output",
+                                                                  "logits"]),
+    Case("--opset out of range", None, ["--model", B, "--data", "data.pt", "--opset", "99"]),
+    Case("invalid --sites regex", None, ["--model", B, "--data", "data.pt", "--sites", "fc["]),
+    Case("--sites regex that matches no site name", None, ["--model", B, "--data", "data.pt", "--sites", "fc"]),
+    Case("data file with an unknown key beside its inputs", None, ["--model", B, "--data", "extrakeys.pt"]),
+    Case("data file whose inputs have different batch sizes", None, ["--model", B, "--data", "sizes.pt"]),
 ]
 
 
@@ -311,14 +454,14 @@ def run_cli(case: Case, ws: Workspace, index: int, in_process: bool) -> Outcome:
     if kind == "ok" and any(line.startswith("fxabstract: warning:") for line in said):
         kind = "warning"
     sees = said[-1] if said else (stdout.strip().splitlines() or ["(nothing)"])[-1]
-    bars = ("calibrate", "measure risk", "fidelity sweep")                    # fxabstract's tqdm bars
+    bars = ("calibrate", "measure risk", "fidelity sweep", "fit data", "evaluate dense", "evaluate compiled")                    # fxabstract's tqdm bars
     noise = [line for line in lines if not line.startswith(OWN_LINES) and not any(b in line for b in bars)]
     return Outcome(sees, kind, status, tb, _partial(ws.folder, before, status != 0), noise)
 
 
 # What the command itself writes to stderr: its one-line verdicts and progress notes.
 OWN_LINES = ("fxabstract: ", "compiling ", "measuring interchange interventions", "exporting ONNX",
-             "training demo model")
+             "training demo model", "note: ")
 
 
 def run_all(folder: Path, in_process: bool) -> list[tuple[Case, Outcome | None, Outcome | None]]:

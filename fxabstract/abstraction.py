@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from .capture import capture, linearize_addmm
 from .cost import module_macs, site_macs
-from .checks import check_options, check_ridge, check_statistics, checked_batches
-from .data import bind, first_tensor, split_batch
+from .checks import REPORT_VERSION, check_options, check_ridge, check_statistics, checked_batches
+from .data import Inputs, as_inputs, bind, default_output, first_tensor, select_output, split_batch, tensors_of
 from .errors import CalibrationError, ConfigError, FxAbstractError, FxAbstractWarning, NoSiteError
 from .output import saving
 from .output.report import site_entry, summary
@@ -38,6 +38,7 @@ REPLACEMENTS = ("constant", "affine")
 ALLOCATIONS = ("measured", "predicted")
 BUDGETS = ("units", "macs")
 SELECTIONS = ("joint", "diagonal", "local")
+ROUND_TO = 8          # kept widths are multiples of this by default (hardware-friendly shapes)
 
 
 def _count(gm: nn.Module) -> int:
@@ -73,20 +74,27 @@ class Abstraction:
 
     def __init__(self, module: fx.GraphModule, report: dict, example: tuple | None = None):
         self.module = module
+        if isinstance(report, dict) and "version" not in report:   # the report format (checks.REPORT_SCHEMA)
+            report = {"version": REPORT_VERSION, **report}
         self.report = report
         self.example = example        # a few calibration samples (positional inputs), for torch.export
 
     def summary(self) -> str:
         return summary(self.report)
 
-    def save(self, folder: str, force: bool = False, example_inputs=None) -> None:
-        """Write module.pt2 (torch.export: no pickled code; `fxa.load` reads it), module.pt (the
-        pickled GraphModule, as before) and report.json into folder: all three or none; an existing
-        file there is an OutputError unless force=True. The export runs on example_inputs, or by
-        default on two calibration samples."""
-        example = self.example if example_inputs is None else (
-            example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
-        saving.save(self.module, self.report, example, folder, force)
+    def save(self, folder: str, force: bool = False, example_inputs=None) -> list[str]:
+        """Write into folder, all or none: module.pt2 (torch.export: no pickled code; `fxa.load` reads
+        it), report.json with its coefficients in tensors.safetensors (output/tensors.py), and module.pt
+        (the pickled GraphModule, as before) where the module pickles: not one captured through
+        torch.export. The saved report's "files" lists what was written; so does the return value.
+        Files get the permissions of the umask. An existing file there is an OutputError unless
+        force=True. The export runs on example_inputs (a Tensor, a tuple of positional tensors or a
+        dict of keyword tensors), or by default on two calibration samples."""
+        if example_inputs is not None:
+            example = as_inputs(example_inputs)
+        else:
+            example = None if self.example is None else Inputs(tuple(self.example), {})
+        return saving.save(self.module, self.report, example, folder, force)
 
     def __repr__(self) -> str:
         return f"Abstraction(\n{self.summary()}\n)"
@@ -94,7 +102,8 @@ class Abstraction:
 
 def load(folder: str) -> Abstraction:
     """The Abstraction saved in folder by `Abstraction.save`: the module from module.pt2 (no pickled
-    code), the report from report.json."""
+    code), the report from report.json and tensors.safetensors, as it was in memory (plus "files"),
+    checked against the report schema (a ConfigError names what is wrong); `fxa.intervene` takes it."""
     module, report = saving.read(folder)
     return Abstraction(module, report)
 
@@ -103,15 +112,18 @@ class Analysis:
     """The result of the data pass over one model: sites and their statistics."""
 
     def __init__(self, gm: fx.GraphModule, sites: list[Site], ineligible: dict, stats: Statistics,
-                 score: str, seed: int, progress: bool = False):
+                 score: str, seed: int, progress: bool = False, output=None, mask: str | None = None):
         self.gm, self.sites, self.ineligible, self.stats = gm, sites, ineligible, stats
         self.score, self.seed = score, seed
+        self.output = output          # which of the model's outputs is preserved (data.select_output)
+        self.mask = mask              # the keyword input marking padded positions, or None
         self.progress = progress      # show a bar per pass (measured risk curves: one step per site)
         self._curves: dict = {}
         self._measured_cache: dict = {}
+        self._warned_ridge = False    # the tiny-calibration ridge warning is given once
 
     def compile(self, keep=0.5, replacement: str = "constant", selection: str = "joint",
-                round_to: int = 8, ridge: float = 1e-3, allocation: str = "measured",
+                round_to: int | None = None, ridge: float = 1e-3, allocation: str = "measured",
                 budget: str = "units") -> Abstraction:
         """Select, replace and fold at budget `keep`.
 
@@ -119,7 +131,10 @@ class Analysis:
         curve measured on the calibration reservoir; "predicted" on the second-order curves alone.
         budget: "units" (keep counts units) or "macs" (keep is the fraction of the sites' MACs per sample
         kept, `cost.site_macs`: output-unit scores take the least risk per MAC saved first across sites,
-        the others save that fraction at every site); the report then gives MACs before and after."""
+        the others save that fraction at every site); the report then gives MACs before and after.
+        round_to: kept widths are multiples of it (None: the default, 8). When no site is wider than
+          round_to, nothing could be removed: a ConfigError for a round_to passed, a warning for the default."""
+        explicit, round_to = round_to is not None, ROUND_TO if round_to is None else round_to
         choose(replacement, REPLACEMENTS, "replacement")
         choose(selection, SELECTIONS, "selection")
         choose(allocation, ALLOCATIONS, "allocation")
@@ -127,8 +142,20 @@ class Analysis:
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
         check_ridge(ridge)
-        ridges = tiny_calibration_ridge({s.name: self.stats.moments[s.name].n for s in self.sites},
-                                        {s.name: s.n_units for s in self.sites}, ridge)
+        if not isinstance(keep, dict) and keep not in (1, 1.0, sum(s.n_units for s in self.sites)) and all(
+                len(allowed_removals(s.n_units, granularity(s, round_to))) == 1 for s in self.sites):
+            message = (f"round_to = {round_to}{'' if explicit else ' (the default)'} is at least every site's width "
+                       f"({', '.join(f'{s.name}: {s.n_units}' for s in self.sites)}): no unit could be removed; "
+                       "lower round_to (1 switches rounding off)")
+            if explicit:
+                raise ConfigError(message)
+            warnings.warn(message, FxAbstractWarning, stacklevel=2)
+        with warnings.catch_warnings():          # the tiny-calibration warning: once per analysis, not per compile
+            if self._warned_ridge:
+                warnings.simplefilter("ignore", FxAbstractWarning)
+            ridges = tiny_calibration_ridge({s.name: self.stats.moments[s.name].n for s in self.sites},
+                                            {s.name: s.n_units for s in self.sites}, ridge)
+        self._warned_ridge = True
         if self.score not in JOINT_SCORES:
             selection = "diagonal"  # variance, magnitude, random have no cross terms: they rank diagonally
         has_matrices = self.stats.curvature[self.sites[0].name].H0 is not None
@@ -167,11 +194,15 @@ class Analysis:
                                     else float(cv[p.site.name].measured[len(p.removed)])),
                        "ridge": ridges[p.site.name]} for p in plans],
             "ineligible": self.ineligible,
+            "output": describe_output(self.output),
+            "mask": self.mask,
         }
         if macs is not None:
             report["macs"] = {"before": sum(macs.values()), "after": sum(module_macs(module, *example).values())}
             _warn_if_short(report["macs"], (1 - keep) * site_macs(self.sites, macs))
-        return Abstraction(module, report, example)
+        result = Abstraction(module, report, example)
+        result.output = self.output   # iia and certificate read the same output
+        return result
 
     def risk_curves(self, replacement: str = "constant", selection: str = "joint",
                     ridge: float | dict[str, float] = 1e-3) -> dict:
@@ -193,7 +224,7 @@ class Analysis:
             self._measured_cache[key] = measured_curve(
                 self.gm, site, steps,
                 lambda k: fit(site, cv, k, self.stats, self.score, replacement, selection, ridge),
-                self.stats.reservoir, self.stats.divergence)
+                self.stats.reservoir, self.stats.divergence, output=self.output)
         return self._measured_cache[key]
 
 
@@ -204,7 +235,8 @@ def _select_sites(sites: list[Site], wanted) -> list[Site]:
     if isinstance(wanted, str):
         chosen = [s for s in sites if re.fullmatch(wanted, s.name)]
         if not chosen:
-            raise ConfigError(f"sites regex {wanted!r} matches no site; sites are {names}")
+            raise ConfigError(f"sites regex {wanted!r} matches no site (a regex must match the whole name: "
+                              f"'.*{wanted}.*' finds it inside one); sites are {names}")
         return chosen
     unknown = sorted(set(wanted) - set(names))
     if unknown:
@@ -216,7 +248,8 @@ def _select_sites(sites: list[Site], wanted) -> list[Site]:
 
 def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",
             probes: int = 16, matrices: bool = True, seed: int = 0, progress: bool = False, *,
-            distributed: bool = False, sequential: bool = False, fit_data=None) -> Analysis:
+            distributed: bool = False, sequential: bool = False, fit_data=None, output=None,
+            mask="auto") -> Analysis:
     """Capture `model` (a copy) and stream `calibration` once through every selected site.
 
     distributed: `calibration` is this process's shard; the statistics are summed over the default
@@ -240,15 +273,68 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
                           "fxabstract needs hidden units between Linear or Conv layers")
     chosen = _select_sites(found, sites)
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
+    output = _resolve_output(gm, first, output)
+    mask = _resolve_mask(first, mask)
     stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
-                      seed, progress, sequential=sequential)
+                      seed, progress, sequential=sequential, output=output, mask=mask)
     if fit_data is not None:
         extra = _same_kind(checked_batches(fit_data, "fit_data"), first, "fit_data")
-        stats = add_fit_data(gm, chosen, stats, extra, progress)
+        stats = add_fit_data(gm, chosen, stats, extra, progress, mask=mask)
     if distributed:   # sum over ranks first, so that every rank checks (and fails on) the same statistics
         stats = all_reduce(stats)
     check_statistics(gm, stats)
-    return Analysis(gm, chosen, ineligible, stats, score, seed, progress)
+    return Analysis(gm, chosen, ineligible, stats, score, seed, progress, output, mask)
+
+
+def _resolve_mask(batch, mask) -> str | None:
+    """The keyword input that marks padded positions: `mask` checked against the first batch, or for
+    "auto" `attention_mask` when the batch has it."""
+    _, kwargs, _ = split_batch(batch)
+    if mask == "auto":
+        return "attention_mask" if "attention_mask" in kwargs else None
+    if mask is None or mask is False:
+        return None
+    if not isinstance(mask, str) or mask not in kwargs:
+        raise ConfigError(f"mask={mask!r} names no keyword input of the calibration batches ({sorted(kwargs)}); pass "
+                          "the name of the padding mask input, 'auto' or None")
+    return mask
+
+
+def describe_output(output) -> str:
+    """How the report names the preserved output: "output" (the one Tensor), the index or key, or the
+    callable's name."""
+    if output is None:
+        return "output"
+    if callable(output):
+        return f"callable {getattr(output, '__qualname__', type(output).__name__)}"
+    return str(output)
+
+
+def _resolve_output(gm: fx.GraphModule, batch, output):
+    """The output selector: `output` checked on one run of the first batch, or the default one; a model
+    with several output tensors and no `output` warns once, naming what is preserved."""
+    args, kwargs, _ = split_batch(batch)
+    like = next(iter(gm.parameters()), None)
+    if like is not None:
+        args = tuple(a.to(like.device) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.to(like.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        out = fx.Interpreter(gm).run(*bind(gm, args, kwargs))
+    z = select_output(out, output)                   # a bad output= is a ConfigError now, not mid-pass
+    B = len(first_tensor(args, kwargs))
+    if z.dim() == 0 or z.shape[0] != B:
+        raise CalibrationError(f"the first calibration batch has {B} samples (the first axis of its inputs) but the "
+                               f"model's output has shape {list(z.shape)}: give every input a batch axis (a list of "
+                               "single samples, list(x), has none: pass [x] or x.split(64))")
+    if output is not None:
+        return output
+    chosen = default_output(out)
+    names = [name for name, _ in tensors_of(out)]
+    if len(names) > 1:
+        warnings.warn(f"the model returns {len(names)} tensors ({', '.join(names)}); preserving {chosen!r} "
+                      f"(pass output= an index, a key or a callable to choose another)", FxAbstractWarning,
+                      stacklevel=4)
+    return chosen
 
 
 def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], dict[str, str]]:
@@ -262,6 +348,12 @@ def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], 
     gm = capture(model, (args, kwargs))
     try:
         annotate_shapes(gm, bind(gm, args, kwargs))
+    except AssertionError as exc:       # a guard of a module torch.export captured with fixed sizes
+        first = str(exc).strip().splitlines()[0]
+        raise CalibrationError(f"the model refuses the first calibration batch's sizes ({first}): it was exported "
+                               "with fixed sizes; export it with a dynamic batch axis (dynamic_shapes= "
+                               "torch.export.Dim) or pass the original nn.Module, or calibrate with batches of the "
+                               "exported sizes") from None
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         raise CalibrationError(f"the model cannot run on the first calibration batch "
                                f"({str(exc).strip().splitlines()[0]}); give inputs of the shape and dtype "
@@ -288,10 +380,10 @@ def needs_matrices(score: str, replacement: str, selection: str) -> bool:
 
 
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
-             selection: str = "joint", round_to: int = 8, sites=None, *, curvature: str = "auto",
+             selection: str = "joint", round_to: int | None = None, sites=None, *, curvature: str = "auto",
              probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
              progress: bool = False, distributed: bool = False, sequential: bool = False,
-             fit_data=None, budget: str = "units") -> Abstraction:
+             fit_data=None, budget: str = "units", output=None, mask="auto") -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (docs/api.md).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
@@ -308,13 +400,18 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
     sequential: calibrate one block of the graph at a time (for models too large to analyse whole).
     fit_data: extra batches, forward only, on which affine replacements are fitted (with the calibration).
     budget: "units" (keep counts units) or "macs" (keep: the fraction of the sites' MACs per sample kept).
+    output: which of the model's outputs the abstraction preserves: an index (a tuple output), a key (a
+      dict or ModelOutput), or a callable (output -> Tensor). Default: the output itself when it is one
+      Tensor, else its "logits", else its first tensor, with a warning that names the choice.
+    mask: the keyword input whose zeros mark padded positions: "auto" (`attention_mask` when the batches
+      have it), a name, or None (every position is real). Padded positions enter no statistic or fit.
     """
     choose(replacement, REPLACEMENTS, "replacement")
     choose(selection, SELECTIONS, "selection")
     _check_budget(keep, budget)
     matrices = needs_matrices(score, replacement, selection)
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,
-                       distributed=distributed, sequential=sequential, fit_data=fit_data)
+                       distributed=distributed, sequential=sequential, fit_data=fit_data, output=output, mask=mask)
     return analysis.compile(keep, replacement, selection, round_to, ridge, allocation, budget)
 
 

@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import traceback
+import warnings
 
 import torch
 import torch.fx as fx
@@ -55,7 +56,7 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
     ((args, kwargs) of one batch, batch axis dynamic)."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}; pass the model object itself")
-    model_copy = copy.deepcopy(model).eval()
+    model_copy = copy_module(model).eval()
     exported = False
     try:
         gm = fx.symbolic_trace(model_copy)
@@ -78,6 +79,14 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
     return gm
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of `module`, without the pytree deprecation warning that copying a torch.export
+    module raises (TreeSpec, torch 2.13): fxabstract's own copies print nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*(treespec|TreeSpec|LeafSpec).*")
+        return copy.deepcopy(module)
+
+
 @contextlib.contextmanager
 def _quiet():
     """While torch.export runs: a failure prints its partial graph to stderr and symbolic_shapes logs
@@ -92,15 +101,32 @@ def _quiet():
         log.setLevel(level)
 
 
+def export_dims(forward, args: tuple, kwargs: dict) -> dict:
+    """torch.export's dynamic_shapes for inputs (args, kwargs) of `forward`: axis 0 of every tensor is the
+    batch axis (one Dim shared by all), and axis 1 of an integer tensor of two or more axes (token ids, an
+    attention mask: [B, T]) is left for export to make dynamic where the model allows it, so a module
+    exported on one sequence length runs on any. Keyed by forward's parameter names."""
+    batch = torch.export.Dim("batch", min=1)
+
+    def spec(v):
+        if not isinstance(v, torch.Tensor) or not v.dim():
+            return None
+        sequence = v.dim() >= 2 and not (v.is_floating_point() or v.is_complex())
+        return {0: batch, **({1: torch.export.Dim.AUTO} if sequence else {})}
+
+    bound = inspect.signature(forward).bind(*args, **kwargs).arguments
+    return {k: torch.utils._pytree.tree_map(spec, v) for k, v in bound.items()}
+
+
 def _export(model: nn.Module, example: tuple[tuple, dict], fx_error: str) -> fx.GraphModule:
-    """torch.export front end, batch axis dynamic where the batch allows it."""
-    args, kwargs = example
+    """torch.export front end, batch axis dynamic where the batch allows it, and the sequence axis of
+    integer inputs (token ids, attention masks: [B, T]) dynamic where the model allows it, so that the
+    compiled module runs on any length the original runs on. The example is cloned first: a view as
+    example input leaves guards on its base's size in the program."""
+    args, kwargs = torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, example)
     try:
         try:
-            batch = torch.export.Dim("batch", min=1)
-            spec = lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() else None  # noqa: E731
-            bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
-            dynamic = {k: torch.utils._pytree.tree_map(spec, v) for k, v in bound.items()}
+            dynamic = export_dims(model.forward, args, kwargs)
             program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception:  # a model that specialises the batch size: export it static
             program = torch.export.export(model, args, kwargs, strict=False)

@@ -65,7 +65,11 @@ class Backend:
                     raise CalibrationError(f"{exc}; Dynamo may have specialised the graph to the batch size of "
                                            "the first call: compile with torch.compile(..., dynamic=True)") from None
                 else:
-                    self.abstractions.append(self._cache[key])
+                    result = self._cache[key]
+                    if "output" not in self.abstract_kwargs and result.output == 0 and _one_output(lifted):
+                        result.output = None          # Dynamo returns (t,) for a model returning t: the model's
+                        result.report["output"] = "output"   # output, as iia and certificate run the model
+                    self.abstractions.append(result)
         if problem is not None:
             self.passed_through.append(problem)
             warnings.warn(f"fxabstract.backend: graph handed on unabstracted: {problem}", FxAbstractWarning,
@@ -93,6 +97,12 @@ def backend(calibration, keep=0.5, *, then_backend="inductor", **abstract_kwargs
     if unknown:
         raise ConfigError(f"fxa.backend got unknown options {sorted(unknown)}; it takes fxa.abstract's keyword options")
     return Backend(calibration, keep, then_backend, abstract_kwargs)
+
+
+def _one_output(gm: fx.GraphModule) -> bool:
+    """Whether the graph returns a tuple of one value (Dynamo's form of a frame returning one tensor)."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    return isinstance(out, (tuple, list)) and len(out) == 1
 
 
 def _lookup(then_backend):

@@ -1,13 +1,13 @@
 """The `fxabstract compile` command: the demo end to end, a user's model, and one-line user errors."""
 import contextlib
 import io
-import json
 import os
 
 import pytest
 import torch
 
 from fxabstract.cli import main
+from fxabstract.output.tensors import read_report
 
 USER_MODEL = """
 import torch
@@ -72,7 +72,7 @@ def test_demo_compiles_writes_onnx_and_report(demo_run):
     assert status == 0, f"the demo exits 0; stderr: {stderr}"
     assert "training demo model (first run only)" in stderr, "the first run says it is training"
     assert (out / "model.onnx").stat().st_size > 0, "the demo writes model.onnx"
-    report = json.loads((out / "report.json").read_text())
+    report = read_report(str(out))
     for site in report["sites"]:
         assert len(site["kept"]) < site["units"], f"site {site['name']} keeps fewer units than it had"
     assert report["parameters"]["after"] < report["parameters"]["before"], "the compiled module is smaller"
@@ -103,7 +103,7 @@ def test_user_model_with_checkpoint_and_data(user_files, capsys):
     stdout = capsys.readouterr().out
     assert status == 0, "a user model with checkpoint and data compiles"
     assert (folder / "build" / "model.onnx").exists(), "model.onnx is written into --out"
-    report = json.loads((folder / "build" / "report.json").read_text())
+    report = read_report(str(folder / "build"))
     assert sum(len(s["kept"]) for s in report["sites"]) < sum(s["units"] for s in report["sites"]), \
         "the user's model is reduced"
     assert report["evaluation"]["accuracy"]["before"] == 1.0, "the checkpoint was loaded (labels are its argmax)"
@@ -116,7 +116,7 @@ def test_user_model_with_fit_data(user_files, capsys):
     status = main(["compile", "--model", f"{module}:build", "--checkpoint", "weights.pt", "--data", "data.pt",
                    "--fit-data", "fit.pt", "--batch-size", "100", "--keep", "0.5", "--out", "fitbuild"])
     assert status == 0, capsys.readouterr().err
-    report = json.loads((folder / "fitbuild" / "report.json").read_text())
+    report = read_report(str(folder / "fitbuild"))
     assert report["fit_samples"] == 500, "--fit-data is passed to the analysis as fit_data"
 
 
@@ -126,7 +126,7 @@ def test_user_model_with_a_mac_budget(user_files, capsys):
                    "--budget", "macs", "--keep", "0.5", "--round-to", "1", "--batch-size", "100", "--out", "macs"])
     out, err = capsys.readouterr()
     assert status == 0, err
-    report = json.loads((folder / "macs" / "report.json").read_text())
+    report = read_report(str(folder / "macs"))
     assert report["budget"] == "macs", "--budget is passed to the compile"
     assert report["macs"]["before"] == 6 * 32 + 32 * 16 + 16 * 3, "the report gives the model's MACs per sample"
     assert report["macs"]["after"] < 0.75 * report["macs"]["before"], report["macs"]

@@ -240,6 +240,11 @@ def test_random_mlps_compile_exactly(d_in, widths, d_out, activation, bias, keep
     calibration = [(torch.randn(24, d_in, generator=gen, dtype=dtype), torch.randint(0, d_out, (24,), generator=gen))
                    for _ in range(2)]
     x = torch.randn(30, d_in, generator=gen, dtype=dtype)
+    if keep != 1.0 and all(w <= round_to for w in widths):     # no site can lose a unit at this rounding
+        with pytest.raises(fxa.errors.ConfigError, match="round_to"):
+            fxa.abstract(model, calibration, keep=keep, score=score, replacement=replacement, selection=selection,
+                         round_to=round_to)
+        return
     result = fxa.abstract(model, calibration, keep=keep, score=score, replacement=replacement,
                           selection=selection, round_to=round_to)
     for site in result.report["sites"]:

@@ -12,6 +12,7 @@ import fxabstract as fxa
 import fxabstract.cli
 import fxabstract.output.files
 import fxabstract.output.saving
+import fxabstract.output.tensors
 from fxabstract.cli import main
 from fxabstract.errors import FxAbstractWarning, OutputError
 from test_cli import user_files  # noqa: F401  (fixture)
@@ -107,14 +108,14 @@ def test_interrupted_save_writes_neither_file(tmp_path, monkeypatch):
     def interrupt(report):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fxabstract.output.saving, "dumps", interrupt)       # after module.pt2 and module.pt are staged
+    monkeypatch.setattr(fxabstract.output.tensors, "dumps", interrupt)   # the last file: the others are staged
     with pytest.raises(KeyboardInterrupt):
         result.save(str(tmp_path))
-    assert os.listdir(tmp_path) == [], f"save must write both files or neither, found {os.listdir(tmp_path)}"
+    assert os.listdir(tmp_path) == [], f"save must write every file or none, found {os.listdir(tmp_path)}"
 
 
 @pytest.mark.parametrize("target, failure, status", [
-    (fxabstract.cli, KeyboardInterrupt(), 130),             # Ctrl-C after model.onnx, before report.json
+    (fxabstract.cli, KeyboardInterrupt(), 130),             # Ctrl-C after model.onnx, at the report
     (fxabstract.output.files.os, OSError(28, "No space left on device"), 2),   # disk full at the first write
 ], ids=["ctrl-c", "disk-full"])
 def test_interrupted_cli_compile_leaves_no_output(user_files, monkeypatch, capsys, target, failure, status):  # noqa: F811
@@ -123,7 +124,7 @@ def test_interrupted_cli_compile_leaves_no_output(user_files, monkeypatch, capsy
     def fail(*args):
         raise failure
 
-    monkeypatch.setattr(target, "dumps" if target is fxabstract.cli else "fsync", fail)
+    monkeypatch.setattr(target, "write_report" if target is fxabstract.cli else "fsync", fail)
     code = main(["compile", "--model", f"{module}:build", "--data", "data.pt", "--out", "build"])
     err = capsys.readouterr().err
     monkeypatch.undo()

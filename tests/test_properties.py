@@ -146,11 +146,16 @@ def networks(draw, dtype=torch.float32) -> Network:
 
 
 def compile_or_reject(net: Network, **options):
-    """fxa.abstract, rejecting the example when a drawn conv stack has no site (one conv into the head)."""
+    """fxa.abstract, rejecting the example when a drawn conv stack has no site (one conv into the head), or
+    when a round_to passed is at least every site's width (nothing could be removed: a ConfigError)."""
     try:
         return fxa.abstract(net.model, net.calibration, **options)
     except fxa.errors.NoSiteError:
         reject()
+    except fxa.errors.ConfigError as exc:
+        if options.get("round_to", 1) > 1 and "at least every site's width" in str(exc):
+            reject()
+        raise
 
 
 @PROPERTY

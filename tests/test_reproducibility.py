@@ -16,7 +16,7 @@ from fxabstract.output.report import dumps
 from test_cli import user_files  # noqa: F401  (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ("report.json", "model.onnx")
+FILES = ("report.json", "tensors.safetensors", "model.onnx")
 
 
 def compile_args(module: str, out: str, seed: int = 0) -> list[str]:

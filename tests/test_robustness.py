@@ -107,6 +107,23 @@ def test_a_numerically_constant_unit_gets_no_exploding_coefficient():
     assert float(theta_real) == pytest.approx(0.5 / (1 + 1e-3 + 1e-12), rel=1e-12)
 
 
+def test_an_exploding_affine_fit_is_refused_not_folded():
+    """Sums that are not a covariance (cancellation in float64 on near-duplicate samples can leave one):
+    S_KK tiny against S_PK gives theta ~ 1e6 and fitted values varying 1e6 times more than the unit
+    replaced. fit_affine must refuse (CalibrationError naming the fix), not hand the fold a NaN model;
+    the same call on a real covariance fits."""
+    from fxabstract.passes.risk import fit_affine
+    mu = torch.zeros(2, dtype=torch.float64)
+    broken = torch.tensor([[1e-6, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(CalibrationError, match="broke down numerically.*ridge="):
+        fit_affine(mu, broken, [0], [1], 0.0)
+    nonfinite = torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]], dtype=torch.float64)
+    with pytest.raises(CalibrationError, match="broke down numerically"):
+        fit_affine(mu, nonfinite, [0], [1], 0.0)
+    _, theta = fit_affine(mu, torch.tensor([[1.0, 0.9], [0.9, 1.0]], dtype=torch.float64), [0], [1], 0.0)
+    assert float(theta) == pytest.approx(0.9, rel=1e-9)
+
+
 @pytest.mark.parametrize("replacement", ["constant", "affine"])
 @pytest.mark.parametrize("scale", ["weights", "inputs"])
 def test_huge_activations_give_a_finite_exact_compile(scale, replacement):

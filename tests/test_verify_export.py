@@ -151,14 +151,17 @@ def test_onnx_weights_have_the_reduced_shapes(half, exported):
 # ----------------------------------------------------------------------------- save
 
 def check_save(result, x, folder):
-    result.save(str(folder))
-    report = json.loads((folder / "report.json").read_text())
-    assert report == json.loads(json.dumps(result.report)), "report.json must hold the report"
+    names = result.save(str(folder))
+    assert names == ["module.pt", "module.pt2", "report.json", "tensors.safetensors"], names
+    loaded = fxa.load(str(folder))
+    assert loaded.report == json.loads(json.dumps({**result.report, "files": names})), \
+        "report.json with tensors.safetensors must hold the report, plus the files written"
     module = torch.load(folder / "module.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(module(x), result.module(x)), "module.pt must load and compute the same output"
-    leftovers = [p.name for p in folder.iterdir() if p.name not in ("report.json", "module.pt", "module.pt2")]
-    assert not leftovers, f"save must leave no temporary files behind: {leftovers}"
+        assert torch.equal(loaded.module(x), result.module(x)), "module.pt2 must load and compute the same output"
+    leftovers = sorted(p.name for p in folder.iterdir())
+    assert leftovers == names, f"save must leave no temporary files behind: {leftovers}"
 
 
 def test_save_writes_a_loadable_report_and_module(tmp_path):
@@ -170,7 +173,7 @@ def test_save_writes_a_loadable_report_and_module(tmp_path):
 
 def test_save_works_for_the_demo_model(half, tmp_path, digits):
     """DigitsMLP's module uses `from __future__ import annotations`, so fx records its forward's
-    annotations as strings; the compiled module must still pickle (DESIGN: "picklable via save()")."""
+    annotations as strings; the compiled module must still pickle (save() writes module.pt where the module pickles)."""
     *_, x_test, _ = digits
     check_save(half, x_test, tmp_path / "out")
 

@@ -7,12 +7,17 @@ overwrite what exists unless asked.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 
-from ..errors import OutputError
+from ..errors import FxAbstractWarning, OutputError
+
+CHATTY = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+          "onnxscript", "onnx_ir")   # loggers of the libraries that export and save
 
 
 def check_new(paths: list[str], force: bool) -> None:
@@ -23,14 +28,31 @@ def check_new(paths: list[str], force: bool) -> None:
                           "pass force=True (--force) to overwrite, or choose another path")
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), so no other
+    thread ever creates a file under a cleared umask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written file.
+    """Write to a temporary file in the same folder, then rename: never a half-written file. The file
+    gets the permissions `open()` would give it (0o666 less the umask), not mkstemp's private 0o600.
     An OSError (missing or read-only folder, disk full) is an OutputError; the temporary file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".fxabstract-", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -62,6 +84,25 @@ def staged(folder: str, names: tuple[str, ...]):
                                   "choose a writable folder") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def quiet():
+    """While torch.export, torch.onnx, onnx or onnxscript run inside an fxabstract call: their warnings
+    (deprecations, tracer notes) are dropped and their loggers show errors only, so a valid run prints
+    fxabstract's output alone. fxabstract's own warnings still show."""
+    loggers = [logging.getLogger(name) for name in CHATTY]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("default", category=FxAbstractWarning)
+        for log in loggers:
+            log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
 
 
 def write_png(fig, path: str, dpi: int = 110) -> None:

@@ -10,13 +10,14 @@ For each batch we run the graph once under `torch.func.vjp`, with zero perturbat
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from ..data import bind, first_tensor, logits, split_batch
+from ..data import bind, first_tensor, logits, select_output, split_batch
 from ..errors import CalibrationError
 from ..sites import Site
 from .curvature import Curvature, output_vectors
@@ -94,10 +95,50 @@ def _on_device(batch, device) -> tuple[tuple, dict, object]:
             {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}, targets)
 
 
+def shape_key(args: tuple, kwargs: dict) -> tuple:
+    """The shapes of a batch's input tensors but their batch axis: batches with equal keys have equal site
+    shapes."""
+    return tuple(tuple(v.shape[1:]) if isinstance(v, torch.Tensor) else None for v in (*args, *kwargs.values()))
+
+
+def _valid_positions(kwargs: dict, mask: str | None, batch: int) -> torch.Tensor | None:
+    """[B, T] bool: the real positions by the keyword input `mask` (nonzero = real), or None."""
+    if mask is None or mask not in kwargs:
+        return None
+    m = kwargs[mask]
+    if not isinstance(m, torch.Tensor) or m.dim() != 2 or m.shape[0] != batch:
+        raise CalibrationError(f"the padding mask `{mask}` must be a [batch, positions] tensor, got "
+                               f"{list(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}; pass mask=None "
+                               "to use every position")
+    return m != 0
+
+
+@torch.no_grad()
+def _site_shapes(runner: SiteRunner, sites: list[Site], inputs: list, key: tuple, first: tuple | None,
+                 cache: dict, index: int) -> dict[str, tuple]:
+    """Per site node: its value's shape without the batch axis for this batch (sites.annotate_shapes saw
+    the first batch; a batch of other input shapes, a longer sequence, is run once to see its own, and a
+    CalibrationError names batch `index` when the model cannot run it)."""
+    if first is None or key == first:
+        return {s.node: s.shape for s in sites}
+    if key not in cache:
+        runner.eps, runner.acts = {}, {}
+        try:
+            runner.run(*inputs)
+        except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:   # refused sizes (an
+            # AssertionError: a guard of a module captured through torch.export on the first batch)
+            sizes = ", ".join(str(list(v.shape)) for v in inputs if isinstance(v, torch.Tensor))
+            raise CalibrationError(
+                f"calibration batch {index} (inputs {sizes}) has sizes the model cannot run, though it ran the first "
+                f"batch ({str(exc).strip().splitlines()[0]}); give every batch sizes the model takes") from None
+        cache[key] = {s.node: tuple(runner.acts[s.node].shape[1:]) for s in sites}
+    return cache[key]
+
+
 def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
               method: str = "auto", probes: int = 16, matrices: bool = True, seed: int = 0,
               progress: bool = False, reservoir: int = 512, backward_elements: int = 2**27,
-              sequential: bool = False) -> Statistics:
+              sequential: bool = False, output=None, mask=None) -> Statistics:
     """Stream `calibration` once; return per-site Moments and Curvature.
 
     method: "exact" (one VJP per output), "hutchinson" (`probes` VJPs), "auto" (exact when o <= 64).
@@ -106,6 +147,11 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
     backward_elements: how many site-activation elements the vmapped backward may hold at once
       (a proxy for its memory); the probes are processed in chunks that fit.
     sequential: back-propagate one block of the graph at a time (passes/sequential.py): same result.
+    output: which of the model's outputs the metric reads (`data.select_output`).
+    mask: the name of a keyword input [B, T] whose zeros mark padded positions (`attention_mask`), or None.
+      Padded positions enter no statistic: at every site with T positions per sample (a token's units)
+      their activations are left out of the moments and the curvature sums, and an output with T positions
+      has no metric there (its output vectors are zero). Batches may differ in T.
     """
     runner = SiteRunner(gm, sites)
     generator = torch.Generator().manual_seed(seed)
@@ -115,10 +161,12 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
     branch_moments: dict[str, Moments] = {}
     started = False
     chosen, outputs = method, 0
+    first_key, shape_cache = None, {}      # the first batch's input shapes; site shapes per input shape
     kept_samples: list = []          # the reservoir
     nonfinite = 0
     n_kept = 0
-    for batch in tqdm(calibration, desc="calibrate", unit="batch", disable=not progress, leave=False):
+    for index, batch in enumerate(tqdm(calibration, desc="calibrate", unit="batch", disable=not progress,
+                                       leave=False)):
         args, kwargs, targets = _on_device(batch, params.device)
         x = first_tensor(args, kwargs)
         if x.is_floating_point() and not torch.isfinite(x).all():
@@ -126,16 +174,18 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         if divergence == "ce" and targets is None:
             raise CalibrationError("score 'ce' needs labels: give calibration batches as (inputs, targets) pairs")
         inputs = bind(gm, args, kwargs)
+        valid = _valid_positions(kwargs, mask, x.shape[0])                         # [B, T] bool or None
         if not started:  # the first batch fixes the output width and the curvature method
             with torch.no_grad():
                 runner.eps = {}
                 try:
-                    out = logits(runner.run(*inputs))
+                    out = logits(runner.run(*inputs), output)
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                     raise CalibrationError(
                         f"the model cannot run on the first calibration batch ({str(exc).strip().splitlines()[0]}); "
                         "give inputs of the shape and dtype the model takes") from None
             started = True
+            first_key = shape_key(args, kwargs)
             outputs = out.shape[1]
             chosen = ("exact" if outputs <= 64 else "hutchinson") if method == "auto" else method
             for s in sites:
@@ -150,25 +200,33 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             kept_samples.append(([v[:take] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v
                                   for v in inputs], None if targets is None else targets[:take]))
         zero = lambda s: torch.zeros(B, s.n_units, dtype=params.dtype, device=params.device)  # noqa: E731
-        full = lambda s: torch.zeros(B, *s.shape, dtype=params.dtype, device=params.device)  # noqa: E731
+        shapes = _site_shapes(runner, sites, inputs, shape_key(args, kwargs), first_key, shape_cache, index)
+        full = lambda s: torch.zeros(B, *shapes[s.node], dtype=params.dtype, device=params.device)  # noqa: E731
         eps0 = {s.node: (zero(s), zero(s)) + ((full(s),) if matrices else ()) for s in sites}
+        raw_shape = []
 
         def forward(eps):
             runner.eps = eps
-            return logits(runner.run(*inputs)), dict(runner.acts)
+            out = select_output(runner.run(*inputs), output)
+            raw_shape[:] = [out.shape]
+            return out.reshape(out.shape[0], -1) if out.dim() else out.reshape(1, 1), dict(runner.acts)
 
         if sequential:  # the same VJP, one block of the graph at a time (passes/sequential.py)
-            z, vjp_fn, acts = blockwise_vjp(runner, blocks_at_sites(gm, sites), inputs, eps0)
+            z, vjp_fn, acts = blockwise_vjp(runner, blocks_at_sites(gm, sites), inputs, eps0, output)
             vmapped = lambda V: vjp_fn(V, batched=True)  # noqa: E731
         else:
             z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
             vmapped = torch.func.vmap(vjp_fn)
         nonfinite += int((~torch.isfinite(z.detach())).any(-1).sum())
         V = output_vectors(z.detach(), divergence, chosen, probes, generator)      # [r, B, o]
+        if valid is not None and raw_shape and len(raw_shape[0]) >= 3 and raw_shape[0][1] == valid.shape[1]:
+            V = (V.view(V.shape[0], *raw_shape[0]) * broadcast(valid.to(V.dtype), len(raw_shape[0]), 1)[None]
+                 ).reshape(V.shape)                                                   # no metric at padding
         # torch.func's vjp_fn builds a graph of the backward itself unless under no_grad (16 probes:
         # 2.8 GB vs 0.8 GB on MobileNetV2 at 160 px, B = 4); a vmapped backward holds r copies of every
         # activation gradient, so past `backward_elements` the r backward passes run one by one
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():   # vmap's "no batching rule" notes are not the user's
+            warnings.filterwarnings("ignore", message=".*batching rule.*", category=UserWarning)
             if V.shape[0] * sum(a.numel() for a in acts.values()) * (2 if matrices else 1) <= backward_elements:
                 (U_all,) = vmapped(V)    # site -> ([r, B, d] sum J, [r, B, d] sum J a[, [r, B, ...] J per position])
             else:
@@ -185,10 +243,12 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
                 (g_all,) = vjp_fn(torch.softmax(z.detach(), -1) - y)                     # site -> ([B, d], [B, d])
         for s in sites:
             a = units_last(acts[s.node], s.axis)                                      # [B, positions, d]
-            moments[s.name].update(a.reshape(-1, s.n_units))
+            real = valid if valid is not None and a.shape[1] == valid.shape[1] else None   # a token's units
+            moments[s.name].update(a.reshape(-1, s.n_units) if real is None else a[real])
             Us, Ua, *Up = U_all[s.node]
             Up = [units_last(u.flatten(0, 1), s.axis).unflatten(0, u.shape[:2]) for u in Up]   # [r, B, positions, d]
-            curvature[s.name].update(a, Us, Ua, *(g_all[s.node][:2] if g_all is not None else (None, None)), *Up)
+            grads = g_all[s.node][:2] if g_all is not None else (None, None)
+            curvature[s.name].update(a, Us, Ua, *grads, *(Up or [None]), valid=real)
         _update_branches(sites, branch_moments, acts)
     if not moments:
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
@@ -204,11 +264,13 @@ def _update_branches(sites: list[Site], branch_moments: dict, acts: dict) -> Non
 
 
 @torch.no_grad()
-def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batches, progress: bool = False) -> Statistics:
+def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batches, progress: bool = False,
+                 mask: str | None = None) -> Statistics:
     """`stats` with the plain moments of `batches` added to every site's: a forward pass only, far cheaper
     per sample than the curvature pass, so affine replacements can be fitted on much more data. The
     affine fit then uses these plain moments (calibration + fit data) instead of the curvature-weighted ones
-    of the calibration data alone (passes/select.py `fit`); curvature, scores and orders are unchanged."""
+    of the calibration data alone (passes/select.py `fit`); curvature, scores and orders are unchanged.
+    mask: as for `calibrate` (padded positions enter no moment). Empty fit data is a CalibrationError."""
     runner = SiteRunner(gm, sites)
     params = next(gm.parameters())
     moments = {name: Moments(m.n, m.s1.clone(), m.s2.clone()) for name, m in stats.moments.items()}
@@ -219,8 +281,14 @@ def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batch
         runner.eps, runner.acts = {}, {}
         runner.run(*bind(gm, args, kwargs))
         samples += first_tensor(args, kwargs).shape[0]
+        valid = _valid_positions(kwargs, mask, first_tensor(args, kwargs).shape[0])
         for s in sites:
-            moments[s.name].update(units_last(runner.acts[s.node], s.axis).reshape(-1, s.n_units))
+            a = units_last(runner.acts[s.node], s.axis)                             # [B, positions, d]
+            real = valid if valid is not None and a.shape[1] == valid.shape[1] else None
+            moments[s.name].update(a.reshape(-1, s.n_units) if real is None else a[real])
         _update_branches(sites, branch_moments, runner.acts)
+    if not samples:
+        raise CalibrationError("fit_data holds no samples (an exhausted generator, or an empty list?); pass "
+                               "batches of inputs, or fit_data=None")
     return dataclasses.replace(stats, moments=moments, fit_samples=stats.fit_samples + samples,
                                branch_moments=branch_moments)

@@ -78,15 +78,19 @@ class Curvature:
         return c
 
     def update(self, a: torch.Tensor, Us: torch.Tensor, Ua: torch.Tensor, gs: torch.Tensor | None = None,
-               ga: torch.Tensor | None = None, Up: torch.Tensor | None = None) -> None:
+               ga: torch.Tensor | None = None, Up: torch.Tensor | None = None,
+               valid: torch.Tensor | None = None) -> None:
         """Add a batch of n samples. a: [n, positions, d] activations; Us, Ua: [r, n, d] the factors
         summed over positions, Us = sum_pos U(pos), Ua = sum_pos U(pos) a(pos) (so H(x) = Us^T Us is the
         curvature of holding a unit constant over every position); gs, ga: [n, d] likewise for g (ce);
-        Up: [r, n, positions, d] the factors per position (needed with the d x d sums)."""
+        Up: [r, n, positions, d] the factors per position (needed with the d x d sums); valid: [n, positions]
+        bool, the real (not padded) positions: the others enter no sum."""
         a, Us, Ua = (t.detach().to(torch.float64) for t in (a, Us, Ua))
         n, positions, d = a.shape
+        padded = valid is not None
+        valid = torch.ones(n, positions, dtype=torch.bool, device=a.device) if valid is None else valid
         self.n += n
-        self.rows += n * positions
+        self.rows += int(valid.sum())
         self.sh += (Us * Us).sum((0, 1))
         self.sha += (Us * Ua).sum((0, 1))
         self.sha2 += (Ua * Ua).sum((0, 1))
@@ -99,14 +103,15 @@ class Curvature:
             self.H1 += Uf.T @ Uaf
             self.H2 += Uaf.T @ Uaf
             w = (Us * Us).sum((0, 2))                        # [n] tr H(x)
-            af = a.reshape(-1, d)                            # [n*positions, d]
-            wf = w.repeat_interleave(positions)              # each position weighted by its sample's w
+            af = a[valid]                                    # [real positions, d]
+            wf = w[:, None].expand(n, positions)[valid]      # each position weighted by its sample's w
             self.sw += wf.sum()
             self.swa += wf @ af
             self.swaa += (af * wf[:, None]).T @ af
-            Upf = Up.detach().to(torch.float64).reshape(-1, d)  # [r*n*positions, d]
+            Upf = Up.detach().to(torch.float64)[:, valid].reshape(-1, d)  # [r * real positions, d]
             self.Hp += Upf.T @ Upf
-            abar = a.mean(1)                                 # [n, d]
+            abar = ((a * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)) if padded \
+                else a.mean(1)                               # [n, d]: the mean over a sample's real positions
             self.sab += abar.sum(0)
             self.Sbb += abar.T @ abar
 

@@ -16,14 +16,12 @@ fold a replacement into its inputs. Arithmetic is float64, cast back to the laye
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..capture import ChannelBatchNorm
+from ..capture import ChannelBatchNorm, copy_module
 from ..sites import PATTERNS
 from .plan import Replacement
 
@@ -155,7 +153,7 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
     Rows (channels) are deleted once per layer after every site is folded: the pieces of a split
     value are several sites that delete rows of one producer. Each pattern of the site table then
     rewrites the graph for the kept units (`sites.patterns`: head counts, split sizes, gate views)."""
-    gm = copy.deepcopy(gm)
+    gm = copy_module(gm)
     deleted: dict[str, set[int]] = {}         # producer or per-channel layer -> its rows to delete
     rows: dict[str, tuple[dict, int]] = {}    # the same layer -> (its table, its rows in all)
     folded = []                               # (site, kept units) of every replacement folded

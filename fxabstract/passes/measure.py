@@ -57,15 +57,16 @@ def divergence(name: str, z: torch.Tensor, zi: torch.Tensor, y: torch.Tensor | N
 
 @torch.no_grad()
 def measured_curve(gm: fx.GraphModule, site: Site, steps: list[int], fit, reservoir: list, name: str,
-                   points: int = 32) -> torch.Tensor:
+                   points: int = 32, output=None) -> torch.Tensor:
     """Risk after removing k units, k = 0..steps[-1]: measured at <= `points` of `steps`, interpolated.
 
-    fit(k) -> SitePlan for the first k units of the site's order."""
+    fit(k) -> SitePlan for the first k units of the site's order; output: which of the model's outputs the
+    divergence reads (`data.select_output`)."""
     grid = sorted({steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, min(points, len(steps)))})
     clean, upstream = [], []
     for inputs, _ in reservoir:
         run = _Upstream(gm, site.node)
-        clean.append(logits(run.run(*inputs)))
+        clean.append(logits(run.run(*inputs), output))
         upstream.append(run.initial_env())
     n = sum(len(z) for z in clean)
     node = next(v for v in gm.graph.nodes if v.name == site.node)
@@ -80,6 +81,6 @@ def measured_curve(gm: fx.GraphModule, site: Site, steps: list[int], fit, reserv
         total = 0.0
         for z, (inputs, y), env in zip(clean, reservoir, upstream):
             env = {**env, node: rep(env[node])}
-            total += float(divergence(name, z, logits(fx.Interpreter(gm).run(*inputs, initial_env=env)), y))
+            total += float(divergence(name, z, logits(fx.Interpreter(gm).run(*inputs, initial_env=env), output), y))
         values.append(total / n)
     return torch.tensor(np.interp(np.arange(steps[-1] + 1), grid, values), dtype=torch.float64)

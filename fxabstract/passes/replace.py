@@ -5,10 +5,9 @@ the consumers now read. The graph stays dense; it is the intervened model f_I of
 """
 from __future__ import annotations
 
-import copy
-
 import torch.fx as fx
 
+from ..capture import copy_module
 from .plan import Replacement, SitePlan
 
 
@@ -18,7 +17,7 @@ def replacement_target(site_name: str) -> str:
 
 def replace(gm: fx.GraphModule, plans: list[SitePlan]) -> fx.GraphModule:
     """A copy of gm with every plan's replacement inserted between its site and the consumers."""
-    gm = copy.deepcopy(gm)
+    gm = copy_module(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     dtype = next(gm.parameters()).dtype
     device = next(gm.parameters()).device

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CalibrationError
 from .calibrate import Statistics
 
 
@@ -138,10 +139,23 @@ def joint_affine_order(Hbar: torch.Tensor, S: torch.Tensor, ridge: float, n: int
 
 
 def fit_affine(mu: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], ridge: float):
-    """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + Lambda)^-1 (docs/math.md §3)."""
+    """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + Lambda)^-1 (docs/math.md §3).
+
+    A fit is never folded when it broke down numerically: its coefficients are not finite, or the fitted
+    values vary more than the units they replace (theta S_KK theta^T <= S_PP holds for every ridge >= 0
+    in exact arithmetic, so a fitted variance above 4 S_PP + rounding is an exploding solve): that is a
+    CalibrationError naming the fix."""
     SKK = S[K][:, K]
     theta = torch.linalg.solve(SKK + ridge_of(S, ridge, mu)[K][:, K], S[K][:, P]).T   # [P, K]
     beta = mu[P] - theta @ mu[K]
+    if P and K:
+        fitted = ((theta @ SKK) * theta).sum(1)                                          # [P] fitted variance
+        scale = S.diagonal().abs().max() + mu.abs().max() ** 2
+        bound = 4 * S.diagonal()[P].clamp_min(0) + 1e-6 * scale
+        if not (torch.isfinite(theta).all() and torch.isfinite(beta).all()) or bool((fitted > bound).any()):
+            raise CalibrationError(f"the affine fit of {len(P)} units on {len(K)} kept ones broke down numerically "
+                                   "(non-finite or exploding coefficients); pass a larger ridge=, more calibration "
+                                   "samples, or replacement='constant'")
     return beta, theta
 
 

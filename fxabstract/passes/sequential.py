@@ -37,10 +37,11 @@ def _differentiable(v) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point()
 
 
-def blockwise_vjp(runner, blocks: list[list[fx.Node]], inputs: list, eps0: dict):
+def blockwise_vjp(runner, blocks: list[list[fx.Node]], inputs: list, eps0: dict, output=None):
     """(z [B, o], vjp_fn, site activations) like torch.func.vjp(forward, eps0, has_aux=True), block by block.
 
-    runner: a calibrate.SiteRunner over the graph (adds eps at site nodes, records activations)."""
+    runner: a calibrate.SiteRunner over the graph (adds eps at site nodes, records activations); output:
+    which of the model's outputs z is (`data.select_output`)."""
     graph = blocks[0][0].graph
     block_of = {n: k for k, block in enumerate(blocks) for n in block}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -55,7 +56,7 @@ def blockwise_vjp(runner, blocks: list[list[fx.Node]], inputs: list, eps0: dict)
             for node in block:
                 runner.env[node] = runner.run_node(node)
             saved.update({n: runner.env[n] for n in block if n in crossing})
-    z = logits(runner.env[blocks[-1][-1]])
+    z = logits(runner.env[blocks[-1][-1]], output)
     runner.env = {}
     acts = dict(runner.acts)
 
@@ -74,7 +75,7 @@ def blockwise_vjp(runner, blocks: list[list[fx.Node]], inputs: list, eps0: dict)
                 for node in block:
                     runner.env[node] = runner.run_node(node)
                 result = tuple(runner.env[n] for n in outs)
-                return result + ((logits(runner.env[block[-1]]),) if block[-1].op == "output" else ())
+                return result + ((logits(runner.env[block[-1]], output),) if block[-1].op == "output" else ())
 
             primals, pull = torch.func.vjp(run, eps_k, tuple(saved[a] for a in diff_in))
             zero = (lambda p: p.new_zeros(()).expand(V.shape[0], *p.shape)) if batched else torch.zeros_like
