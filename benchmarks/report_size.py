@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -55,16 +56,20 @@ def bert_base_report(layers: int = 12, d: int = 3072, kept: int = 1536) -> dict:
     return {"version": 1, "replacement": "affine", "sites": sites}
 
 
-def measure(report: dict) -> dict:
+def measure(report: dict, repeats: int = 3) -> dict:
+    """Sizes of one write, and the medians of `repeats` writes and reads (shared machines are noisy)."""
     inline = len(dumps(report))
-    with tempfile.TemporaryDirectory() as folder:
-        start = time.perf_counter()
-        write_report(folder, report)
-        written = time.perf_counter() - start
-        sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)}
-        start = time.perf_counter()
-        back = read_report(folder)
-        read = time.perf_counter() - start
+    writes, reads = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as folder:
+            start = time.perf_counter()
+            write_report(folder, report)
+            writes.append(time.perf_counter() - start)
+            sizes = {name: os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder)}
+            start = time.perf_counter()
+            back = read_report(folder)
+            reads.append(time.perf_counter() - start)
+    written, read = statistics.median(writes), statistics.median(reads)
     exact = back == report
     return {"inline": inline, "json": sizes["report.json"], "tensors": sizes["tensors.safetensors"],
             "write_s": written, "read_s": read, "exact": exact}
@@ -85,7 +90,7 @@ def main() -> None:
               f"{mb(m['tensors'])}; write {m['write_s']:.2f} s, read {m['read_s']:.2f} s; exact {m['exact']}")
     lines = ["# Report size on disk", "",
              f"`python benchmarks/report_size.py`; Python {platform.python_version()}, torch {torch.__version__}.", "",
-             "| report | every number inline (before) | report.json now | tensors.safetensors | write | read | "
+             "| report | every number inline (before) | report.json now | tensors.safetensors | write (median of 3) | read (median of 3) | "
              "read back exactly |", "|---|---|---|---|---|---|---|"]
     for name, m in rows:
         lines.append(f"| {name} | {mb(m['inline'])} | {mb(m['json'])} | {mb(m['tensors'])} | {m['write_s']:.2f} s | "
