@@ -148,7 +148,7 @@ def write_report(folder: str, report: dict) -> tuple[str, ...]:
     `files.staged` folder, then move both: `with staged(out, names + REPORT_FILES) as s: write_report(s, r)`."""
     saved, tensors = split_report(report)
     write_atomic(os.path.join(folder, TENSORS),
-                 safetensors.numpy.save(tensors, metadata={"format": "fxabstract report tensors", "report": REPORT}))
+                 safetensors.numpy.save(tensors, metadata={"format": f"fxabstract report tensors of {REPORT}"}))
     write_atomic(os.path.join(folder, REPORT), dumps(saved))
     return REPORT_FILES
 
