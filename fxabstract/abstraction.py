@@ -24,7 +24,7 @@ from .data import Inputs, as_inputs, bind, default_output, first_tensor, select_
 from .errors import CalibrationError, ConfigError, FxAbstractError, FxAbstractWarning, NoSiteError
 from .output import saving
 from .output.report import site_entry, summary
-from .passes.budget import allocate, allowed_removals, granularity, macs_removals
+from .passes.budget import allocate, allowed_removals, expand_ties, granularity, macs_removals, tied_proxies
 from .passes.calibrate import Statistics, add_fit_data, calibrate
 from .passes.distributed import all_reduce
 from .passes.fold import fold
@@ -173,10 +173,12 @@ class Analysis:
                                                     round_to)
         example = tuple(v[:2] if isinstance(v, torch.Tensor) else v for v in self.stats.reservoir[0][0])
         macs = module_macs(self.gm, *example) if budget == "macs" else None
+        budget_sites, budget_cv = tied_proxies(self.sites, cv)      # a residual stream is one site here
         if macs is not None:
-            removed = macs_removals(self.sites, cv, macs, keep, self.score in OUTPUT_UNITS, round_to)
+            removed = macs_removals(budget_sites, budget_cv, macs, keep, self.score in OUTPUT_UNITS, round_to)
         else:
-            removed = allocate(self.sites, cv, keep, self.score, round_to)
+            removed = allocate(budget_sites, budget_cv, keep, self.score, round_to)
+        removed = expand_ties(removed, self.sites)
         plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, replacement, selection,
                      ridges[s.name]) for s in self.sites]
         module = fold(replace(self.gm, plans))
@@ -237,13 +239,25 @@ def _select_sites(sites: list[Site], wanted) -> list[Site]:
         if not chosen:
             raise ConfigError(f"sites regex {wanted!r} matches no site (a regex must match the whole name: "
                               f"'.*{wanted}.*' finds it inside one); sites are {names}")
-        return chosen
+        return _whole_streams(sites, chosen)
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         raise ConfigError(f"unknown sites {unknown}; sites are {names}")
     if not wanted:
         raise ConfigError(f"sites=[] selects no site; pass None for every site, or some of {names}")
-    return [s for s in sites if s.name in set(wanted)]
+    return _whole_streams(sites, [s for s in sites if s.name in set(wanted)])
+
+
+def _whole_streams(sites: list[Site], chosen: list[Site]) -> list[Site]:
+    """`chosen`, checked to hold every point of each residual stream it holds any of (a stream's
+    writers lose their rows for every point at once)."""
+    for s in chosen:
+        if s.tie:
+            missing = [t.name for t in sites if t.tie == s.tie and t not in chosen]
+            if missing:
+                raise ConfigError(f"sites selects part of the residual stream {s.tie!r} (not {missing}); select "
+                                  f"all its points, e.g. the regex '{s.tie}\\..*', or none")
+    return chosen
 
 
 def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",

@@ -73,6 +73,7 @@ def capture(model: nn.Module, example: tuple[tuple, dict] | None = None) -> fx.G
     linearize_addmm(gm)
     modularize(gm)
     drop_whole_slices(gm)
+    drop_identities(gm)
     drop_metadata_asserts(gm)
     if not exported:  # torch.export's module is already in eval form and refuses .eval()
         gm.eval()
@@ -142,6 +143,18 @@ def drop_whole_slices(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target == aten.slice.Tensor and not node.kwargs \
                 and tuple(node.args[2:]) in ((), (0, 2**63 - 1), (0, 2**63 - 1, 1), (None, None), (None, None, 1)):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def drop_identities(gm: fx.GraphModule) -> None:
+    """Remove calls of nn.Identity modules (a ResNet's `maxpool = nn.Identity()`), as Dynamo inlines them,
+    so that a site's value and chain are the same whichever front end captured the model; in place."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(gm.get_submodule(node.target)) is nn.Identity \
+                and len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
     gm.graph.lint()

@@ -601,6 +601,10 @@ def site_kind(site) -> str:
         kind += ", split piece"
     if site.branches:
         kind += ", squeeze-excitation"
+    if site.parts > 1:
+        kind += f", {site.parts} conv groups"
+    if site.tie:
+        kind += f", stream {site.tie}"
     return kind
 
 
@@ -616,7 +620,9 @@ def list_sites(args) -> None:
     check_runs(model, name, inputs, where)
     first = batches_of(inputs, None, 8)[0]
     _, found, ineligible = capture_sites(model, first)
-    print(f"{len(found)} site{'s' if len(found) != 1 else ''} in {name} ({sum(s.n_units for s in found)} units; "
+    units = sum(s.n_units for s in found if not s.tie) + sum({s.tie: s.n_units for s in found if s.tie}.values())
+    once = ", a residual stream's counted once" if any(s.tie for s in found) else ""
+    print(f"{len(found)} site{'s' if len(found) != 1 else ''} in {name} ({units} units{once}; "
           "--sites takes names separated by commas, or a regex matching whole names):")
     width = max([len("site")] + [len(s.name) for s in found])
     print(f"  {'site':<{width}} {'units':>6}  {'kind':<24} consumers")

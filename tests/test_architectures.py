@@ -65,8 +65,9 @@ def test_architecture_compiles_exactly(name, replacement):
     x = torch.randn(24, *shape)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = _compile(model, x, replacement)
-    eligible = sum(s["units"] for s in result.report["sites"])
-    kept = sum(len(s["kept"]) for s in result.report["sites"])
+    budget = {s.get("stream") or s["name"]: s for s in result.report["sites"]}   # a stream's points: one
+    eligible = sum(s["units"] for s in budget.values())
+    kept = sum(len(s["kept"]) for s in budget.values())
     assert result.report["sites"], f"{name}: no site found ({result.report['ineligible']})"
     assert kept == round(0.5 * eligible), f"{name}: keep 50% of {eligible} eligible units, kept {kept}"
     assert result.report["parameters"]["after"] < result.report["parameters"]["before"], "the network must shrink"
@@ -86,13 +87,17 @@ def test_architecture_exports_to_onnx_with_parity(name, tmp_path):
     assert info["relative_diff"] <= 1e-4, f"{name}: onnxruntime differs from torch by {info['relative_diff']:.2e}"
 
 
-def test_residual_stream_channels_are_ineligible_with_reason():
+def test_residual_stream_channels_are_sites_tied_across_the_stage():
+    """The channels of each stage's stream (stem, every block's second conv, the shortcut projections)
+    are one unit set: one site per point of the stream, all keeping the same channels."""
     model = randomize_batch_norm(zoo.cifar_resnet())
     result = _compile(model, torch.randn(16, 3, 16, 16), "constant")
-    names = [s["name"] for s in result.report["sites"]]
-    assert "layer1.0.conv1" in names, "the channels between a basic block's two convs must be a site"
-    reason = result.report["ineligible"]["layer1.0.conv2"]
-    assert "add" in reason, f"the residual-stream conv must be ineligible because of the add, got: {reason}"
+    sites = {s["name"]: s for s in result.report["sites"]}
+    assert "layer1.0.conv1" in sites, "the channels between a basic block's two convs must be a site"
+    writers = {q["module"]: s for s in sites.values() if s.get("stream") for q in s["producers"]}
+    assert {"conv1", "layer1.0.conv2", "layer1.2.conv2", "layer2.0.downsample.0"} <= set(writers)
+    assert writers["conv1"]["stream"] == writers["layer1.0.conv2"]["stream"] != writers["layer2.0.conv2"]["stream"]
+    assert not set(writers) & set(result.report["ineligible"])
 
 
 def test_mobilenet_expansion_site_deletes_depthwise_and_batch_norm_channels():

@@ -58,18 +58,6 @@ def test_model_without_eligible_site_raises_no_site_error(model):
     raised(NoSiteError, fxa.abstract, model, CALIBRATION)
 
 
-def test_grouped_convolutions_are_refused_naming_the_conv_and_the_rule():
-    """ResNeXt: every hidden channel is produced or read by a grouped 3x3 conv. Both sides are refused, each
-    with the conv, its groups and why (the same count from every group), not as an unfoldable reader."""
-    from fxabstract import zoo
-    with pytest.raises(NoSiteError) as info:
-        fxa.abstract(zoo.ResNeXt().eval(), [torch.randn(8, 3, 8, 8)], keep=0.5)
-    message = str(info.value)
-    assert "blocks.0.conv2.0: grouped convolution (groups=8)" in message
-    assert "blocks.0.conv1.0: it is read by grouped convolution `blocks.0.conv2.0` (groups=8)" in message
-    assert message.count("the same number from every group") == 4 and "\n" not in message
-
-
 @pytest.mark.parametrize("calibration", [[], iter([]), (b for b in [])], ids=["list", "iterator", "generator"])
 def test_empty_calibration_raises_calibration_error(calibration):
     raised(CalibrationError, fxa.abstract, small_mlp(), calibration)

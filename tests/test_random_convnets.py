@@ -1,5 +1,5 @@
 """Property (docs/math.md §1): on randomly generated conv networks — conv / BatchNorm / activation / pool /
-depthwise / concat / split / padding / flatten in random order — compiling a replacement equals applying
+depthwise / grouped / concat / split / padding / flatten in random order — compiling a replacement equals applying
 the report's interventions to the original with hooks, to float precision."""
 from __future__ import annotations
 
@@ -48,13 +48,24 @@ def convnets(draw):
     """A random conv stack on [B, 3, 8, 8] inputs, ending in flatten + Linear (or pool + Linear)."""
     layers, c, size = [], 3, 8
     for _ in range(draw(st.integers(1, 4))):
-        kind = draw(st.sampled_from(["conv", "conv", "depthwise", "branches", "split", "pool"]))
+        kind = draw(st.sampled_from(["conv", "conv", "depthwise", "grouped", "branches", "split", "pool"]))
         act = draw(st.sampled_from(ACTIVATIONS))
         if kind == "pool" and size >= 4:
             layers.append(draw(st.sampled_from([nn.MaxPool2d(2), nn.AvgPool2d(2)])))
             size //= 2
         elif kind == "depthwise":
             layers += [nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), act()]
+        elif kind == "grouped":            # every group keeps as many channels (a grouped conv stays grouped)
+            g = draw(st.integers(2, 4))
+            if c % g:
+                layers += [nn.Conv2d(c, g * draw(st.integers(1, 3)), 1), act()]
+                c = layers[-2].out_channels
+            out, k = g * draw(st.integers(1, 4)), draw(st.sampled_from([1, 3]))
+            layers += [nn.Conv2d(c, out, k, padding=k // 2, groups=g, bias=draw(st.booleans()))]
+            if draw(st.booleans()):
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(act())
+            c = out
         elif kind == "branches":
             a, b = draw(st.integers(2, 8)), draw(st.integers(2, 8))
             layers.append(Branches(c, a, b, act))

@@ -233,7 +233,7 @@ class ResidualSE(nn.Module):
     (GateReadTwice, "exp", ["gated", "mul", "sigmoid"]),
     (GateReadTwice, "fc2", ["mul", "mean_1"]),
     (SqueezeReadTwice, "exp", ["SE branch", "adaptive_avg_pool2d"]),
-    (ResidualSE, "stem", ["add"]),
+    (ResidualSE, "stem", ["residual stream", "relu"]),
 ])
 def test_unmatched_se_shapes_stay_ineligible_with_a_reason(cls, producer, words):
     torch.manual_seed(0)

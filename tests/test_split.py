@@ -124,7 +124,9 @@ def test_split_conv_net_with_unequal_pieces_compiles_exactly(replacement, front_
     x = torch.randn(48, 3, 8, 8)
     result = _compile(model, x, replacement)
     by_name = {s["name"]: s for s in result.report["sites"]}
-    assert sorted(by_name) == [p + "fc1", p + "stem.piece0", p + "stem.piece1"], sorted(by_name)
+    assert sorted(by_name) == [p + "conv_a.stream.0", p + "fc1", p + "stem.piece0", p + "stem.piece1"], sorted(by_name)
+    assert [q["module"] for q in by_name[p + "conv_a.stream.0"]["producers"]] == [p + "conv_a", p + "conv_b"], \
+        "the branches' sum is a stream that both convs write"
     b = by_name[p + "stem.piece1"]
     assert [c["module"] for c in b["channel_ops"]] == [p + "bn_b", p + "dw_b"], "piece 1's BN and depthwise"
     assert by_name[p + "fc1"]["producers"] == [{"module": p + "fc1", "units": [0, 32], "rows": [0, 32]},

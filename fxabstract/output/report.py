@@ -43,6 +43,10 @@ def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
              "bias_maps": s.bias_maps, "group": s.group, "kept": p.kept, "replaced": _replaced(p),
              "scores": [float(v) for v in p.scores], "predicted_risk": p.predicted_risk,
              "measured_risk": measured_risk}
+    if s.tie:                       # a point of a residual stream: every point keeps these units
+        entry["stream"] = s.tie
+    if s.parts > 1:                 # next to a grouped conv: every part loses as many units
+        entry["parts"], entry["fit_parts"] = s.parts, s.fit_parts
     if p.branches:
         entry["branches"] = [{"name": b.site.name, "node": b.site.node, "chain": b.site.chain,
                               "consumers": b.site.consumers, "units": b.site.n_units, "axis": b.site.axis,

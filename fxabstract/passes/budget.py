@@ -8,12 +8,15 @@ on risk curves of one's own. Kept widths are multiples of `round_to` (or of an a
 """
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 
 from ..cost import removal_macs, site_macs, unit_macs
 from ..errors import ConfigError
 from ..sites import Site
-from .plan import Curves
+from .plan import Curves, ties
 from .scores import OUTPUT_UNITS
 
 
@@ -22,8 +25,9 @@ def min_kept(d: int, round_to: int) -> int:
 
 
 def granularity(site: Site, round_to: int) -> int:
-    """Kept widths are multiples of this: the group (an attention head's width), else round_to."""
-    return site.group if site.group > 1 else round_to
+    """Kept widths are multiples of this: the group (an attention head's width), else round_to; and of
+    the site's parts (a grouped convolution keeps as many channels in every group)."""
+    return math.lcm(site.group if site.group > 1 else round_to, site.parts)
 
 
 def allowed_removals(d: int, round_to: int) -> list[int]:
@@ -46,6 +50,9 @@ def allocate(sites: list[Site], cv: dict[str, Curves], keep, score: str, round_t
             if v % names[k].group:
                 raise ConfigError(f"keep[{k!r}] = {v} must be a multiple of {names[k].group}: that site's units are "
                                   "attention heads, removed whole")
+            if v % names[k].parts:
+                raise ConfigError(f"keep[{k!r}] = {v} must be a multiple of {names[k].parts}: that site is next to a "
+                                  f"grouped convolution whose {names[k].parts} groups keep as many channels each")
         return {s.name: s.n_units - keep.get(s.name, s.n_units) for s in sites}
     if isinstance(keep, bool) or not isinstance(keep, (int, float)):
         raise ConfigError(f"keep must be a fraction, an int or a dict of per-site counts, got {type(keep).__name__}")
@@ -178,3 +185,33 @@ def macs_removals(sites: list[Site], curves: dict, macs: dict[str, int], keep: f
                                steps[-1])
         return out
     return _meet(sites, curves, macs, per_site, need, sum(total.values()))
+
+
+def tied_proxies(sites: list[Site], cv: dict[str, Curves]) -> tuple[list[Site], dict[str, Curves]]:
+    """The sites as the budget sees them: a residual stream's points (`Site.tie`) as one site named after
+    the stream, with every writer, per-channel layer and reader of its points (its MACs) and the points'
+    risk curves summed (measured ones too, when every point has one); they share one elimination order.
+    Other sites are themselves. `expand_ties` gives the points the stream's removal count."""
+    groups = ties(sites)
+    out_sites, out_cv = [], {}
+    for s in sites:
+        if not s.tie:
+            out_sites.append(s)
+            out_cv[s.name] = cv[s.name]
+        elif s is groups[s.tie][0]:
+            tied = groups[s.tie]
+            out_sites.append(replace(s, name=s.tie, pieces=[q for t in tied for q in t.pieces],
+                                     channel_ops=[q for t in tied for q in t.channel_ops],
+                                     consumers=[c for t in tied for c in t.consumers],
+                                     reads={c: r for t in tied for c, r in t.reads.items()}, branches=[],
+                                     parts=max(t.parts for t in tied), tie=""))
+            measured = [cv[t.name].measured for t in tied]
+            out_cv[s.tie] = Curves(sum(cv[t.name].scores for t in tied), cv[s.name].constants, cv[s.name].order,
+                                   sum(cv[t.name].curve for t in tied),
+                                   None if any(m is None for m in measured) else sum(measured))
+    return out_sites, out_cv
+
+
+def expand_ties(removed: dict[str, int], sites: list[Site]) -> dict[str, int]:
+    """Removal counts per site from those per budget site (`tied_proxies`): a stream's to each point."""
+    return {s.name: removed[s.tie] if s.tie else removed[s.name] for s in sites}

@@ -4,6 +4,8 @@ intervened graph computed (docs/math.md §1, exact transformation).
 
     bias folding    b' = b + W[:, P] beta                       (scalar, per consumer output)
     weight folding  W' = W[:, K] + W[:, P] theta                (1x1 mixing of the input channels)
+    grouped convs   the same on the block-diagonal groups=1 weight; every group keeps as many channels
+                    and theta stays within groups (`Site.parts`), so the result is grouped again
     zero padding    a constant channel is zero at the padded border, so beta folds into a spatial
                     bias map conv(beta, W[:, P]) for the traced input size (`BiasMapConv`), exactly
     producers       rows K only; per-channel layers (BatchNorm, depthwise conv, PReLU) channels K;
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..capture import ChannelBatchNorm, copy_module
-from ..sites import PATTERNS
+from ..sites import PATTERNS, dense_weight, regroup
 from .plan import Replacement
 
 
@@ -122,12 +124,13 @@ def _fold_conv(m: nn.Module, r: Replacement) -> nn.Module:
         if isinstance(inner, BiasMapConv):
             return BiasMapConv(inner.conv, inner.bias_map + m.bias_map)
         return BiasMapConv(inner, m.bias_map)
-    W = m.weight.detach().double()                                             # [o, d, *kernel]
+    W = dense_weight(m)                                                        # [o, d, *kernel], groups=1
     WP, theta, beta = W[:, r.removed], r.theta.double(), r.beta.double()
     W_new = W[:, r.kept] + torch.einsum("op...,pk->ok...", WP, theta)          # W' = W_K + W_P theta
     bias = torch.zeros(m.out_channels, dtype=torch.float64, device=W.device) if m.bias is None \
         else m.bias.detach().double()
     new = _new_like(m, in_channels=len(r.kept), bias=True)
+    W_new = regroup(W_new, m.groups)          # as many kept per group, theta within groups: stays grouped
     padded = m.padding == "same" or (m.padding != "valid" and any(m.padding))
     if not padded:
         return _assign(new, weight=W_new, bias=bias + WP.flatten(2).sum(2) @ beta)  # b' = b + W_P beta

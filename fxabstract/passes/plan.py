@@ -61,3 +61,12 @@ class Replacement(nn.Module):
         values = self.beta + a.index_select(-1, self.kept) @ self.theta.T
         a = a.index_copy(-1, self.removed, values)
         return a.movedim(-1, 1).contiguous() if self.axis == 1 else a
+
+
+def ties(sites: list[Site]) -> dict[str, list[Site]]:
+    """{stream name: its point sites} for the residual streams among `sites` (`Site.tie`), in order."""
+    groups: dict[str, list[Site]] = {}
+    for s in sites:
+        if s.tie:
+            groups.setdefault(s.tie, []).append(s)
+    return groups

@@ -138,13 +138,28 @@ def joint_affine_order(Hbar: torch.Tensor, S: torch.Tensor, ridge: float, n: int
     return order, torch.tensor(curve, dtype=torch.float64)
 
 
-def fit_affine(mu: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], ridge: float):
+def fit_affine(mu: torch.Tensor, S: torch.Tensor, K: list[int], P: list[int], ridge: float, parts: int = 1):
     """Least squares a_P ~ beta + theta a_K with ridge: theta = S_PK (S_KK + Lambda)^-1 (docs/math.md §3).
+
+    parts > 1: the units form that many equal blocks and a replaced unit reads kept units of its own
+    block only (a grouped convolution reads its group's channels alone): one fit per block, theta zero
+    across blocks.
 
     A fit is never folded when it broke down numerically: its coefficients are not finite, or the fitted
     values vary more than the units they replace (theta S_KK theta^T <= S_PP holds for every ridge >= 0
     in exact arithmetic, so a fitted variance above 4 S_PP + rounding is an exploding solve): that is a
     CalibrationError naming the fix."""
+    if parts > 1:
+        size = S.shape[0] // parts
+        beta, theta = mu.new_zeros(len(P)), mu.new_zeros(len(P), len(K))
+        for j in range(parts):
+            Pj = [i for i, u in enumerate(P) if u // size == j]
+            Kj = [i for i, u in enumerate(K) if u // size == j]
+            if Pj:
+                b, t = fit_affine(mu, S, [K[i] for i in Kj], [P[i] for i in Pj], ridge)
+                beta[Pj] = b
+                theta[torch.tensor(Pj)[:, None], torch.tensor(Kj, dtype=torch.long)[None, :]] = t
+        return beta, theta
     SKK = S[K][:, K]
     theta = torch.linalg.solve(SKK + ridge_of(S, ridge, mu)[K][:, K], S[K][:, P]).T   # [P, K]
     beta = mu[P] - theta @ mu[K]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..sites import Site
+from ..sites import Site, dense_weight
 from .calibrate import Statistics
 
 SCORES = ("logit-mse", "kl", "ce", "variance", "cwvar", "magnitude", "random")
@@ -34,7 +34,7 @@ def optimal_constants(score: str, stats: Statistics, name: str) -> torch.Tensor:
 def consumer_column_norms2(gm: fx.GraphModule, site: Site, consumer: str) -> torch.Tensor:
     """||W[:, j]||^2 per unit j of the consumer's weight: over its outputs, and over the kernel taps
     (Conv) or the block of features a flattened unit feeds (Linear after a flatten): [d]."""
-    W = gm.get_submodule(consumer).weight.detach().double()
+    W = dense_weight(gm.get_submodule(consumer))
     return W.reshape(W.shape[0], site.n_units, -1).pow(2).sum((0, 2))
 
 
@@ -44,7 +44,7 @@ def consumer_gram(gm: fx.GraphModule, site: Site) -> torch.Tensor:
     site, measured at the consumers' outputs, is 1/2 delta^T G delta (docs/math.md §3, linear head)."""
     G = torch.zeros(site.n_units, site.n_units, dtype=torch.float64)
     for consumer in site.consumers:
-        W = gm.get_submodule(consumer).weight.detach().double()
+        W = dense_weight(gm.get_submodule(consumer))
         Wu = W.reshape(W.shape[0], site.n_units, -1).transpose(0, 1).reshape(site.n_units, -1)   # [d, out * taps]
         G += Wu @ Wu.T
     return G

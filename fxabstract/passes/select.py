@@ -19,7 +19,7 @@ from ..errors import FxAbstractWarning
 from ..sites import Site
 from . import risk
 from .calibrate import Statistics
-from .plan import Curves, SitePlan
+from .plan import Curves, SitePlan, ties
 from .scores import OUTPUT_UNITS, consumer_gram, unit_scores
 
 
@@ -91,8 +91,58 @@ def curves(sites: list[Site], stats: Statistics, gm: fx.GraphModule, score: str,
             order, curve = risk.joint_affine_order(risk.affine_curvature(stats, s.name), S, r, n)
             if risk.positions(stats, s.name) > 1:   # the OBS curve is the per-position risk alone: re-evaluate
                 curve = _evaluated_curve(s, order, stats, score, r)
+        if s.parts > 1 and not s.tie:       # a grouped conv: every group loses as many units
+            order = balanced(order, s.parts, s.n_units)
+            curve = _curve_along(s, order, sc, c, stats, score, replacement, selection, r)
         out[s.name] = Curves(sc, c, order, curve)
+    for tied in ties(sites).values():
+        _tie_curves(tied, out, stats, score, replacement, selection, ridge)
     return out
+
+
+def _tie_curves(tied: list[Site], out: dict[str, Curves], stats: Statistics, score: str, replacement: str,
+                selection: str, ridge) -> None:
+    """One elimination order for every point of a stream (they lose the same units), from the points'
+    risks summed (risks add across points as across sites, docs/math.md §3): the sum of their scores
+    (diagonal), else greedy elimination on the sum of their constant-replacement matrices; each point's
+    curve is then its own risk along that order."""
+    d = tied[0].n_units
+    total = sum(out[s.name].scores for s in tied)
+    matrices = stats.curvature[tied[0].name].H0 is not None
+    if selection == "diagonal" or score not in OUTPUT_UNITS or not matrices:
+        order, _ = risk.diagonal_order(total, d - 1)
+    else:
+        M = sum(risk.constant_matrix(stats, s.name, out[s.name].constants) for s in tied)
+        lin = sum(risk.linear_term(stats, s.name, out[s.name].constants) for s in tied)
+        order, _ = risk.joint_constant_order(M, lin, d - 1)
+    parts = max(s.parts for s in tied)
+    if parts > 1:
+        order = balanced(order, parts, d)
+    for s in tied:
+        r = ridge[s.name] if isinstance(ridge, dict) else ridge
+        sc, c = out[s.name].scores, out[s.name].constants
+        out[s.name] = Curves(sc, c, list(order), _curve_along(s, order, sc, c, stats, score, replacement, selection, r))
+
+
+def _curve_along(site: Site, order: list[int], sc: torch.Tensor, c: torch.Tensor, stats: Statistics, score: str,
+                 replacement: str, selection: str, ridge: float) -> torch.Tensor:
+    """The site's risk curve along an order chosen elsewhere (balanced over groups, or a stream's):
+    summed scores (diagonal, or scores not in output units), else the constant or affine risk evaluated."""
+    if selection == "diagonal" or score not in OUTPUT_UNITS:
+        return torch.cat([sc.new_zeros(1), sc[order].cumsum(0)])
+    if replacement == "affine":
+        return _evaluated_curve(site, order, stats, score, ridge)
+    return _constant_curve(stats, site.name, c, order)
+
+
+def balanced(order: list[int], parts: int, d: int) -> list[int]:
+    """`order` rearranged in rounds: each round removes, from every one of `parts` equal blocks of the d
+    units, the block's next unit in `order`. Its first k * parts units take k from each block (what a
+    grouped convolution needs), in the order's preference within each block."""
+    size, rank = d // parts, {u: i for i, u in enumerate(order)}
+    queues = [[u for u in order if u // size == j] for j in range(parts)]
+    rounds = min(len(q) for q in queues)
+    return [q[r] for r in range(rounds) for q in sorted(queues, key=lambda q: rank[q[r]])]
 
 
 def _fit_moments(stats: Statistics, name: str, score: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +169,8 @@ def _evaluated_curve(site: Site, order: list[int], stats: Statistics, score: str
     for k in grid:
         P = sorted(order[:k])
         K = sorted(set(range(site.n_units)) - set(P))
-        values.append(risk.position_affine_risk(stats, site.name, S, K, P, risk.fit_affine(mu, S, K, P, ridge)[1])
-                      if P else 0.0)
+        theta = risk.fit_affine(mu, S, K, P, ridge, site.fit_parts)[1] if P else None
+        values.append(risk.position_affine_risk(stats, site.name, S, K, P, theta) if P else 0.0)
     return torch.tensor(np.interp(np.arange(len(order) + 1), grid, values), dtype=torch.float64)
 
 
@@ -152,10 +202,16 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
         selection: str, ridge: float) -> SitePlan:
     """Fit the replacement of the first n_removed units of the site's elimination order."""
     removed = list(cv.order[:n_removed])
-    for piece in site.pieces:  # a producer joined by cat keeps at least one unit (not a kv head of GQA)
+
+    def emptied(piece) -> bool:   # a producer joined by cat keeps at least one unit (not a kv head of GQA)
         mine = [u for u in removed if piece.lo <= u < piece.hi]
-        if len(mine) == piece.hi - piece.lo and len(site.pieces) > 1 and site.group == 1:
-            removed.remove(mine[-1])
+        return len(mine) == piece.hi - piece.lo and len(site.pieces) > 1 and site.group == 1 and not site.tie
+    if site.parts > 1:            # balanced rounds (grouped convs): give back whole rounds
+        while removed and any(emptied(q) for q in site.pieces):
+            removed = removed[:len(removed) - site.parts]
+    for piece in site.pieces:
+        if emptied(piece):
+            removed.remove([u for u in removed if piece.lo <= u < piece.hi][-1])
     P = sorted(removed)
     K = sorted(set(range(site.n_units)) - set(P))
     branches = [fit_branch(b, K, P, stats, replacement, ridge) for b in site.branches]
@@ -164,7 +220,7 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
         return SitePlan(site, K, P, "constant", cP, torch.zeros(len(P), len(K), dtype=torch.float64),
                         cv.scores, risk.constant_risk(stats, site.name, P, cP), branches)
     mu, S = _fit_moments(stats, site.name, score)
-    beta, theta = risk.fit_affine(mu, S, K, P, ridge)
+    beta, theta = risk.fit_affine(mu, S, K, P, ridge, site.fit_parts)
     return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
                     risk.position_affine_risk(stats, site.name, S, K, P, theta), branches)
 

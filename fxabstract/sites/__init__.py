@@ -6,8 +6,9 @@ site kind beyond a plain path (attention heads, splits, squeeze-and-excitation) 
 in the pattern table, `patterns.py`.
 """
 from .find import annotate_shapes, find_sites, tied_modules
+from .layers import dense_weight, groups_of, regroup
 from .patterns import PATTERNS
 from .site import Context, Piece, Refusal, SharedPiece, Site
 
-__all__ = ["PATTERNS", "Context", "Piece", "Refusal", "SharedPiece", "Site", "annotate_shapes", "find_sites",
-           "tied_modules"]
+__all__ = ["PATTERNS", "Context", "Piece", "Refusal", "SharedPiece", "Site", "annotate_shapes", "dense_weight",
+           "find_sites", "groups_of", "regroup", "tied_modules"]

@@ -16,8 +16,8 @@ from dataclasses import replace
 
 import torch.fx as fx
 
-from .layers import (consumer_reads, excitation, is_cat, is_per_unit, is_spatial_mean, is_unsqueeze, readers_of,
-                     resize_unsqueeze, shape_of, stateless, zero_padded)
+from .layers import (consumer_reads, excitation, groups_of, is_cat, is_per_unit, is_spatial_mean, is_unsqueeze,
+                     readers_of, resize_unsqueeze, shape_of, stateless, zero_padded)
 from .site import Context, Refusal, Site
 
 
@@ -75,6 +75,10 @@ def _squeeze_branches(ctx: Context, chain: list[fx.Node], producers: set[str], d
             reads = consumer_reads(gm, value, ctx.calls, d, axis, ctx.tied)
         except Refusal as refusal:
             raise Refusal(f"its SE branch `{squeeze.name}`: {refusal.reason}") from None
+        grouped = [c for c in reads if groups_of(gm.get_submodule(c)) > 1]
+        if grouped:
+            raise Refusal(f"its SE branch `{squeeze.name}` is read by grouped convolution `{grouped[0]}` (the "
+                          "squeeze's replacement is not restricted to groups)")
         branches.append(Site(x.name, value.name, [n.name for n in nodes[1:]], list(reads), d, axis=1,
                              shape=tuple(shape[1:]), reads=reads,
                              bias_maps=[c for c in reads if zero_padded(gm.get_submodule(c))]))

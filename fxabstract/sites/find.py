@@ -35,6 +35,7 @@ new layer type is one entry there plus one in `passes/fold.py`.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -42,9 +43,9 @@ import torch
 import torch.fx as fx
 
 from .layers import (CHANNEL_OPS, CONVS, ELEMENTWISE_FUNCTIONS, PRODUCERS, consumer_reads, excitation,
-                     feeds_gate, gate_of, is_cat, is_elementwise, is_per_unit, is_product, is_unsqueeze, module_of,
-                     readers_of, shape_of, stateless, width_of, zero_padded)
-from .patterns import CLAIM, SITE, VALUE, stage
+                     feeds_gate, gate_of, groups_of, is_cat, is_elementwise, is_per_unit, is_product, is_unsqueeze,
+                     module_of, readers_of, shape_of, stateless, width_of, zero_padded)
+from .patterns import CLAIM, GRAPH, SITE, VALUE, stage
 from .site import Context, Piece, Refusal, Site
 
 
@@ -133,6 +134,14 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     tied = tied_modules(gm)
     ctx = Context(gm, calls, tied)
     claimed_sites, claimed, ineligible = _claim(ctx)
+    stream_sites, refused = [], {}
+    for pattern in stage(GRAPH):                                           # residual streams
+        found, reasons = pattern.find(ctx, lambda node, axis: _follow(gm, calls, node, axis), claimed)
+        stream_sites += found
+        refused.update(reasons)
+    _stream_parts(gm, stream_sites)
+    claimed |= {q.module for s in stream_sites for q in s.pieces}          # a stream's writers
+    ineligible.update({m: reason for m, reason in refused.items() if m not in claimed})
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     pending: dict[fx.Node, list[_Path]] = {}          # path end -> the paths that end there
     for node in gm.graph.nodes:
@@ -141,10 +150,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
             continue
         name = node.target
         d = width_of(PRODUCERS, mod)
-        if d is None:
-            if width_of(CHANNEL_OPS, mod) is None:
-                ineligible[name] = (f"grouped convolution (groups={mod.groups}): its output channels could go "
-                                    "only the same number from every group, which fxabstract does not do yet")
+        if d is None:                               # a depthwise conv: a per-channel op on a producer's path
             continue
         if calls[name] > 1:
             ineligible[name] = f"module is called {calls[name]} times (shared weights cannot be sliced for one call)"
@@ -190,7 +196,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     for m in list(region):
         if root(m) in failed:
             ineligible[m] = failed[root(m)]
-    sites = claimed_sites + [s for s in built if root(s.producer) not in failed]
+    sites = claimed_sites + stream_sites + [s for s in built if root(s.producer) not in failed]
     _name_pieces(sites)
     for s in sites:
         for k, b in enumerate(s.branches):
@@ -315,9 +321,32 @@ def _build_site(ctx: Context, end: fx.Node, merged, axis: int) -> Site:
     site = Site(pieces[0].module, end.name, [n.name for n in chain], list(reads), d,
                 axis=1 if axis == 1 else -1, shape=tuple(shape[1:]), pieces=pieces, channel_ops=channel_ops,
                 reads=reads, bias_maps=[c for c in reads if zero_padded(gm.get_submodule(c))], splits=splits)
+    site.parts, site.fit_parts = _parts(gm, site)
     for pattern in stage(SITE):
         site = pattern.find(ctx, site)
     return site
+
+
+def _stream_parts(gm: fx.GraphModule, sites: list[Site]) -> None:
+    """Each stream point's parts (`_parts`); a stream's points take the largest, so they lose alike."""
+    for s in sites:
+        s.parts, s.fit_parts = _parts(gm, s, writers_alone=True)
+    for s in sites:
+        s.parts = math.lcm(*(t.parts for t in sites if t.tie == s.tie))
+
+
+def _parts(gm: fx.GraphModule, site: Site, writers_alone: bool = False) -> tuple[int, int]:
+    """(parts, fit_parts) of a site next to grouped convolutions. A grouped producer or consumer with g
+    groups stays grouped only if every group loses as many channels: the units form `parts` equal blocks
+    (the least common multiple of every such g), each losing the same number. A grouped consumer's
+    group reads only its own channels, so a replaced unit's affine map may read only kept units of its
+    block (`fit_parts`: the consumers' g's alone). Refusal where a grouped producer shares the site."""
+    producer = math.lcm(*(groups_of(gm.get_submodule(q.module)) for q in site.pieces))
+    if producer > 1 and not writers_alone and (len(site.pieces) > 1 or site.pieces[0].total != site.n_units):
+        raise Refusal(f"grouped convolution `{site.pieces[0].module}` (groups={producer}) shares the site with other "
+                      "producers or split pieces: its channels could not go the same number from every group")
+    fit = math.lcm(*(groups_of(gm.get_submodule(c)) for c in site.consumers))
+    return math.lcm(producer, fit), fit
 
 
 def tied_modules(gm: fx.GraphModule) -> dict[str, str]:

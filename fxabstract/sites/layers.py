@@ -23,16 +23,58 @@ aten = torch.ops.aten
 CONVS = (nn.Conv1d, nn.Conv2d)
 
 
-def _plain_conv(m) -> bool:
-    return m.groups == 1 and m.padding_mode == "zeros"
+def depthwise(m) -> bool:
+    """A conv with one input and one output channel per group: a per-channel op, not a producer."""
+    return m.groups == m.in_channels == m.out_channels
+
+
+def _reading_conv(m) -> bool:
+    """A conv that can read a site: zero (or no) padding, and a group reads more than one channel (a
+    depthwise conv reading a site is per-unit when it is the site's one reader, and keeps every channel
+    otherwise)."""
+    return m.padding_mode == "zeros" and m.in_channels // m.groups > 1
+
+
+def groups_of(m) -> int:
+    """A conv's groups (channels go the same number from each: `Site.parts`), 1 for other layers."""
+    return getattr(m, "groups", 1) if isinstance(m, CONVS) else 1
+
+
+def dense_weight(m) -> torch.Tensor:
+    """A conv's weight as a groups=1 conv's [out, in, *kernel], block diagonal over its groups (float64);
+    a Linear's [out, in] (float64). Folds and consumer scores read every layer through this one shape."""
+    W = m.weight.detach().double()
+    g = groups_of(m)
+    if g == 1:
+        return W
+    out, per = W.shape[0] // g, W.shape[1]
+    dense = W.new_zeros(W.shape[0], per * g, *W.shape[2:])
+    for j in range(g):
+        dense[j * out:(j + 1) * out, j * per:(j + 1) * per] = W[j * out:(j + 1) * out]
+    return dense
+
+
+def regroup(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """The grouped weight [out, in / groups, *kernel] of a block-diagonal dense one (`dense_weight`'s
+    inverse); the blocks off the diagonal must be zero (a fold that stays within groups)."""
+    if groups == 1:
+        return dense
+    out, per = dense.shape[0] // groups, dense.shape[1] // groups
+    blocks = [dense[j * out:(j + 1) * out, j * per:(j + 1) * per] for j in range(groups)]
+    rest = dense.clone()
+    for j in range(groups):
+        rest[j * out:(j + 1) * out, j * per:(j + 1) * per] = 0
+    assert not rest.abs().max() > 0, "a fold into a grouped convolution mixed channels of different groups"
+    return torch.cat(blocks)
 
 
 # Layer types whose output features are units (producers) / that read a site affinely (consumers):
-# each entry returns the width, or None when this instance cannot serve (grouped convs).
+# each entry returns the width, or None when this instance cannot serve. Grouped convs serve both ways,
+# their channels removed the same number from every group (`Site.parts`); depthwise ones are CHANNEL_OPS.
 PRODUCERS = {nn.Linear: lambda m: m.out_features,
-             **{c: (lambda m: m.out_channels if m.groups == 1 else None) for c in CONVS}}
+             **{c: (lambda m: None if depthwise(m) else m.out_channels) for c in CONVS}}
 CONSUMERS = {nn.Linear: lambda m: m.in_features,
-             **{c: (lambda m: m.in_channels if _plain_conv(m) else None) for c in CONVS}}
+             **{c: (lambda m: m.in_channels if _reading_conv(m) else None) for c in CONVS}}
 # Per-channel layers on the channel axis (dim 1): channel j is deleted with unit j (passes/fold.py).
 CHANNEL_OPS = {
     nn.BatchNorm1d: lambda m: m.num_features, nn.BatchNorm2d: lambda m: m.num_features,
@@ -311,9 +353,11 @@ def zero_padded(m: nn.Module) -> bool:
     return isinstance(m, CONVS) and (m.padding == "same" or (m.padding != "valid" and any(m.padding)))
 
 
-def consumer_reads(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, axis: int, tied: dict):
-    """{consumer: how it reads} if `site` is read only by unshared affine consumers; Refusal if not."""
-    readers = readers_of(site)
+def consumer_reads(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, axis: int, tied: dict,
+                   ignore=frozenset()):
+    """{consumer: how it reads} if `site` is read only by unshared affine consumers (and the nodes in
+    `ignore`: a residual stream's own adds); Refusal if not."""
+    readers = [r for r in readers_of(site) if r not in ignore]
     if not readers:
         raise Refusal("its output is never read")
     rank = len(shape_of(site))
@@ -331,10 +375,10 @@ def consumer_reads(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, ax
             raise Refusal("it is read by the model output (no consumer to fold into)")
         layer = module_of(gm, user)
         width = None if layer is None else width_of(CONSUMERS, layer)
-        if width is None and isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1:
-            raise Refusal(f"it is read by grouped convolution `{user.target}` (groups={layer.groups}): its input "
-                          "channels could go only the same number from every group, each replaced within its "
-                          "group, which fxabstract does not do yet")
+        if width is None and isinstance(layer, CONVS) and layer.padding_mode == "zeros":
+            raise Refusal(f"it is read by depthwise convolution `{user.target}` (groups={layer.groups}) as a "
+                          "consumer: each of its groups reads one channel, so no channel can go (a depthwise conv "
+                          "is followed as a per-channel op only as a value's one reader)")
         if width is None:
             target = getattr(user.target, "__name__", user.target)
             others = f" (one of its {len(readers)} readers: {', '.join(f'`{r.name}`' for r in readers)}; " \

@@ -10,7 +10,10 @@ Each pattern module offers the same two functions:
   - VALUE: a path's end value and its units' axis; returns the pieces [(output node, lo, hi)] the
     value is split into, each followed as a site of its own (split, chunk, slices, GLU);
   - SITE: a Site the finder built; returns it with the pattern's part added (the squeezes of a
-    squeeze-and-excitation block).
+    squeeze-and-excitation block);
+  - GRAPH: the whole graph, after the claims: `find(ctx, follow, claimed)` returns (sites, {module:
+    reason}) for structures spanning many producers (residual streams), with `follow(node, axis)` the
+    finder's path of per-unit ops.
 - `rewrite(gm, folded)`: after the fold has folded every replacement and deleted nothing yet, rewrite
   the graph in place for the kept units; `folded` lists (site, kept unit indices) for every site that
   lost units. The fold runs every pattern's rewrite, in table order, and names none.
@@ -23,15 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import excitation, heads, splits
+from . import excitation, heads, splits, streams
 
-CLAIM, VALUE, SITE = "claim", "value", "site"
+CLAIM, VALUE, SITE, GRAPH = "claim", "value", "site", "graph"
 
 
 @dataclass(frozen=True)
 class Pattern:
     name: str
-    stage: str              # CLAIM | VALUE | SITE: where the finder asks it
+    stage: str              # CLAIM | VALUE | SITE | GRAPH: where the finder asks it
     find: Callable          # (ctx, candidate, ...) -> contribution | None; raises Refusal
     rewrite: Callable       # (gm, [(site, kept)]) -> None, in place
 
@@ -40,6 +43,7 @@ PATTERNS = (
     Pattern("attention heads", CLAIM, heads.find, heads.rewrite),      # with rotary, q/k norm, GQA
     Pattern("splits", VALUE, splits.find, splits.rewrite),             # split, chunk, slices, GLU
     Pattern("squeeze-excitation", SITE, excitation.find, excitation.rewrite),
+    Pattern("residual streams", GRAPH, streams.find, streams.rewrite),  # tied channels of a chain of adds
 )
 
 

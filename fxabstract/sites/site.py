@@ -95,6 +95,9 @@ class Site:
     reads: dict[str, str] = field(default_factory=dict)        # consumer -> features | channels | flattened
     bias_maps: list[str] = field(default_factory=list)         # zero-padded conv consumers: spatial bias maps
     group: int = 1            # units are removed in groups of this many (an attention head's width)
+    parts: int = 1            # units [j d/parts, (j+1) d/parts) form part j; every part loses as many (grouped convs)
+    fit_parts: int = 1        # an affine replacement reads kept units of its own part only (a grouped consumer)
+    tie: str = ""             # a residual stream's name: its points (sites) keep the same units (streams.py)
     head_shapes: dict = field(default_factory=dict)            # view node -> (head axis, positions per head)
     splits: list[Piece] = field(default_factory=list)          # split pieces (graph nodes) and the units each carries
     branches: list[Site] = field(default_factory=list)         # second readings of the units (an SE squeeze)

@@ -412,8 +412,8 @@ class ResNeXtBottleneck(nn.Module):
 
 
 class ResNeXt(nn.Module):
-    """A small ResNeXt (Xie et al. 2017): a stem and two grouped bottlenecks. Every hidden channel is next
-    to a grouped conv, which fxabstract does not slice yet: the coverage benchmark lists it as refused."""
+    """A small ResNeXt (Xie et al. 2017): a stem and two grouped bottlenecks. Every hidden channel inside a
+    block is next to a grouped conv: those sites lose as many channels from every group."""
 
     def __init__(self, classes: int = 10, channels: int = 32, width: int = 64, groups: int = 8):
         super().__init__()

@@ -1,0 +1,164 @@
+"""Residual streams: channels tied through a chain of `add`s, as sites (docs/math.md §6).
+
+A stream h_0 = w_0(x), h_t = h_(t-1) + w_t(...) (per-unit ops such as a ReLU may follow each add) ties
+channel c across every *writer* w_t (a producer whose path ends in an add: the stem, each block's last
+conv or linear, shortcut projections) and every *reader* of every value of the chain (each block's
+first layer, shortcut projections, the head). Each value with readers besides the chain's adds is a
+*point*. Removing channel c removes row c of every writer and the replacement folds into every point's
+readers: do(h_t[c] := beta_t + theta_t h_t[K]) at every point t at once, each point with its own
+statistics. Every point is a Site of its own (its writers, the ones whose add makes it, are its
+pieces), and all points of a stream carry the stream's name in `Site.tie`: selection and the budget
+treat them as one unit set, so every point keeps the same channels.
+
+A stream whose values are read by anything but affine layers and its own adds (a LayerNorm, the model
+output, a concat) is refused with the reason, and its writers with it.
+
+    >>> [s.name for s in sites if s.tie]     # ['stem.stream.0', 'stem.stream.1', ...]
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from .layers import (CHANNEL_OPS, CONVS, PRODUCERS, consumer_reads, module_of, readers_of, shape_of, width_of,
+                     zero_padded)
+from .site import Context, Piece, Refusal, Site
+
+ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
+
+
+def is_residual_add(node: fx.Node) -> bool:
+    """a + b of two graph values of the add's own shape (no alpha, no broadcasting)."""
+    if not ((node.op == "call_function" and node.target in ADDS) or (node.op == "call_method" and node.target == "add")):
+        return False
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+        return False
+    a, b = node.args
+    return a is not b and shape_of(a) is not None and shape_of(a) == shape_of(b) == shape_of(node)
+
+
+def rewrite(gm: fx.GraphModule, folded) -> None:
+    """Nothing to rewrite: the adds of a stream add the writers' kept rows, which are the same channels."""
+
+
+def find(ctx: Context, follow: Callable, claimed: set[str]) -> tuple[list[Site], dict[str, str]]:
+    """Every residual stream's point sites, and {writer: reason} for the streams refused.
+
+    follow(node, axis) -> the path of single-reader per-unit ops from node (find.py's `_follow`)."""
+    gm = ctx.gm
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    writers: dict[fx.Node, list[tuple[str, list[fx.Node]]]] = {}      # path end -> (producer, path)
+    for node in gm.graph.nodes:
+        mod = module_of(gm, node)
+        if (mod is None or type(mod) not in PRODUCERS or width_of(PRODUCERS, mod) is None or node.target in claimed
+                or ctx.calls[node.target] > 1 or node.target in ctx.tied or shape_of(node) is None):
+            continue
+        axis = 1 if isinstance(mod, CONVS) else len(shape_of(node)) - 1
+        path = follow(node, axis)
+        writers.setdefault(path[-1], []).append((node.target, path))
+    adds = [n for n in gm.graph.nodes if is_residual_add(n)]
+    value = {}                                   # add -> the value after it and its per-unit ops
+    for a in adds:
+        axis = _axis(gm, a, writers)
+        value[a] = (follow(a, axis), axis)
+    ends = {path[-1]: a for a, (path, _) in value.items()}
+    parent = {a: a for a in adds}
+
+    def root(a):
+        while parent[a] is not a:
+            a = parent[a]
+        return a
+    for a in adds:                               # adds joined through their operands form one stream
+        for x in a.args:
+            if x in ends:
+                parent[root(ends[x])] = root(a)
+    streams: dict[fx.Node, list[fx.Node]] = {}
+    for a in adds:
+        streams.setdefault(root(a), []).append(a)
+    sites, refused = [], {}
+    for members in streams.values():
+        members.sort(key=order.get)
+        mine = {x for a in members for x in a.args if x in writers}
+        names = [w for x in sorted(mine, key=order.get) for w, _ in writers[x]]
+        try:
+            sites += _stream_sites(ctx, members, value, ends, writers, order)
+        except Refusal as refusal:
+            refused.update({w: f"residual stream: {refusal.reason}" for w in names})
+    return sites, refused
+
+
+def _axis(gm: fx.GraphModule, a: fx.Node, writers: dict) -> int:
+    """The units' axis at add `a`: channels (1) when a convolution writes into it, else the last."""
+    rank = len(shape_of(a))
+    for x in a.args:
+        for w, _ in writers.get(x, []):
+            return 1 if isinstance(gm.get_submodule(w), CONVS) else rank - 1
+    return 1 if rank == 4 else rank - 1
+
+
+def _stream_sites(ctx: Context, members: list[fx.Node], value: dict, ends: dict, writers: dict,
+                  order: dict) -> list[Site]:
+    """The point sites of one stream (adds `members`, in graph order); Refusal if it cannot be folded."""
+    gm = ctx.gm
+    inside = set(members)
+    axis = value[members[0]][1]
+    d = shape_of(members[0])[axis]
+    owned: dict[fx.Node, list[tuple[str, list[fx.Node]]]] = {}      # point -> the writers whose add makes it
+    points: list[fx.Node] = []
+    for a in members:
+        path, _ = value[a]
+        if any(n.op == "call_module" and width_of(CHANNEL_OPS, gm.get_submodule(n.target)) is not None
+               for n in path[1:]):
+            raise Refusal(f"a per-channel layer follows the residual add `{a.name}` (it would be sliced for "
+                          "every writer)")
+        for x in a.args:
+            if x in ends:
+                continue
+            if x not in writers:
+                raise Refusal(f"`{x.name}`, an input of the residual add `{a.name}`, is neither a layer's output "
+                              "through per-unit ops nor another add of the stream")
+            if len(writers[x]) > 1:
+                raise Refusal(f"`{x.name}` joins several layers before the residual add `{a.name}`")
+            if [r for r in readers_of(x) if r not in inside]:   # a writer's value read by more than the add
+                points.append(x)                                   # (the stem's): a point itself
+                owned.setdefault(x, []).extend(writers[x])
+            else:
+                owned.setdefault(path[-1], []).extend(writers[x])
+        end = path[-1]
+        if [r for r in readers_of(end) if r not in inside]:
+            points.append(end)
+        elif end not in {x for m in members for x in m.args}:
+            raise Refusal(f"the stream's last value `{end.name}` is never read")
+    points = sorted(set(points), key=order.get)
+    nxt = {x: m for m in members for x in m.args}
+    for v in [v for v in list(owned) if v not in points]:      # a value only the next add reads: its writers
+        w = v                                                    # belong to the next point downstream
+        while w not in points:
+            if w not in nxt:
+                raise Refusal(f"the stream's value `{w.name}` is never read")
+            w = value[nxt[w]][0][-1]
+        owned.setdefault(w, []).extend(owned.pop(v))
+    for p in points:
+        if p.op == "output" or any(r.op == "output" for r in readers_of(p)):
+            raise Refusal("it is read by the model output (no consumer to fold into)")
+    leader = next(w for p in points for w, _ in owned.get(p, []))
+    tie = f"{leader}.stream"
+    sites = []
+    for k, p in enumerate(points):
+        owned.setdefault(p, [])
+        reads = consumer_reads(gm, p, ctx.calls, d, axis, ctx.tied, ignore=inside)
+        pieces, channel_ops, chain = [], [], []
+        for w, path in owned[p]:
+            pieces.append(Piece(w, 0, d))
+            channel_ops += [Piece(n.target, 0, d) for n in path[1:] if n.op == "call_module"
+                            and width_of(CHANNEL_OPS, gm.get_submodule(n.target)) is not None]
+            chain += [n.name for n in path[1:]]
+        if not pieces:
+            raise Refusal(f"its value `{p.name}` is the sum of two streams (no layer writes it alone)")
+        sites.append(Site(f"{tie}.{k}", p.name, chain, list(reads), d, axis=1 if axis == 1 else -1,
+                          shape=tuple(shape_of(p)[1:]), pieces=pieces, channel_ops=channel_ops, reads=reads,
+                          bias_maps=[c for c in reads if zero_padded(gm.get_submodule(c))], tie=tie))
+    return sites
