@@ -230,6 +230,34 @@ def _batch_norm_layer(gm, x, w, b, rm, rv, training, eps):
     return m, {"weight": w, "bias": b, "running_mean": rm, "running_var": rv}, x
 
 
+def _layer_norm(gm, node, rms: bool = False):
+    """aten.layer_norm / F.layer_norm: (input, normalized_shape, weight, bias, eps); aten.rms_norm /
+    F.rms_norm: (input, normalized_shape, weight, eps). Only with a weight parameter (it names the layer)."""
+    if rms:
+        x, shape, w, eps = (list(node.args) + [None] * 4)[:4]
+        b = None
+    else:
+        x, shape, w, b, eps = (list(node.args) + [None, None, 1e-5])[:5]
+    if _attr(gm, w) is None or (b is not None and _attr(gm, b) is None) or not isinstance(eps, (float, type(None))):
+        return None
+    shape = tuple(shape)
+    if rms:
+        return nn.RMSNorm(shape, eps=eps), {"weight": w}, x
+    m = nn.LayerNorm(shape, eps=1e-5 if eps is None else eps, bias=b is not None)
+    return m, {"weight": w, "bias": b}, x
+
+
+def _embedding(gm, node, functional: bool):
+    """aten.embedding: (weight, indices, padding_idx=-1, ...); F.embedding: (input, weight, padding_idx, ...)."""
+    a = list(node.args) + [None] * 3
+    ids, w, pad = (a[0], a[1], a[2]) if functional else (a[1], a[0], a[2])
+    if _attr(gm, w) is None or not isinstance(pad, (int, type(None))) or len(node.args) > 3:
+        return None
+    W = _tensor(gm, w.target)
+    m = nn.Embedding(W.shape[0], W.shape[1], padding_idx=None if pad is None or pad < 0 else pad)
+    return m, {"weight": w}, ids
+
+
 def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
     owner, _, name = path.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, name)
@@ -240,6 +268,10 @@ FUNCTIONAL_LAYERS = {
     F.conv1d: lambda gm, n: _conv(gm, n, 1), aten.conv1d.default: lambda gm, n: _conv(gm, n, 1),
     F.conv2d: lambda gm, n: _conv(gm, n, 2), aten.conv2d.default: lambda gm, n: _conv(gm, n, 2),
     aten.batch_norm.default: _batch_norm, torch.batch_norm: _batch_norm, F.batch_norm: _functional_batch_norm,
+    aten.layer_norm.default: _layer_norm, F.layer_norm: _layer_norm,
+    aten.rms_norm.default: lambda gm, n: _layer_norm(gm, n, rms=True),
+    F.rms_norm: lambda gm, n: _layer_norm(gm, n, rms=True),
+    aten.embedding.default: lambda gm, n: _embedding(gm, n, False), F.embedding: lambda gm, n: _embedding(gm, n, True),
 }
 BY_KEYWORD = {F.batch_norm}     # handlers that bind keyword arguments; the others read positions only
 

@@ -34,6 +34,8 @@ def _counted() -> tuple[type, ...]:
 
 def _macs(m: nn.Module, out: torch.Tensor) -> int:
     per_sample = out.numel() // max(out.shape[0], 1) if out.dim() > 1 else out.numel()
+    if hasattr(m, "macs_per_position"):             # passes/norms.StreamNorm: rebuilding replaced channels
+        return per_sample // out.shape[-1] * m.macs_per_position()
     if isinstance(m, nn.Linear):
         return per_sample * m.in_features
     if not isinstance(m, COUNTED):                  # Conv1D: weight [in, out]
@@ -48,7 +50,7 @@ def module_macs(model: nn.Module, *inputs, **kwinputs) -> dict[str, int]:
     handles = []
     counted = _counted()
     for name, m in model.named_modules():
-        if isinstance(m, counted):
+        if isinstance(m, counted) or hasattr(m, "macs_per_position"):   # a compiled stream normaliser
             def hook(mod, args, out, name=name):
                 counts[name] = counts.get(name, 0) + _macs(mod, out)
             handles.append(m.register_forward_hook(hook))
@@ -69,7 +71,7 @@ def unit_macs(site: Site, macs: dict[str, int]) -> torch.Tensor:
     for piece in site.pieces + site.channel_ops:
         if piece.module in macs:
             cost[piece.lo:piece.hi] += macs[piece.module] / piece.total / getattr(piece, "share", 1)
-    for name in site.consumers + [c for b in site.branches for c in b.consumers]:  # SE squeezes' consumers too
+    for name in site.readers():      # SE squeezes' consumers and a stream normaliser's readers too
         cost += macs.get(name, 0) / site.n_units   # each unit: an equal share of the input (a block if flattened)
     return cost
 
@@ -89,7 +91,7 @@ def removal_macs(sites: list[Site], removed: dict[str, list[int]], macs: dict[st
                 n = len(piece.rows_of(units)) if isinstance(piece, SharedPiece) else \
                     sum(piece.lo <= u < piece.hi for u in units)
                 rows[piece.module] = rows.get(piece.module, 0.0) + n / piece.total
-        for name in s.consumers + [c for b in s.branches for c in b.consumers]:
+        for name in s.readers():
             if name in macs:
                 cols[name] = cols.get(name, 0.0) + len(units) / s.n_units
     saved = 0.0

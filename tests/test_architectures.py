@@ -179,8 +179,10 @@ def test_gpt_is_captured_with_torch_export_and_compiles_exactly(tmp_path):
         torch.fx.symbolic_trace(zt.GPT())
     idx = torch.randint(0, 64, (16, 32))
     result = _compile(model, idx, "affine")
-    assert [s["name"] for s in result.report["sites"]] == ["blocks.0.attn.heads", "blocks.0.mlp.fc1",
-                                                           "blocks.1.attn.heads", "blocks.1.mlp.fc1"]
+    assert [s["name"] for s in result.report["sites"] if not s.get("stream")] == [
+        "blocks.0.attn.heads", "blocks.0.mlp.fc1", "blocks.1.attn.heads", "blocks.1.mlp.fc1"]
+    assert [s["name"] for s in result.report["sites"] if s.get("stream")] == [f"tok.stream.{k}" for k in range(5)], \
+        "the hidden size: one stream read at each block's two LayerNorms and the final one"
     assert _check_exact(model, result, idx) <= TOL, "exported GPT: compiled vs hooks"
     assert _check_exact(model, result, idx[:3]) <= TOL, "a batch size other than the traced one"
     info = fxa.to_onnx(result.module, idx[:4], str(tmp_path / "gpt.onnx"))

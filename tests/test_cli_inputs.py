@@ -257,7 +257,7 @@ def test_sites_command_lists_sites_kinds_and_refusals(work, capsys):
     assert main(["sites", "--model", f"{module}:Encoder", "--data", "tokens.pt"]) == 0
     out = capsys.readouterr().out
     assert "1 site in" in out and "up" in out and "48" in out and "features" in out, out
-    assert "down: residual stream: `tok`" in out, f"a residual's producer is refused with its reason:\n{out}"
+    assert "down: residual stream: it is read by `sum_1`" in out, f"a residual's producer is refused with its reason:\n{out}"
     assert "head: it is read by the model output" in out, out
     assert sorted(os.listdir(folder)) == before, "listing sites writes nothing"
 

@@ -168,21 +168,3 @@ def test_random_residual_networks_compile_exactly(case, replacement, selection, 
     assert streams(result.report), "every residual model here has a stream"
     err = hooked_error(model, result, x[:7])
     assert err <= 1e-5, f"compiled vs hooks: {err:.2e}\n{model}\n{result.summary()}"
-
-
-def test_a_stream_read_by_a_layer_norm_is_refused_with_the_reason():
-    class PreLN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp, self.norm, self.fc1, self.fc2, self.head = (nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 32),
-                                                                  nn.Linear(32, 16), nn.Linear(16, 3))
-
-        def forward(self, x):
-            h = self.inp(x)
-            h = h + self.fc2(torch.relu(self.fc1(self.norm(h))))
-            return self.head(h)
-
-    result = fxa.abstract(PreLN().eval(), [torch.randn(32, 6)], keep=0.5, round_to=1)
-    assert [s["name"] for s in result.report["sites"]] == ["fc1"]
-    assert "residual stream" in result.report["ineligible"]["inp"]
-    assert "norm" in result.report["ineligible"]["inp"]

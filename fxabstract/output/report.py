@@ -45,6 +45,8 @@ def site_entry(p: SitePlan, measured_risk: float | None = None) -> dict:
              "measured_risk": measured_risk}
     if s.tie:                       # a point of a residual stream: every point keeps these units
         entry["stream"] = s.tie
+    if s.norms:                     # normalisers reading the point, compiled exactly, and their readers
+        entry["norms"] = {n: list(r) for n, r in s.norms.items()}
     if s.parts > 1:                 # next to a grouped conv: every part loses as many units
         entry["parts"], entry["fit_parts"] = s.parts, s.fit_parts
     if p.branches:

@@ -204,6 +204,7 @@ def tied_proxies(sites: list[Site], cv: dict[str, Curves]) -> tuple[list[Site], 
                                      channel_ops=[q for t in tied for q in t.channel_ops],
                                      consumers=[c for t in tied for c in t.consumers],
                                      reads={c: r for t in tied for c, r in t.reads.items()}, branches=[],
+                                     norms={n: r for t in tied for n, r in t.norms.items()},
                                      parts=max(t.parts for t in tied), tie=""))
             measured = [cv[t.name].measured for t in tied]
             out_cv[s.tie] = Curves(sum(cv[t.name].scores for t in tied), cv[s.name].constants, cv[s.name].order,

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..capture import ChannelBatchNorm, copy_module
 from ..sites import PATTERNS, dense_weight, regroup
+from . import norms
 from .plan import Replacement
 
 
@@ -73,6 +74,14 @@ def _keep_rows(m, K):
     return _assign(new, weight=m.weight[K], bias=None if m.bias is None else m.bias[K])
 
 
+def _keep_columns(m: nn.Embedding, K):
+    """An embedding table's columns K (a residual stream's channels)."""
+    new = nn.Embedding(m.num_embeddings, len(K), padding_idx=m.padding_idx, max_norm=m.max_norm,
+                       norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse,
+                       device=m.weight.device, dtype=m.weight.dtype)
+    return _assign(new, weight=m.weight[:, K])
+
+
 def _keep_depthwise(m, K):
     new = _new_like(m, in_channels=len(K), out_channels=len(K), groups=len(K))
     return _assign(new, weight=m.weight[K], bias=None if m.bias is None else m.bias[K])
@@ -96,7 +105,8 @@ def _keep_prelu(m, K):
     return _assign(new, weight=m.weight[K])
 
 
-KEEP_OUTPUTS = {nn.Linear: _keep_rows, nn.Conv1d: _keep_rows, nn.Conv2d: _keep_rows, BiasMapConv: _keep_rows}
+KEEP_OUTPUTS = {nn.Linear: _keep_rows, nn.Conv1d: _keep_rows, nn.Conv2d: _keep_rows, BiasMapConv: _keep_rows,
+                nn.Embedding: _keep_columns}
 KEEP_CHANNELS = {nn.BatchNorm1d: _keep_batch_norm, nn.BatchNorm2d: _keep_batch_norm,
                  ChannelBatchNorm: _keep_batch_norm, nn.PReLU: _keep_prelu,
                  nn.Conv1d: _keep_depthwise, nn.Conv2d: _keep_depthwise}
@@ -167,6 +177,11 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         site = r.site
         for consumer in site.reads:
             layer = gm.get_submodule(consumer)
+            if consumer in site.norms:        # a stream's LayerNorm: its readers take the features it returns
+                for reader in site.norms[consumer]:
+                    _set_module(gm, reader, norms.fold_reader(gm.get_submodule(reader), layer, r))
+                _set_module(gm, consumer, norms.StreamNorm.of(layer, r))
+                continue
             _set_module(gm, consumer, FOLD_INPUTS[type(layer)](layer, r))
         removed = r.removed.tolist()
         for table, pieces in ((KEEP_OUTPUTS, site.pieces), (KEEP_CHANNELS, site.channel_ops)):

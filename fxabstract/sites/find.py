@@ -136,7 +136,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], dict[str, str]]:
     claimed_sites, claimed, ineligible = _claim(ctx)
     stream_sites, refused = [], {}
     for pattern in stage(GRAPH):                                           # residual streams
-        found, reasons = pattern.find(ctx, lambda node, axis: _follow(gm, calls, node, axis), claimed)
+        found, reasons = pattern.find(ctx, lambda node, axis: _follow(gm, calls, node, axis),
+                                      {q.module for s in claimed_sites for q in s.pieces})   # o_proj can write
         stream_sites += found
         refused.update(reasons)
     _stream_parts(gm, stream_sites)

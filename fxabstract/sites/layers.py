@@ -75,6 +75,17 @@ PRODUCERS = {nn.Linear: lambda m: m.out_features,
              **{c: (lambda m: None if depthwise(m) else m.out_channels) for c in CONVS}}
 CONSUMERS = {nn.Linear: lambda m: m.in_features,
              **{c: (lambda m: m.in_channels if _reading_conv(m) else None) for c in CONVS}}
+# A residual stream's writers: the producers, and embeddings (unit j is column j of the table).
+WRITERS = {**PRODUCERS, nn.Embedding: lambda m: m.embedding_dim}
+# Normalisers a residual stream's point may be read by (passes/norms.py compiles them exactly).
+NORMS = tuple(t for t in (nn.LayerNorm, getattr(nn, "RMSNorm", None)) if t is not None)
+
+
+def stream_norm(mod, d: int) -> bool:
+    """A LayerNorm or RMSNorm over exactly the last d channels."""
+    return isinstance(mod, NORMS) and tuple(mod.normalized_shape) == (d,)
+
+
 # Per-channel layers on the channel axis (dim 1): channel j is deleted with unit j (passes/fold.py).
 CHANNEL_OPS = {
     nn.BatchNorm1d: lambda m: m.num_features, nn.BatchNorm2d: lambda m: m.num_features,

@@ -98,6 +98,7 @@ class Site:
     parts: int = 1            # units [j d/parts, (j+1) d/parts) form part j; every part loses as many (grouped convs)
     fit_parts: int = 1        # an affine replacement reads kept units of its own part only (a grouped consumer)
     tie: str = ""             # a residual stream's name: its points (sites) keep the same units (streams.py)
+    norms: dict = field(default_factory=dict)                  # a stream point's normaliser consumers -> their readers
     head_shapes: dict = field(default_factory=dict)            # view node -> (head axis, positions per head)
     splits: list[Piece] = field(default_factory=list)          # split pieces (graph nodes) and the units each carries
     branches: list[Site] = field(default_factory=list)         # second readings of the units (an SE squeeze)
@@ -108,3 +109,9 @@ class Site:
     @property
     def producer(self) -> str:
         return self.pieces[0].module
+
+    def readers(self) -> list[str]:
+        """Every layer whose input columns the site's units are: its consumers, an SE squeeze's, and the
+        readers of a normaliser it feeds (a stream point's LayerNorm is folded into those)."""
+        return ([c for c in self.consumers if c not in self.norms] + [c for b in self.branches for c in b.consumers]
+                + [r for rs in self.norms.values() for r in rs])

@@ -10,8 +10,11 @@ statistics. Every point is a Site of its own (its writers, the ones whose add ma
 pieces), and all points of a stream carry the stream's name in `Site.tie`: selection and the budget
 treat them as one unit set, so every point keeps the same channels.
 
-A stream whose values are read by anything but affine layers and its own adds (a LayerNorm, the model
-output, a concat) is refused with the reason, and its writers with it.
+A point may be read by a LayerNorm or RMSNorm over its channels whose readers are Linears (a pre-norm
+transformer): `Site.norms` lists them and passes/norms.py compiles them exactly. Embeddings are
+writers too (a table's columns are its units). A stream whose values are read by anything else but
+affine layers and its own adds (the model output, a concat, a normaliser read by a non-Linear) is
+refused with the reason, and its writers with it.
 
     >>> [s.name for s in sites if s.tie]     # ['stem.stream.0', 'stem.stream.1', ...]
 """
@@ -23,8 +26,10 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from .layers import (CHANNEL_OPS, CONVS, PRODUCERS, consumer_reads, module_of, readers_of, shape_of, width_of,
-                     zero_padded)
+from torch import nn
+
+from .layers import (CHANNEL_OPS, CONVS, WRITERS, consumer_reads, module_of, readers_of, shape_of, size_dims,
+                     stream_norm, width_of, zero_padded)
 from .site import Context, Piece, Refusal, Site
 
 ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
@@ -32,12 +37,21 @@ ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 
 def is_residual_add(node: fx.Node) -> bool:
     """a + b of two graph values of the add's own shape (no alpha, no broadcasting)."""
-    if not ((node.op == "call_function" and node.target in ADDS) or (node.op == "call_method" and node.target == "add")):
+    if not ((node.op == "call_function" and node.target in ADDS)
+            or (node.op == "call_method" and node.target == "add")):
         return False
     if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         return False
     a, b = node.args
-    return a is not b and shape_of(a) is not None and shape_of(a) == shape_of(b) == shape_of(node)
+    sa, sb, sn = shape_of(a), shape_of(b), shape_of(node)
+    if a is b or sa is None or sb is None or sn is None:
+        return False
+    return sa == sb == sn or (sa == sn and _suffix(sb, sn)) or (sb == sn and _suffix(sa, sn))
+
+
+def _suffix(s: tuple, full: tuple) -> bool:
+    """`s` broadcasts along the leading axes of `full` alone (a position embedding [T, d] added to [B, T, d])."""
+    return 2 <= len(s) < len(full) and tuple(full[-len(s):]) == tuple(s)
 
 
 def rewrite(gm: fx.GraphModule, folded) -> None:
@@ -53,7 +67,7 @@ def find(ctx: Context, follow: Callable, claimed: set[str]) -> tuple[list[Site],
     writers: dict[fx.Node, list[tuple[str, list[fx.Node]]]] = {}      # path end -> (producer, path)
     for node in gm.graph.nodes:
         mod = module_of(gm, node)
-        if (mod is None or type(mod) not in PRODUCERS or width_of(PRODUCERS, mod) is None or node.target in claimed
+        if (mod is None or type(mod) not in WRITERS or width_of(WRITERS, mod) is None or node.target in claimed
                 or ctx.calls[node.target] > 1 or node.target in ctx.tied or shape_of(node) is None):
             continue
         axis = 1 if isinstance(mod, CONVS) else len(shape_of(node)) - 1
@@ -149,7 +163,11 @@ def _stream_sites(ctx: Context, members: list[fx.Node], value: dict, ends: dict,
     sites = []
     for k, p in enumerate(points):
         owned.setdefault(p, [])
-        reads = consumer_reads(gm, p, ctx.calls, d, axis, ctx.tied, ignore=inside)
+        norms = _norms(ctx, p, d, axis, inside)
+        skip = inside | set(norms) | _sizes(p, axis)
+        others = [r for r in readers_of(p) if r not in skip]
+        reads = consumer_reads(gm, p, ctx.calls, d, axis, ctx.tied, ignore=skip) if others else {}
+        reads.update({n.target: "features" for n in norms})
         pieces, channel_ops, chain = [], [], []
         for w, path in owned[p]:
             pieces.append(Piece(w, 0, d))
@@ -160,5 +178,43 @@ def _stream_sites(ctx: Context, members: list[fx.Node], value: dict, ends: dict,
             raise Refusal(f"its value `{p.name}` is the sum of two streams (no layer writes it alone)")
         sites.append(Site(f"{tie}.{k}", p.name, chain, list(reads), d, axis=1 if axis == 1 else -1,
                           shape=tuple(shape_of(p)[1:]), pieces=pieces, channel_ops=channel_ops, reads=reads,
-                          bias_maps=[c for c in reads if zero_padded(gm.get_submodule(c))], tie=tie))
+                          bias_maps=[c for c in reads if c not in {n.target for n in norms}
+                                     and zero_padded(gm.get_submodule(c))],
+                          tie=tie, norms={n.target: rs for n, rs in norms.items()}))
     return sites
+
+
+def _norms(ctx: Context, p: fx.Node, d: int, axis: int, inside: set) -> dict[fx.Node, list[str]]:
+    """{normaliser node: its Linear readers} for the LayerNorms and RMSNorms over the d channels that read
+    point `p` (passes/norms.py compiles them for the kept channels); Refusal if one cannot be."""
+    gm, out = ctx.gm, {}
+    for r in readers_of(p):
+        if r in inside or r.op != "call_module" or not stream_norm(gm.get_submodule(r.target), d):
+            continue
+        if axis != len(shape_of(p)) - 1:
+            raise Refusal(f"normaliser `{r.target}` reads the stream over an axis that is not its channels'")
+        if ctx.calls[r.target] > 1:
+            raise Refusal(f"normaliser `{r.target}` is called {ctx.calls[r.target]} times (shared weights)")
+        if r.target in ctx.tied:
+            raise Refusal(f"normaliser `{r.target}` shares a weight with `{ctx.tied[r.target]}` (tied weights)")
+        try:
+            reads = consumer_reads(gm, r, ctx.calls, d, axis, ctx.tied, ignore=_sizes(r, axis))
+        except Refusal as refusal:
+            raise Refusal(f"normaliser `{r.target}`: {refusal.reason}") from None
+        for c, how in reads.items():
+            if how != "features" or not isinstance(gm.get_submodule(c), nn.Linear):
+                raise Refusal(f"normaliser `{r.target}` is read by `{c}`, not a Linear over its features")
+        out[r] = list(reads)
+    return out
+
+
+def _sizes(node: fx.Node, axis: int) -> set[fx.Node]:
+    """The readers of `node` that read only sizes of other axes than the units' (an attention block's
+    `x.size(1)`): removing units does not change them."""
+    rank = len(shape_of(node))
+    out = set()
+    for r in node.users:
+        dims = size_dims(r)
+        if dims is not None and all(dim % rank != axis % rank for dim in dims):
+            out.add(r)
+    return out
