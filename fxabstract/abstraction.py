@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import capture, linearize_addmm
+from .capture import capture, linearize_addmm, modularize_rms_norms
 from .cost import module_macs, site_macs
 from .checks import REPORT_VERSION, check_options, check_ridge, check_statistics, checked_batches
 from .data import Inputs, as_inputs, bind, default_output, first_tensor, select_output, split_batch, tensors_of
@@ -158,10 +158,12 @@ class Analysis:
         self._warned_ridge = True
         if self.score not in JOINT_SCORES:
             selection = "diagonal"  # variance, magnitude, random have no cross terms: they rank diagonally
-        has_matrices = self.stats.curvature[self.sites[0].name].H0 is not None
-        if needs_matrices(self.score, replacement, selection) and not has_matrices:
+        has = self.stats.curvature[self.sites[0].name].matrices
+        need = needs_matrices(self.score, replacement, selection)
+        if (need is True and has is not True) or (need and not has):
             raise ConfigError(f"{selection} selection with {replacement} replacement needs the d x d statistics; "
-                              "analyse with matrices=True")
+                              f"analyse with matrices={need!r}" + (" (this analysis has only the joint ones)"
+                                                                    if has else ""))
         cv = self.risk_curves(replacement, selection, ridges)
         if isinstance(keep, dict) or self.score not in OUTPUT_UNITS:
             allocation = "per-site"
@@ -261,7 +263,7 @@ def _whole_streams(sites: list[Site], chosen: list[Site]) -> list[Site]:
 
 
 def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",
-            probes: int = 16, matrices: bool = True, seed: int = 0, progress: bool = False, *,
+            probes: int = 16, matrices: bool | str = True, seed: int = 0, progress: bool = False, *,
             distributed: bool = False, sequential: bool = False, fit_data=None, output=None,
             mask="auto") -> Analysis:
     """Capture `model` (a copy) and stream `calibration` once through every selected site.
@@ -270,11 +272,16 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
       torch.distributed process group (passes/distributed.py), so every rank gets the same analysis.
     sequential: hold one block's activations at a time (one block per site, passes/sequential.py)
       instead of the whole graph's; the statistics are the same.
+    matrices: which d x d statistics to gather: True (every one: any compile), "joint" (only the
+      curvature sums of joint selection with constant replacement: cheaper) or False (diagonal only).
     fit_data: more batches (like `calibration`) run forward only, to fit affine replacements on the plain
       moments of calibration + fit_data (passes/calibrate.py `add_fit_data`): a forward pass costs a
       fraction of the curvature pass, and least squares gains from more samples."""
     choose(score, SCORES, "score")
     choose(curvature, ("auto", "exact", "hutchinson"), "curvature method")
+    if matrices not in (True, False, "joint"):
+        raise ConfigError(f"matrices = {matrices!r}; give True (every d x d statistic), \"joint\" (joint selection "
+                          "with constant replacement only) or False")
     check_options(probes=probes, seed=seed, sites=sites)
     batches = checked_batches(calibration)
     first = next(batches, None)
@@ -373,6 +380,7 @@ def capture_sites(model: nn.Module, batch) -> tuple[fx.GraphModule, list[Site], 
                                f"({str(exc).strip().splitlines()[0]}); give inputs of the shape and dtype "
                                "the model takes") from None
     linearize_addmm(gm)                 # torch.fx's Conv1D (GPT-2): its views' shapes are known now
+    modularize_rms_norms(gm)            # written-out RMSNorms: their dtypes are known now
     found, ineligible = find_sites(gm)
     return gm, found, ineligible
 
@@ -388,9 +396,14 @@ def _same_kind(batches, first, what: str):
         yield batch
 
 
-def needs_matrices(score: str, replacement: str, selection: str) -> bool:
-    """Whether these settings need the d x d statistics (joint selection, affine replacement)."""
-    return (selection in ("joint", "local") and score in JOINT_SCORES) or replacement == "affine"
+def needs_matrices(score: str, replacement: str, selection: str) -> bool | str:
+    """Which d x d statistics these settings need: "joint" (the curvature sums of joint selection with
+    constant replacement, for an output-unit score), True (every one: affine replacement, local
+    selection, cwvar) or False."""
+    if replacement == "affine" or (selection in ("joint", "local") and score in JOINT_SCORES and (
+            selection == "local" or score not in OUTPUT_UNITS)):
+        return True
+    return "joint" if selection == "joint" and score in OUTPUT_UNITS else False
 
 
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",

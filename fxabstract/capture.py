@@ -22,6 +22,7 @@ import copy
 import inspect
 import io
 import logging
+import operator
 import os
 import traceback
 import warnings
@@ -329,6 +330,109 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+# A written-out RMSNorm, as Llama-family code has it:
+#     y = x * rsqrt(mean(x^2, -1, keepdim=True) + eps);  y = y.to(dtype);  out = weight * y
+# (each op as fx or torch.export spells it). `modularize_rms_norms` makes it an nn.RMSNorm call, so that
+# a residual stream read by it is read by a normaliser fxabstract compiles (passes/norms.py).
+_RSQRT = {torch.rsqrt, aten.rsqrt.default, "rsqrt"}
+_POW = {torch.pow, operator.pow, aten.pow.Tensor_Scalar, "pow"}
+_MEAN = {torch.mean, aten.mean.dim, "mean"}
+_ADD = {operator.add, torch.add, aten.add.Tensor, "add"}
+_MUL = {operator.mul, torch.mul, aten.mul.Tensor, "mul"}
+_CAST = {aten.to.dtype, aten._to_copy.default, "to"}
+
+
+def _is(node, ops) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in ops
+
+
+def _other(node: fx.Node, one) -> object:
+    """The argument of a two-argument op that is not `one` (None if neither or both are)."""
+    if len(node.args) != 2:
+        return None
+    a, b = node.args
+    return b if a is one and b is not one else a if b is one and a is not one else None
+
+
+def _rms_norm_at(gm: fx.GraphModule, rsqrt: fx.Node):
+    """(x, eps, weight get_attr, the final mul, the pattern's nodes) of the RMSNorm around `rsqrt`, or None."""
+    add = rsqrt.args[0] if len(rsqrt.args) == 1 and not rsqrt.kwargs else None
+    if not _is(add, _ADD) or add.kwargs or len(add.users) != 1:
+        return None
+    mean = next((a for a in add.args if _is(a, _MEAN)), None)
+    eps = _other(add, mean) if mean is not None else None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or len(mean.users) != 1:
+        return None
+    dims = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+    keep = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+    if dims not in (-1, [-1], (-1,)) or keep is not True or set(mean.kwargs) - {"dim", "keepdim"}:
+        return None
+    sq = mean.args[0]
+    if not _is(sq, _POW) or sq.kwargs or len(sq.args) != 2 or sq.args[1] != 2 or len(sq.users) != 1:
+        return None
+    x = sq.args[0]
+    if len(rsqrt.users) != 1:
+        return None
+    mul = next(iter(rsqrt.users))
+    if not _is(mul, _MUL) or mul.kwargs or _other(mul, rsqrt) is not x:
+        return None
+    nodes, y = [sq, mean, add, rsqrt, mul], mul
+    casts = []
+    while len(y.users) == 1 and _is(next(iter(y.users)), _CAST):
+        y = next(iter(y.users))
+        casts.append(y)
+    if len(y.users) != 1:
+        return None
+    out = next(iter(y.users))
+    w = _other(out, y) if _is(out, _MUL) and not out.kwargs else None
+    if _attr(gm, w) is None or len(w.users) != 1:
+        return None
+    W = _tensor(gm, w.target)
+    if W.dim() != 1:
+        return None
+    if any(_dtype(n) != W.dtype for n in [x, out] + nodes + casts):   # no float32 upcast in between
+        return None
+    return x, float(eps), w, out, nodes + casts
+
+
+def _dtype(node: fx.Node):
+    """The dtype a node's value had when traced (torch.export's fake value, else the recorded one)."""
+    val = node.meta.get("val")
+    return val.dtype if isinstance(val, torch.Tensor) else node.meta.get("fxa_dtype")
+
+
+def modularize_rms_norms(gm: fx.GraphModule) -> int:
+    """Rewrite every written-out RMSNorm with a weight parameter as an nn.RMSNorm call, in place;
+    returns how many. Only where every value of the pattern has the weight's dtype (the dtypes traced on
+    a batch: run it after `sites.annotate_shapes`), so nn.RMSNorm computes the same to float rounding."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.graph is not gm.graph or not _is(node, _RSQRT):
+            continue
+        found = _rms_norm_at(gm, node)
+        if found is None:
+            continue
+        x, eps, w, out, nodes = found
+        while (_is(x, _CAST) and isinstance(x.args[0], fx.Node) and _dtype(x.args[0]) == _dtype(x)
+               and set(x.users) <= set(nodes)):
+            nodes.append(x)                  # a cast to the dtype it already has (`x.to(torch.float32)`)
+            x = x.args[0]
+        W = _tensor(gm, w.target)
+        layer = nn.RMSNorm(W.shape[0], eps=eps, device=W.device, dtype=W.dtype)
+        layer.weight = W if isinstance(W, nn.Parameter) else nn.Parameter(W, requires_grad=False)
+        _install(gm, _module_path(gm, {"weight": w}), layer, x, out)
+        gm.graph.erase_node(out)
+        dead = nodes + [w] + [a for c in nodes for a in c.all_input_nodes if a not in nodes and a is not x]
+        while any(not n.users for n in dead):  # the pattern, and what only it read (`x.dtype` of a cast back)
+            n = next(n for n in dead if not n.users)
+            dead.remove(n)
+            gm.graph.erase_node(n)
+        done += 1
+    gm.graph.lint()
+    gm.recompile()
+    return done
 
 
 def _install(gm: fx.GraphModule, path: str, layer: nn.Module, x: fx.Node, node: fx.Node) -> fx.Node:

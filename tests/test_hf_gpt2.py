@@ -47,8 +47,10 @@ def test_sites_are_the_mlp_neurons_and_the_heads(attention):
     heads = sites[0]
     assert heads.group == 16 and heads.consumers == ["h.0.attn.c_proj"]
     assert {p.module for p in heads.pieces} == {"h.0.attn.c_attn"}
-    assert sorted(ineligible) == ["h.0.mlp.c_proj", "h.1.mlp.c_proj"]   # residual stream: a reason, not a site
-    assert all("add" in r for r in ineligible.values()), ineligible
+    # the residual stream (embeddings and MLP outputs): a reason, not a site. GPT2Model returns ln_f's output,
+    # so the stream's last normaliser has no layer to fold into
+    assert sorted(ineligible) == ["h.0.mlp.c_proj", "h.1.mlp.c_proj", "wpe", "wte"]
+    assert all(r.startswith("residual stream: normaliser `ln_f`") for r in ineligible.values()), ineligible
     for path in ("h.0.attn.c_attn", "h.0.mlp.c_fc", "h.1.mlp.c_proj"):
         assert type(gm.get_submodule(path)) is nn.Linear, path
         assert type(model.get_submodule(path)).__name__ == "Conv1D", "the user's model is untouched"

@@ -177,3 +177,94 @@ def test_random_pre_norm_networks_compile_exactly(case, replacement, selection, 
     assert stream_points(result.report), "every model here has a normalised stream"
     err = hooked_error(model, result, x[:7])
     assert err <= 1e-5, f"compiled vs hooks: {err:.2e}\n{model}\n{result.summary()}"
+
+
+def randomize_written_out_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+def test_a_written_out_rmsnorm_reads_the_llama_stream_exactly(replacement):
+    """Llama code writes RMSNorm out (x * rsqrt(mean(x^2) + eps) * w): capture makes it an nn.RMSNorm,
+    so the decoder's hidden size is a site and the compiled module equals the hooked original."""
+    torch.manual_seed(0)
+    model = randomize_written_out_norms(zt.Llama(vocab=40, dim=32, depth=2, heads=4, kv_heads=2, context=16)).eval()
+    ids = torch.randint(0, 40, (32, 12))
+    analysis = fxa.analyse(model, ids.split(16))
+    streams = {s.tie for s in analysis.sites if s.tie}
+    assert streams == {"tok.stream"}, f"one stream from the token embedding: {streams}"
+    result = analysis.compile(keep={"tok.stream": 24}, replacement=replacement, round_to=1)
+    points = stream_points(result.report)["tok.stream"]
+    norms = {n for p in points for n in p["norms"]}
+    assert {"blocks.0.attn_norm", "blocks.0.ffn_norm", "norm"} <= norms, norms
+    assert result.module.get_submodule("tok").embedding_dim == 24
+    assert isinstance(result.module.get_submodule("norm"), StreamNorm)
+    err = hooked_error(model, result, torch.randint(0, 40, (5, 9)))
+    assert err <= 1e-5, f"compiled vs hooks: {err:.2e}"
+
+
+class CastNorm(nn.Module):
+    """Hugging Face's RMSNorm: an upcast to float32, the statistics, a cast back, then the weight."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.3 * torch.randn(d))
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(dtype)
+
+
+class CastDecoder(nn.Module):
+    """Token and position embeddings (the position one [1, T, d], broadcast over the batch), a cast, and
+    pre-norm FFN blocks with CastNorm."""
+
+    def __init__(self, vocab: int = 30, d: int = 16, depth: int = 2, dtype=torch.float32):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(16, d)
+        self.norms = nn.ModuleList(CastNorm(d) for _ in range(depth))
+        self.fc1 = nn.ModuleList(nn.Linear(d, 24) for _ in range(depth))
+        self.fc2 = nn.ModuleList(nn.Linear(24, d) for _ in range(depth))
+        self.norm, self.head = CastNorm(d), nn.Linear(d, vocab)
+        self.to(dtype)
+
+    def forward(self, ids):
+        positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        h = self.tok(ids) + self.pos(positions).to(self.tok.weight.dtype)
+        for norm, a, b in zip(self.norms, self.fc1, self.fc2):
+            h = h + b(torch.nn.functional.silu(a(norm(h))))
+        return self.head(self.norm(h))
+
+
+def test_casts_and_a_broadcast_position_embedding_stay_in_the_stream():
+    torch.manual_seed(0)
+    model = CastDecoder().eval()
+    ids = torch.randint(0, 30, (32, 10))
+    analysis = fxa.analyse(model, ids.split(16))
+    stream = next((s.tie for s in analysis.sites if s.tie), None)
+    assert stream is not None, f"no stream site: {analysis.ineligible}"
+    writers = {p.module for s in analysis.sites if s.tie == stream for p in s.pieces}
+    assert {"tok", "pos", "fc2.0", "fc2.1"} <= writers, writers
+    for replacement in ("constant", "affine"):
+        result = analysis.compile(keep={stream: 12}, replacement=replacement, round_to=1)
+        assert result.module.get_submodule("pos").embedding_dim == 12
+        err = hooked_error(model, result, torch.randint(0, 30, (3, 7)))
+        assert err <= 1e-5, f"{replacement}: compiled vs hooks {err:.2e}"
+
+
+def test_an_rmsnorm_that_upcasts_is_not_taken_for_an_nn_rmsnorm():
+    """In a float64 model, CastNorm computes in float32: nn.RMSNorm would not, so capture leaves it
+    written out and the stream is refused with the reason."""
+    torch.manual_seed(0)
+    model = CastDecoder(dtype=torch.float64).eval()
+    analysis = fxa.analyse(model, [torch.randint(0, 30, (16, 10))])
+    assert not any(s.tie for s in analysis.sites)
+    assert not any(isinstance(m, nn.RMSNorm) for m in analysis.gm.modules())
+    assert analysis.ineligible["tok"].startswith("residual stream:"), analysis.ineligible["tok"]

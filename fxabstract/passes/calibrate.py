@@ -136,13 +136,15 @@ def _site_shapes(runner: SiteRunner, sites: list[Site], inputs: list, key: tuple
 
 
 def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: str = "logit-mse",
-              method: str = "auto", probes: int = 16, matrices: bool = True, seed: int = 0,
+              method: str = "auto", probes: int = 16, matrices: bool | str = True, seed: int = 0,
               progress: bool = False, reservoir: int = 512, backward_elements: int = 2**27,
               sequential: bool = False, output=None, mask=None) -> Statistics:
     """Stream `calibration` once; return per-site Moments and Curvature.
 
     method: "exact" (one VJP per output), "hutchinson" (`probes` VJPs), "auto" (exact when o <= 64).
-    matrices: also accumulate the d x d sums for joint selection and affine replacement.
+    matrices: also accumulate the d x d sums: True, every one (joint selection and affine replacement);
+      "joint", only the curvature sums of joint selection with constant replacement (three d x d sums
+      per site instead of seven, and no per-position backward).
     reservoir: keep the first this many samples (inputs and targets) for measuring risks later.
     backward_elements: how many site-activation elements the vmapped backward may hold at once
       (a proxy for its memory); the probes are processed in chunks that fit.
@@ -189,10 +191,10 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             outputs = out.shape[1]
             chosen = ("exact" if outputs <= 64 else "hutchinson") if method == "auto" else method
             for s in sites:
-                moments[s.name] = Moments.empty(s.n_units, matrices, params.device)
+                moments[s.name] = Moments.empty(s.n_units, matrices is True, params.device)
                 curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", matrices, params.device)
                 for b in s.branches:
-                    branch_moments[b.name] = Moments.empty(b.n_units, matrices, params.device)
+                    branch_moments[b.name] = Moments.empty(b.n_units, matrices is True, params.device)
         B = x.shape[0]
         take = min(B, reservoir - n_kept)
         if take > 0:
@@ -202,7 +204,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         zero = lambda s: torch.zeros(B, s.n_units, dtype=params.dtype, device=params.device)  # noqa: E731
         shapes = _site_shapes(runner, sites, inputs, shape_key(args, kwargs), first_key, shape_cache, index)
         full = lambda s: torch.zeros(B, *shapes[s.node], dtype=params.dtype, device=params.device)  # noqa: E731
-        eps0 = {s.node: (zero(s), zero(s)) + ((full(s),) if matrices else ()) for s in sites}
+        eps0 = {s.node: (zero(s), zero(s)) + ((full(s),) if matrices is True else ()) for s in sites}
         raw_shape = []
 
         def forward(eps):
@@ -227,7 +229,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         # activation gradient, so past `backward_elements` the r backward passes run one by one
         with torch.no_grad(), warnings.catch_warnings():   # vmap's "no batching rule" notes are not the user's
             warnings.filterwarnings("ignore", message=".*batching rule.*", category=UserWarning)
-            if V.shape[0] * sum(a.numel() for a in acts.values()) * (2 if matrices else 1) <= backward_elements:
+            if V.shape[0] * sum(a.numel() for a in acts.values()) * (2 if matrices is True else 1) <= backward_elements:
                 (U_all,) = vmapped(V)    # site -> ([r, B, d] sum J, [r, B, d] sum J a[, [r, B, ...] J per position])
             else:
                 parts = [vjp_fn(v)[0] for v in V]

@@ -67,15 +67,24 @@ class Curvature:
     rows: int = 0                    # sum over samples of their positions
 
     @classmethod
-    def empty(cls, d: int, gradient: bool, matrices: bool, device=None) -> "Curvature":
+    def empty(cls, d: int, gradient: bool, matrices: bool | str, device=None) -> "Curvature":
+        """matrices: False (O(d) sums only), "joint" (also H0, H1, H2: joint selection with constant
+        replacement) or True (every d x d sum: affine replacement too)."""
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
         c = cls(0, z(d), z(d), z(d))
         if gradient:
             c.sg, c.sga = z(d), z(d)
         if matrices:
-            c.H0, c.H1, c.H2, c.sw, c.swa, c.swaa = z(d, d), z(d, d), z(d, d), z(()), z(d), z(d, d)
+            c.H0, c.H1, c.H2 = z(d, d), z(d, d), z(d, d)
+        if matrices is True:
+            c.sw, c.swa, c.swaa = z(()), z(d), z(d, d)
             c.Hp, c.sab, c.Sbb = z(d, d), z(d), z(d, d)
         return c
+
+    @property
+    def matrices(self) -> bool | str:
+        """Which d x d sums this holds: False, "joint" or True (see `empty`)."""
+        return False if self.H0 is None else "joint" if self.swaa is None else True
 
     def update(self, a: torch.Tensor, Us: torch.Tensor, Ua: torch.Tensor, gs: torch.Tensor | None = None,
                ga: torch.Tensor | None = None, Up: torch.Tensor | None = None,
@@ -99,17 +108,22 @@ class Curvature:
             self.sga += ga.detach().to(torch.float64).sum(0)
         if self.H0 is not None:
             Uf, Uaf = Us.reshape(-1, d), Ua.reshape(-1, d)  # [r*n, d]
-            self.H0 += Uf.T @ Uf
+            G0 = Uf.T @ Uf
+            self.H0 += G0
             self.H1 += Uf.T @ Uaf
             self.H2 += Uaf.T @ Uaf
+        if self.swaa is not None:
             w = (Us * Us).sum((0, 2))                        # [n] tr H(x)
             af = a[valid]                                    # [real positions, d]
             wf = w[:, None].expand(n, positions)[valid]      # each position weighted by its sample's w
             self.sw += wf.sum()
             self.swa += wf @ af
             self.swaa += (af * wf[:, None]).T @ af
-            Upf = Up.detach().to(torch.float64)[:, valid].reshape(-1, d)  # [r * real positions, d]
-            self.Hp += Upf.T @ Upf
+            if positions == 1 and not padded:                # one position: the per-position sum is H0's
+                self.Hp += G0
+            else:
+                Upf = Up.detach().to(torch.float64)[:, valid].reshape(-1, d)  # [r * real positions, d]
+                self.Hp += Upf.T @ Upf
             abar = ((a * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)) if padded \
                 else a.mean(1)                               # [n, d]: the mean over a sample's real positions
             self.sab += abar.sum(0)

@@ -56,6 +56,7 @@ class _ShapeRecorder(fx.Interpreter):
         out = super().run_node(n)
         if isinstance(out, torch.Tensor):
             n.meta["fxa_shape"] = tuple(out.shape)
+            n.meta["fxa_dtype"] = out.dtype
         return out
 
 

@@ -121,12 +121,13 @@ ELEMENTWISE_FUNCTIONS = {
     aten.elu.default, aten.mish.default, aten.dropout.default, aten.clone.default, aten.abs.default,
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default,
     aten.clamp.default, aten.pow.Tensor_Scalar, torch.pow, operator.pow,
+    aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout,     # casts (Hugging Face's `.to(dtype)`)
 } | {getattr(aten, f"{name}_").default for name in (    # torch.export keeps in-place activations (inplace=True)
     "relu", "gelu", "silu", "hardtanh", "tanh", "sigmoid", "hardswish", "hardsigmoid", "leaky_relu", "elu",
     "celu", "selu", "mish", "abs", "clamp") if hasattr(aten, f"{name}_")}
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "abs", "clamp", "clamp_min", "clamp_max",
-    "neg", "add", "sub", "mul", "div", "contiguous",
+    "neg", "add", "sub", "mul", "div", "contiguous", "float", "half", "bfloat16", "double", "to", "type",
 }
 IDENTITY_FUNCTIONS = {F.dropout, F.alpha_dropout, aten.dropout.default, aten.clone.default}
 CAT_FUNCTIONS = {torch.cat, torch.concat, aten.cat.default}
@@ -149,9 +150,15 @@ def width_of(table: dict, mod) -> int | None:
     return None if fn is None else fn(mod)
 
 
+def is_metadata(node: fx.Node) -> bool:
+    """`x.dtype` or `x.device` (fx): reads no value of x."""
+    return node.op == "call_function" and node.target is getattr and node.args[1:] in (("dtype",), ("device",))
+
+
 def is_elementwise(gm: fx.GraphModule, node: fx.Node, source: fx.Node) -> bool:
-    """True if `node` applies a per-unit op to `source` and reads no other graph value."""
-    others = [a for a in node.all_input_nodes if a is not source]
+    """True if `node` applies a per-unit op to `source` and reads no other graph value (a dtype or
+    device, `h.to(x.dtype)`, is not a value)."""
+    others = [a for a in node.all_input_nodes if a is not source and not is_metadata(a)]
     if others or not node.args or node.args[0] is not source:
         return False
     if node.op == "call_module":

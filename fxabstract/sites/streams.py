@@ -28,7 +28,8 @@ import torch.fx as fx
 
 from torch import nn
 
-from .layers import (CHANNEL_OPS, CONVS, WRITERS, consumer_reads, module_of, readers_of, shape_of, size_dims,
+from .layers import (CHANNEL_OPS, CONVS, WRITERS, consumer_reads, is_metadata, module_of, readers_of, shape_of,
+                     size_dims,
                      stream_norm, width_of, zero_padded)
 from .site import Context, Piece, Refusal, Site
 
@@ -50,8 +51,13 @@ def is_residual_add(node: fx.Node) -> bool:
 
 
 def _suffix(s: tuple, full: tuple) -> bool:
-    """`s` broadcasts along the leading axes of `full` alone (a position embedding [T, d] added to [B, T, d])."""
-    return 2 <= len(s) < len(full) and tuple(full[-len(s):]) == tuple(s)
+    """`s` broadcasts along the leading axes of `full` alone (a position embedding [T, d] or [1, T, d]
+    added to [B, T, d])."""
+    lead = 0
+    while lead < len(s) - 2 and s[lead] == 1:
+        lead += 1
+    s = tuple(s[lead:])
+    return 2 <= len(s) < len(full) and tuple(full[-len(s):]) == s
 
 
 def rewrite(gm: fx.GraphModule, folded) -> None:
@@ -210,9 +216,9 @@ def _norms(ctx: Context, p: fx.Node, d: int, axis: int, inside: set) -> dict[fx.
 
 def _sizes(node: fx.Node, axis: int) -> set[fx.Node]:
     """The readers of `node` that read only sizes of other axes than the units' (an attention block's
-    `x.size(1)`): removing units does not change them."""
+    `x.size(1)`) or its dtype or device: removing units does not change them."""
     rank = len(shape_of(node))
-    out = set()
+    out = {r for r in node.users if is_metadata(r)}
     for r in node.users:
         dims = size_dims(r)
         if dims is not None and all(dim % rank != axis % rank for dim in dims):

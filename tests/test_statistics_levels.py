@@ -1,0 +1,90 @@
+"""Which d x d statistics an analysis gathers: `matrices="joint"` keeps only the curvature sums that
+joint selection with constant replacement reads (H0, H1, H2), so the default `abstract` call does three
+d x d updates per site and batch instead of seven, with the same result."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxabstract as fxa
+from fxabstract.errors import ConfigError
+from fxabstract.zoo import cifar_resnet
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 5)).eval()
+
+
+def data(n: int = 192) -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return list((torch.randn(n, 12) + 0.3).split(64))
+
+
+def test_joint_statistics_hold_the_curvature_sums_and_nothing_else():
+    analysis = fxa.analyse(mlp(), data(), matrices="joint")
+    for s in analysis.sites:
+        k, m = analysis.stats.curvature[s.name], analysis.stats.moments[s.name]
+        assert k.matrices == "joint" and k.H0.shape == (s.n_units, s.n_units)
+        assert k.swaa is None and k.Hp is None and k.Sbb is None, "no affine sums"
+        assert not m.full, "plain second moments per unit only"
+
+
+def test_joint_statistics_select_exactly_what_all_of_them_select():
+    model = mlp()
+    full = fxa.analyse(model, data(), matrices=True)
+    joint = fxa.analyse(model, data(), matrices="joint")
+    for s in full.sites:
+        a, b = full.stats.curvature[s.name], joint.stats.curvature[s.name]
+        for key in ("sh", "sha", "sha2", "H0", "H1", "H2"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), f"{s.name}.{key}"
+    for keep in (0.3, 0.6):
+        r_full = full.compile(keep, "constant", "joint", round_to=1, allocation="predicted")
+        r_joint = joint.compile(keep, "constant", "joint", round_to=1, allocation="predicted")
+        assert r_full.report["sites"] == r_joint.report["sites"], "the same kept units and constants"
+        a, b = r_full.module.state_dict(), r_joint.module.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_default_abstract_call_gathers_only_the_joint_statistics(monkeypatch):
+    import fxabstract.abstraction as abstraction
+    levels, calibrate = [], abstraction.calibrate
+
+    def recording(*args, **kwargs):
+        stats = calibrate(*args, **kwargs)
+        levels.append(stats.curvature["0"].matrices)
+        return stats
+    monkeypatch.setattr(abstraction, "calibrate", recording)
+    model = mlp()
+    default = fxa.abstract(model, data(), keep=0.5, round_to=1)
+    reference = fxa.analyse(model, data(), matrices=True).compile(0.5, round_to=1)
+    assert levels == ["joint", True]
+    assert default.report["sites"] == reference.report["sites"]
+    fxa.abstract(model, data(), keep=0.5, replacement="affine", round_to=1)
+    fxa.abstract(model, data(), keep=0.5, selection="diagonal", round_to=1)
+    assert levels[2:] == [True, False]
+
+
+def test_an_affine_compile_of_joint_statistics_is_refused_with_the_fix():
+    analysis = fxa.analyse(mlp(), data(), matrices="joint")
+    with pytest.raises(ConfigError, match=r"matrices=True.*only the joint ones"):
+        analysis.compile(0.5, replacement="affine")
+    with pytest.raises(ConfigError, match="local selection"):
+        analysis.compile(0.5, selection="local")
+    with pytest.raises(ConfigError, match=r"matrices = 'yes'.*\"joint\""):
+        fxa.analyse(mlp(), data(), matrices="yes")
+
+
+def test_one_position_reuses_the_summed_curvature_for_the_per_position_one():
+    """At a vector site the per-position curvature sum is the summed one (Hp = H0, bitwise); at a conv
+    site it is not, and both still enter the affine risk."""
+    vec = fxa.analyse(mlp(), data(), matrices=True)
+    for s in vec.sites:
+        k = vec.stats.curvature[s.name]
+        assert torch.equal(k.Hp, k.H0)
+    torch.manual_seed(0)
+    conv = fxa.analyse(cifar_resnet().eval(), list(torch.randn(16, 3, 16, 16).split(8)), matrices=True,
+                       sites=r"layer1\.0\.conv1")
+    k = conv.stats.curvature["layer1.0.conv1"]
+    assert not torch.allclose(k.Hp, k.H0), "a conv site: several positions per sample"
