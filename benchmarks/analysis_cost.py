@@ -59,23 +59,41 @@ def forward_backward(model, batches):
 
 
 SETTINGS = {
-    "diagonal, constant (exact curvature: 10 VJPs)": dict(selection="diagonal", replacement="constant"),
-    "joint, constant (exact, d x d sums)": dict(selection="joint", replacement="constant"),
-    "joint, affine (exact, d x d sums)": dict(selection="joint", replacement="affine"),
+    "the default (joint, constant; probes=None: 2 probes at N=1258, 1 at N=10064)": dict(),
+    "diagonal, constant (exact curvature: 10 VJPs)": dict(selection="diagonal", replacement="constant",
+                                                          curvature="exact"),
+    "joint, constant (exact, the 3 joint d x d sums)": dict(selection="joint", replacement="constant",
+                                                            curvature="exact"),
+    "joint, constant (exact, all 7 d x d sums)": dict(selection="joint", replacement="constant", curvature="exact",
+                                                      matrices=True),
+    "joint, affine (exact, all 7 d x d sums)": dict(selection="joint", replacement="affine", curvature="exact"),
     "diagonal, constant (Hutchinson, 1 probe)": dict(selection="diagonal", replacement="constant",
                                                      curvature="hutchinson", probes=1),
     "diagonal, constant (Hutchinson, 4 probes)": dict(selection="diagonal", replacement="constant",
                                                       curvature="hutchinson", probes=4),
-    "joint, constant (Hutchinson, 1 probe, d x d sums)": dict(selection="joint", replacement="constant",
-                                                              curvature="hutchinson", probes=1),
+    "joint, constant (Hutchinson, 1 probe, the 3 joint d x d sums)": dict(
+        selection="joint", replacement="constant", curvature="hutchinson", probes=1),
+    "joint, constant (Hutchinson, 2 probes, the 3 joint d x d sums)": dict(
+        selection="joint", replacement="constant", curvature="hutchinson", probes=2),
+    "joint, constant (Hutchinson, 1 probe, all 7 d x d sums)": dict(
+        selection="joint", replacement="constant", curvature="hutchinson", probes=1, matrices=True),
 }
+
+
+def _abstract(model, batches, matrices=None, **opts):
+    """fxa.abstract, or (matrices=True) the same through analyse with every d x d sum, as before the
+    joint-only statistics: the side-by-side cost of the affine sums a constant compile does not read."""
+    if matrices is None:
+        return fxa.abstract(model, batches, keep=0.5, allocation="predicted", **opts)
+    analysis_opts = {k: opts.pop(k) for k in ("curvature", "probes") if k in opts}
+    return fxa.analyse(model, batches, matrices=matrices, **analysis_opts).compile(0.5, allocation="predicted", **opts)
 
 
 def time_runs(model, batches, repeats: int) -> dict[str, float]:
     """Median seconds of forward+backward and of each analysis setting, interleaved, after a warm-up."""
     runs = {"forward+backward": lambda: forward_backward(model, batches)}
     for name, opts in SETTINGS.items():
-        runs[name] = lambda opts=opts: fxa.abstract(model, batches, keep=0.5, allocation="predicted", **opts)
+        runs[name] = lambda opts=opts: _abstract(model, batches, **dict(opts))
     for run in runs.values():
         run()
     times = {k: [] for k in runs}
@@ -105,7 +123,9 @@ def time_vs_training_pass(repeats: int, copies: int) -> tuple[str, dict]:
             f"{repeats} interleaved repeats after a warm-up. N = {n_s} (the training split) and N = {n_l} (the "
             f"split and {copies - 1} jittered copies). The analysis is `fxa.abstract(keep=0.5, "
             "allocation=\"predicted\")`: capture, the one pass for moments and curvature, scores, selection, "
-            "replace and fold. The last column is the cost per extra sample, (t(N_large) - t(N_small)) over the "
+            "replace and fold. Constant replacement reads only three of the seven d x d sums (H0, H1, H2, "
+            "`matrices=\"joint\"`, what `abstract` gathers for it); the constant rows marked 'all 7' analyse with "
+            "`matrices=True` and then compile, as `abstract` did before. The last column is the cost per extra sample, (t(N_large) - t(N_small)) over the "
             "same difference for forward+backward: it leaves out the fixed cost (capture, selection, fold).\n\n"
             + md_table(["run", f"ms, N={n_s}", "ratio", f"ms, N={n_l}", "ratio", "per extra sample"], rows))
     return text, {"small": t_small, "large": t_large}
@@ -136,7 +156,7 @@ def brute_force(n: int) -> tuple[str, dict]:
     cal = x[:n]
     batches = list(cal.split(256))
     def analyse():
-        analysis = fxa.analyse(model, batches, matrices=False)
+        analysis = fxa.analyse(model, batches, matrices=False, curvature="exact")
         return {s.name: unit_scores("logit-mse", s, analysis.stats, analysis.gm) for s in analysis.sites}
 
     analyse()                                  # warm-up
@@ -170,7 +190,7 @@ def brute_force(n: int) -> tuple[str, dict]:
     text = (f"A 64-1024-1024-10 ReLU MLP trained on digits ({units} units), calibration set N = {n}. "
             f"Brute force: {units} forward passes over the N samples, each with one unit held at its constant "
             f"c*_j (the analysis' curvature-weighted mean), giving the exact single-unit risk. The analysis: "
-            f"`fxa.analyse(matrices=False)` (capture, one pass, exact curvature) plus the logit-mse scores, "
+            f"`fxa.analyse(matrices=False, curvature=\"exact\")` (capture, one pass, exact curvature) plus the logit-mse scores, "
             f"median of 3 runs after a warm-up; the brute force is one run.\n\n"
             f"- analysis {t_analysis:.2f} s, brute force {t_brute:.1f} s: **{t_brute / t_analysis:.0f}x faster** "
             f"(target >= 50x)\n- Spearman of the scores against the exact ablation risk:\n\n"
@@ -198,12 +218,12 @@ def memory_child(n: int, matrices: bool) -> dict:
             idx = torch.randint(0, len(x), (b,), generator=gen)
             yield x[idx] + 0.05 * torch.randn(b, x.shape[1], generator=gen)
 
-    fxa.analyse(model, [x[:256]], matrices=matrices)       # warm up allocators and lazy imports
+    fxa.analyse(model, [x[:256]], matrices=matrices, curvature="exact")       # warm up allocators, lazy imports
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                                      # reset the peak (VmHWM) to the current RSS
     base = _rss_kb("VmRSS")
     t = time.perf_counter()
-    analysis = fxa.analyse(model, stream(), matrices=matrices)
+    analysis = fxa.analyse(model, stream(), matrices=matrices, curvature="exact")
     seconds = time.perf_counter() - t
     peak = _rss_kb("VmHWM")
     state = sum(v.numel() * v.element_size() for s in analysis.sites

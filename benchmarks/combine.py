@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     x_train, _, x_test, _ = digits_data()
     model = demo_model()
     calibration = list(x_train.split(256))
-    analyses = {site: fxa.analyse(model, calibration, sites=None if site is None else [site])
+    analyses = {site: fxa.analyse(model, calibration, sites=None if site is None else [site], curvature="exact")
                 for site in {s for s, _ in CANDIDATES}}
     candidates = [analyses[site].compile(keep, replacement="affine") for site, keep in CANDIDATES]
     runs = []

@@ -105,7 +105,8 @@ def sweep(model, x_cal, y_cal, x_test, y_test, z_dense, fractions, trials) -> li
     for scope, sites in SCOPES.items():
         for score in SCORES:
             t0 = time.time()
-            analysis = fxa.analyse(model, cal_xy if score == "ce" else cal_x, score=score, sites=sites)
+            analysis = fxa.analyse(model, cal_xy if score == "ce" else cal_x, score=score, sites=sites,
+                                   curvature="exact")
             log(f"  analyse {scope} {score}: {time.time() - t0:.1f}s")
             for rep in REPLACEMENTS:
                 seen = set()
@@ -244,7 +245,7 @@ def kept_sets(model, cal, seeds_out: dict) -> dict:
     out, by_score = {}, {}
     for i, (_, score, sel, keep, sites) in enumerate(SCALE_CONFIGS):
         if score not in by_score:
-            by_score[score] = fxa.analyse(model, cal, score=score,
+            by_score[score] = fxa.analyse(model, cal, score=score, curvature="exact",
                                           matrices=score in ("logit-mse", "kl"))
         k = {"fc1": 64, "fc2": 64} if keep == "dict" else keep
         rep = by_score[score].compile(k, "constant", sel)

@@ -51,7 +51,8 @@ def calibration(table):
 
 def prove(model, table, keep: int, replacement: str, repeats: int, full) -> dict:
     xy, labels = domain(table)
-    result = fxa.abstract(model, calibration(table), keep=keep, replacement=replacement, sites=["hidden"])
+    result = fxa.abstract(model, calibration(table), keep=keep, replacement=replacement, sites=["hidden"],
+                          curvature="exact")
     cert = fxa.certify(model, result, table)
     with torch.no_grad():
         right = (model(xy).argmax(-1) == labels).reshape(table.shape)
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
                                       weight_decay=args.weight_decay, train_fraction=args.train_fraction)
             acc = brute_force_accuracy(model, table)
             print(f"{name} seed {seed}: brute-force accuracy {acc:.4f} (trained in {time.time() - t:.0f} s)", flush=True)
-            full = fxa.abstract(model, calibration(table), keep=args.width, sites=["hidden"])
+            full = fxa.abstract(model, calibration(table), keep=args.width, sites=["hidden"], curvature="exact")
             proofs = [prove(model, table, int(f * args.width), r, args.repeats, full)
                       for f in FRACTIONS for r in REPLACEMENTS]
             for p in proofs:

@@ -130,7 +130,7 @@ def bench_model(name: str, factory, shape, n_cal: int, repeats: int, folder: str
     else:   # no image data set ships offline: random inputs (the timings do not depend on the values)
         x_cal = torch.randn(n_cal, *shape, generator=gen)
     t = time.perf_counter()
-    analysis = fxa.analyse(model, list(x_cal.split(32)), matrices=False)
+    analysis = fxa.analyse(model, list(x_cal.split(32)), matrices=False, curvature="exact")
     log(f"  analysed in {time.perf_counter() - t:.1f} s")
     dense_path = os.path.join(folder, "dense.onnx")
     fxa.to_onnx(model, x_cal[:2], dense_path, force=True)

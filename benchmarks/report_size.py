@@ -37,7 +37,8 @@ def mlp_report() -> dict:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     x = torch.randn(2048, 64)
-    return fxa.abstract(model.eval(), list(x.split(512)), keep=0.5, replacement="affine").report
+    return fxa.abstract(model.eval(), list(x.split(512)), keep=0.5, replacement="affine",
+                        curvature="exact").report
 
 
 def bert_base_report(layers: int = 12, d: int = 3072, kept: int = 1536) -> dict:

@@ -107,10 +107,10 @@ def main() -> None:
              "accuracy": float((dense_logits.argmax(1) == y_test).float().mean()), "agreement": 1.0, "kl": 0.0,
              "exact": 0.0}
     rows = [("dense", "-", "64/64", dense)]
-    analysis = fxa.analyse(model, calibration)
+    analysis = fxa.analyse(model, calibration, curvature="exact")
     stream = next(s.tie for s in analysis.sites if s.tie)
     macs = module_macs(analysis.gm, x_test[:1])
-    ffn = fxa.analyse(model, calibration, sites=r".*mlp\.fc1")
+    ffn = fxa.analyse(model, calibration, sites=r".*mlp\.fc1", curvature="exact")
     target = {}
     for replacement in ("constant", "affine"):
         res = analysis.compile(keep={stream: 48}, replacement=replacement, round_to=1)

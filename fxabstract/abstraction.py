@@ -26,7 +26,7 @@ from .output import saving
 from .output.report import site_entry, summary
 from .passes.budget import allocate, allowed_removals, expand_ties, granularity, macs_removals, tied_proxies
 from .passes.calibrate import Statistics, add_fit_data, calibrate
-from .passes.distributed import all_reduce
+from .passes.distributed import all_reduce, total_samples
 from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import JOINT_SCORES, OUTPUT_UNITS, SCORES
@@ -263,7 +263,7 @@ def _whole_streams(sites: list[Site], chosen: list[Site]) -> list[Site]:
 
 
 def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",
-            probes: int = 16, matrices: bool | str = True, seed: int = 0, progress: bool = False, *,
+            probes: int | None = None, matrices: bool | str = True, seed: int = 0, progress: bool = False, *,
             distributed: bool = False, sequential: bool = False, fit_data=None, output=None,
             mask="auto") -> Analysis:
     """Capture `model` (a copy) and stream `calibration` once through every selected site.
@@ -282,6 +282,9 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
     if matrices not in (True, False, "joint"):
         raise ConfigError(f"matrices = {matrices!r}; give True (every d x d statistic), \"joint\" (joint selection "
                           "with constant replacement only) or False")
+    if probes is None:
+        n = calibration_samples(calibration)
+        probes = default_probes(total_samples(n) if distributed else n)
     check_options(probes=probes, seed=seed, sites=sites)
     batches = checked_batches(calibration)
     first = next(batches, None)
@@ -396,6 +399,33 @@ def _same_kind(batches, first, what: str):
         yield batch
 
 
+SAMPLE_PROBES = 1536       # probes x samples the default aims at (docs/math.md §7)
+MAX_PROBES = 16
+
+
+def calibration_samples(calibration) -> int | None:
+    """How many samples `calibration` holds, where that is known without iterating it (a list or tuple
+    of batches, a DataLoader over a sized dataset); else None."""
+    if isinstance(calibration, (list, tuple)):
+        try:
+            return sum(first_tensor(*split_batch(b)[:2]).shape[0] for b in calibration)
+        except Exception:  # noqa: BLE001 - a malformed batch is checked_batches' to report
+            return None
+    dataset = getattr(calibration, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
+def default_probes(n: int | None) -> int:
+    """Hutchinson probes per sample when none are given, for `n` calibration samples: the estimator's noise
+    falls with probes x samples (docs/math.md §7) and its cost grows with probes alone, so aim at
+    SAMPLE_PROBES in all: 1 probe for 1,536 samples or more, 8 for 192, at most MAX_PROBES; 4 where the
+    sample count is not known (a generator)."""
+    return 4 if not n else max(1, min(MAX_PROBES, -(-SAMPLE_PROBES // n)))
+
+
 def needs_matrices(score: str, replacement: str, selection: str) -> bool | str:
     """Which d x d statistics these settings need: "joint" (the curvature sums of joint selection with
     constant replacement, for an output-unit score), True (every one: affine replacement, local
@@ -408,7 +438,7 @@ def needs_matrices(score: str, replacement: str, selection: str) -> bool | str:
 
 def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", replacement: str = "constant",
              selection: str = "joint", round_to: int | None = None, sites=None, *, curvature: str = "auto",
-             probes: int = 16, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
+             probes: int | None = None, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
              progress: bool = False, distributed: bool = False, sequential: bool = False,
              fit_data=None, budget: str = "units", output=None, mask="auto") -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (docs/api.md).

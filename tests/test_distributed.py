@@ -14,7 +14,10 @@ from torch import nn
 import fxabstract as fxa
 from fxabstract.errors import ConfigError
 
-OPTIONS = [dict(keep=0.5), dict(keep=0.25, replacement="affine", score="kl")]
+# exact curvature: the sums over ranks then equal the single process's (Hutchinson draws differ per rank);
+# the last, default options check that every rank picks the single process's probe count
+OPTIONS = [dict(keep=0.5, curvature="exact"), dict(keep=0.25, replacement="affine", score="kl", curvature="exact"),
+           dict(keep=0.5)]
 
 
 def model_and_data():
@@ -65,7 +68,11 @@ def test_two_ranks_on_halves_give_the_single_process_report(tmp_path):
         for options, got, expected in zip(OPTIONS, reports, single):
             assert got["calibration_samples"] == 600, "every rank must count all 600 samples"
             assert any(s["replaced"] for s in got["sites"]), "the test must remove units"
-            close(got, expected, f"rank {rank} {options}")
+            if "curvature" in options:
+                close(got, expected, f"rank {rank} {options}")
+            else:       # 600 samples in all: 3 probes (300 per rank alone would give 6)
+                assert got["curvature"] == expected["curvature"], (got["curvature"], expected["curvature"])
+                assert got["curvature"]["method"] == "hutchinson" and got["curvature"]["probes"] == 3
 
 
 def test_distributed_without_a_process_group_says_what_to_do():

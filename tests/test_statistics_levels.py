@@ -88,3 +88,29 @@ def test_one_position_reuses_the_summed_curvature_for_the_per_position_one():
                        sites=r"layer1\.0\.conv1")
     k = conv.stats.curvature["layer1.0.conv1"]
     assert not torch.allclose(k.Hp, k.H0), "a conv site: several positions per sample"
+
+
+@pytest.mark.parametrize("n, probes", [(2048, 1), (1536, 1), (1258, 2), (192, 8), (40, 16)])
+def test_the_default_probe_count_aims_at_1536_probes_over_the_calibration_set(n, probes):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 40)).eval()
+    x = torch.randn(n, 12)
+    analysis = fxa.analyse(model, list(x.split(256)), matrices=False)
+    assert analysis.stats.probes == probes and analysis.stats.method == "hutchinson", (n, analysis.stats.probes)
+
+
+def test_exact_curvature_where_it_costs_no_more_than_the_probes_and_a_generator_gets_four():
+    from torch.utils.data import DataLoader, TensorDataset
+    torch.manual_seed(0)
+    x = torch.randn(400, 12)                                      # 4 probes by default
+    four = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    five = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 5)).eval()
+    assert fxa.analyse(four, list(x.split(100)), matrices=False).stats.method == "exact", "4 outputs, 4 probes"
+    stats = fxa.analyse(five, list(x.split(100)), matrices=False).stats
+    assert (stats.method, stats.probes) == ("hutchinson", 4), "5 outputs, 4 probes"
+    wide = nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 40)).eval()
+    loader = DataLoader(TensorDataset(torch.randn(1600, 12), torch.randint(0, 40, (1600,))), batch_size=200)
+    stats = fxa.analyse(wide, (b for b, _ in loader), matrices=False).stats
+    assert (stats.method, stats.probes) == ("hutchinson", 4), "a generator's size is not known: 4 probes"
+    report = fxa.abstract(wide, loader, keep=0.5, round_to=1).report
+    assert report["curvature"]["method"] == "hutchinson" and report["curvature"]["probes"] == 1, report["curvature"]

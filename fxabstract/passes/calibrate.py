@@ -141,7 +141,8 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
               sequential: bool = False, output=None, mask=None) -> Statistics:
     """Stream `calibration` once; return per-site Moments and Curvature.
 
-    method: "exact" (one VJP per output), "hutchinson" (`probes` VJPs), "auto" (exact when o <= 64).
+    method: "exact" (one VJP per output), "hutchinson" (`probes` VJPs), "auto" (exact when the output
+      has at most `probes` values, where it costs no more than probing; Hutchinson otherwise).
     matrices: also accumulate the d x d sums: True, every one (joint selection and affine replacement);
       "joint", only the curvature sums of joint selection with constant replacement (three d x d sums
       per site instead of seven, and no per-position backward).
@@ -189,7 +190,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             started = True
             first_key = shape_key(args, kwargs)
             outputs = out.shape[1]
-            chosen = ("exact" if outputs <= 64 else "hutchinson") if method == "auto" else method
+            chosen = ("exact" if outputs <= probes else "hutchinson") if method == "auto" else method
             for s in sites:
                 moments[s.name] = Moments.empty(s.n_units, matrices is True, params.device)
                 curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", matrices, params.device)

@@ -8,7 +8,8 @@ Every rank then holds the statistics of all the data and makes the same abstract
 calibration reservoir (the first samples, for measured risks) is gathered in rank order, so with
 shards that split the data in order (rank 0 the first part, ...) the result is the one a single
 process makes on all of it, up to float64 summation order. With Hutchinson curvature each rank draws
-its own probes, so the estimate is as unbiased but not the same draw.
+its own probes, so the estimate is as unbiased but not the same draw; the default probe count comes
+from the total sample count over the ranks (`total_samples`), so every rank picks the same one.
 """
 from __future__ import annotations
 
@@ -47,11 +48,24 @@ def _truncate(chunks: list, limit: int) -> list:
     return out
 
 
-def all_reduce(stats: Statistics, group=None, reservoir: int = 512) -> Statistics:
-    """Sum `stats` over the processes of `group` (in place) and gather the reservoir in rank order."""
+def _initialised() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise ConfigError("distributed=True needs torch.distributed initialised on every rank: call "
                           "torch.distributed.init_process_group first (backend 'gloo' on CPU)")
+
+
+def total_samples(n: int | None, group=None) -> int | None:
+    """The sum over ranks of their shards' sample counts, or None if any rank's is not known; every rank
+    gets the same answer (so every rank picks the same default probe count)."""
+    _initialised()
+    t = torch.tensor([float(n or 0), float(n is None)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return None if t[1] > 0 else int(t[0])
+
+
+def all_reduce(stats: Statistics, group=None, reservoir: int = 512) -> Statistics:
+    """Sum `stats` over the processes of `group` (in place) and gather the reservoir in rank order."""
+    _initialised()
     names = sorted(stats.moments)
     everyone = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, (names, stats.method), group=group)
