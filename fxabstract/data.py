@@ -1,7 +1,8 @@
 """Batches and outputs: the shapes of data fxabstract accepts, and which output it preserves.
 
 A batch is a Tensor (the one input), a dict (keyword inputs), or a pair (inputs, targets) whose
-inputs is a Tensor, a tuple or a dict.
+inputs is a Tensor, a tuple or a dict; a one-element list or tuple [inputs] (what a DataLoader over
+`TensorDataset(x)` yields) is its inputs.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from .errors import CalibrationError, ConfigError
 def split_batch(batch) -> tuple[tuple, dict, torch.Tensor | None]:
     """batch -> (positional inputs, keyword inputs, targets or None)."""
     targets = None
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        batch = batch[0]              # a DataLoader over one tensor (TensorDataset(x)) yields [x]
     if isinstance(batch, (tuple, list)):
         if len(batch) != 2:
             raise CalibrationError(f"a tuple batch must be a pair (inputs, targets), got {len(batch)} items; "

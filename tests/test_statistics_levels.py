@@ -114,3 +114,16 @@ def test_exact_curvature_where_it_costs_no_more_than_the_probes_and_a_generator_
     assert (stats.method, stats.probes) == ("hutchinson", 4), "a generator's size is not known: 4 probes"
     report = fxa.abstract(wide, loader, keep=0.5, round_to=1).report
     assert report["curvature"]["method"] == "hutchinson" and report["curvature"]["probes"] == 1, report["curvature"]
+
+
+def test_a_dataloader_over_one_tensor_is_calibration_data():
+    """TensorDataset(x) yields [x] batches: the one element is the inputs (no targets)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    torch.manual_seed(0)
+    x = torch.randn(256, 12)
+    model = mlp()
+    loaded = fxa.abstract(model, DataLoader(TensorDataset(x), batch_size=64), keep=0.5, round_to=1)
+    plain = fxa.abstract(model, list(x.split(64)), keep=0.5, round_to=1)
+    assert loaded.report["sites"] == plain.report["sites"]
+    with pytest.raises(fxa.errors.CalibrationError, match="pair"):
+        fxa.abstract(model, [(x, x, x)], keep=0.5)
