@@ -9,6 +9,7 @@ be compiled at many budgets (`Analysis.compile`), which is what benchmarks and s
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import warnings
 
@@ -158,7 +159,8 @@ class Analysis:
         self._warned_ridge = True
         if self.score not in JOINT_SCORES:
             selection = "diagonal"  # variance, magnitude, random have no cross terms: they rank diagonally
-        has = self.stats.curvature[self.sites[0].name].matrices
+        normal = [s for s in self.sites if s.name not in self.stats.diagonal]   # the others: memory fallback
+        has = self.stats.curvature[normal[0].name].matrices if normal else True
         need = needs_matrices(self.score, replacement, selection)
         if (need is True and has is not True) or (need and not has):
             raise ConfigError(f"{selection} selection with {replacement} replacement needs the d x d statistics; "
@@ -181,7 +183,7 @@ class Analysis:
         else:
             removed = allocate(budget_sites, budget_cv, keep, self.score, round_to)
         removed = expand_ties(removed, self.sites)
-        plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, replacement, selection,
+        plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, *self._setting(s, replacement, selection),
                      ridges[s.name]) for s in self.sites]
         module = fold(replace(self.gm, plans))
         report = {
@@ -196,7 +198,9 @@ class Analysis:
             "predicted_risk": sum(p.predicted_risk for p in plans),
             "sites": [{**site_entry(p, None if cv[p.site.name].measured is None
                                     else float(cv[p.site.name].measured[len(p.removed)])),
-                       "ridge": ridges[p.site.name]} for p in plans],
+                       "ridge": ridges[p.site.name],
+                       **({"statistics": f"diagonal: {self.stats.diagonal[p.site.name]}"}
+                          if p.site.name in self.stats.diagonal else {})} for p in plans],
             "ineligible": self.ineligible,
             "output": describe_output(self.output),
             "mask": self.mask,
@@ -216,12 +220,22 @@ class Analysis:
             selection = "diagonal"
         key = (replacement, selection, tuple(sorted(ridge.items())) if isinstance(ridge, dict) else ridge)
         if key not in self._curves:
-            self._curves[key] = curves(self.sites, self.stats, self.gm, self.score, replacement, selection,
-                                       ridge, self.seed)
+            normal = [s for s in self.sites if s.name not in self.stats.diagonal]
+            fallback = [s for s in self.sites if s.name in self.stats.diagonal]
+            out = curves(normal, self.stats, self.gm, self.score, replacement, selection, ridge, self.seed) \
+                if normal else {}
+            if fallback:     # sites whose d x d statistics did not fit in memory
+                out.update(curves(fallback, self.stats, self.gm, self.score, "constant", "diagonal", ridge, self.seed))
+            self._curves[key] = {s.name: out[s.name] for s in self.sites}
         return self._curves[key]
+
+    def _setting(self, site: Site, replacement: str, selection: str) -> tuple[str, str]:
+        """(replacement, selection) for `site`: a site kept to O(d) statistics gets constant, diagonal."""
+        return ("constant", "diagonal") if site.name in self.stats.diagonal else (replacement, selection)
 
     def _measured(self, site: Site, cv, replacement: str, selection: str, ridge: float, round_to: int):
         """The site's measured risk curve, cached per setting."""
+        replacement, selection = self._setting(site, replacement, selection)
         key = (site.name, replacement, selection, ridge, round_to)
         if key not in self._measured_cache:
             steps = allowed_removals(site.n_units, granularity(site, round_to))
@@ -265,7 +279,7 @@ def _whole_streams(sites: list[Site], chosen: list[Site]) -> list[Site]:
 def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None, curvature: str = "auto",
             probes: int | None = None, matrices: bool | str = True, seed: int = 0, progress: bool = False, *,
             distributed: bool = False, sequential: bool = False, fit_data=None, output=None,
-            mask="auto") -> Analysis:
+            mask="auto", matrix_memory: int | None = None) -> Analysis:
     """Capture `model` (a copy) and stream `calibration` once through every selected site.
 
     distributed: `calibration` is this process's shard; the statistics are summed over the default
@@ -274,6 +288,10 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
       instead of the whole graph's; the statistics are the same.
     matrices: which d x d statistics to gather: True (every one: any compile), "joint" (only the
       curvature sums of joint selection with constant replacement: cheaper) or False (diagonal only).
+    matrix_memory: the bytes the d x d statistics may take (None: a quarter of the machine's memory).
+      Where they would take more, the widest sites (a residual stream's points together) keep O(d)
+      statistics instead, with a warning: `compile` gives them diagonal selection and a constant
+      replacement, and the report says so per site (`statistics`).
     fit_data: more batches (like `calibration`) run forward only, to fit affine replacements on the plain
       moments of calibration + fit_data (passes/calibrate.py `add_fit_data`): a forward pass costs a
       fraction of the curvature pass, and least squares gains from more samples."""
@@ -296,11 +314,13 @@ def analyse(model: nn.Module, calibration, score: str = "logit-mse", sites=None,
         raise NoSiteError(f"{type(model).__name__} has no eligible site ({why}); "
                           "fxabstract needs hidden units between Linear or Conv layers")
     chosen = _select_sites(found, sites)
+    levels, diagonal = _matrix_levels(chosen, matrices, matrix_memory)
     divergence = score if score in OUTPUT_UNITS else "logit-mse"
     output = _resolve_output(gm, first, output)
     mask = _resolve_mask(first, mask)
-    stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, matrices,
+    stats = calibrate(gm, chosen, itertools.chain([first], batches), divergence, curvature, probes, levels,
                       seed, progress, sequential=sequential, output=output, mask=mask)
+    stats.diagonal = diagonal
     if fit_data is not None:
         extra = _same_kind(checked_batches(fit_data, "fit_data"), first, "fit_data")
         stats = add_fit_data(gm, chosen, stats, extra, progress, mask=mask)
@@ -399,6 +419,50 @@ def _same_kind(batches, first, what: str):
         yield batch
 
 
+MATRIX_SUMS = {"joint": 3, True: 8}     # d x d float64 sums per site: H0, H1, H2 (+ 4 affine, + moments)
+
+
+def machine_memory() -> int:
+    """Physical memory in bytes (16 GiB where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def _matrix_levels(sites: list[Site], matrices, budget: int | None) -> tuple[dict, dict[str, str]]:
+    """{site: d x d statistics level}, and {site: why} for the sites kept to O(d) statistics: the widest
+    first (a residual stream's points together) until the d x d sums fit in `budget` bytes."""
+    levels = {s.name: matrices for s in sites}
+    if not matrices:
+        return levels, {}
+    if budget is None:
+        budget = machine_memory() // 4
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ConfigError(f"matrix_memory = {budget!r} must be a number of bytes >= 0 (None: a quarter of the "
+                          "machine's memory)")
+    size = {s.name: MATRIX_SUMS[matrices] * 8 * s.n_units ** 2 for s in sites}
+    groups: dict[str, list[Site]] = {}
+    for s in sites:
+        groups.setdefault(s.tie or s.name, []).append(s)
+    total = sum(size.values())
+    diagonal = {}
+    for key in sorted(groups, key=lambda k: -max(s.n_units for s in groups[k])):
+        if total <= budget:
+            break
+        for s in groups[key]:
+            levels[s.name] = False
+            total -= size[s.name]
+            diagonal[s.name] = (f"its d x d statistics ({s.n_units} units) would take {size[s.name] / 2**30:.2f} GiB "
+                                f"of a {budget / 2**30:.2f} GiB budget (matrix_memory)")
+    if diagonal:
+        warnings.warn(f"the d x d statistics of {len(diagonal)} site(s) ({', '.join(diagonal)}) do not fit in "
+                      f"matrix_memory = {budget / 2**30:.2f} GiB: they get O(d) statistics, diagonal selection and "
+                      "a constant replacement (raise matrix_memory, or select fewer sites)",
+                      FxAbstractWarning, stacklevel=3)
+    return levels, diagonal
+
+
 SAMPLE_PROBES = 1536       # probes x samples the default aims at (docs/math.md §7)
 MAX_PROBES = 16
 
@@ -440,7 +504,8 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
              selection: str = "joint", round_to: int | None = None, sites=None, *, curvature: str = "auto",
              probes: int | None = None, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
              progress: bool = False, distributed: bool = False, sequential: bool = False,
-             fit_data=None, budget: str = "units", output=None, mask="auto") -> Abstraction:
+             fit_data=None, budget: str = "units", output=None, mask="auto",
+             matrix_memory: int | None = None) -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (docs/api.md).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
@@ -462,13 +527,15 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
       Tensor, else its "logits", else its first tensor, with a warning that names the choice.
     mask: the keyword input whose zeros mark padded positions: "auto" (`attention_mask` when the batches
       have it), a name, or None (every position is real). Padded positions enter no statistic or fit.
+    matrix_memory: the bytes the d x d statistics may take (`analyse`); None: a quarter of the memory.
     """
     choose(replacement, REPLACEMENTS, "replacement")
     choose(selection, SELECTIONS, "selection")
     _check_budget(keep, budget)
     matrices = needs_matrices(score, replacement, selection)
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,
-                       distributed=distributed, sequential=sequential, fit_data=fit_data, output=output, mask=mask)
+                       distributed=distributed, sequential=sequential, fit_data=fit_data, output=output, mask=mask,
+                       matrix_memory=matrix_memory)
     return analysis.compile(keep, replacement, selection, round_to, ridge, allocation, budget)
 
 

@@ -127,3 +127,56 @@ def test_a_dataloader_over_one_tensor_is_calibration_data():
     assert loaded.report["sites"] == plain.report["sites"]
     with pytest.raises(fxa.errors.CalibrationError, match="pair"):
         fxa.abstract(model, [(x, x, x)], keep=0.5)
+
+
+def wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 96), nn.GELU(), nn.Linear(96, 24), nn.Tanh(), nn.Linear(24, 5)).eval()
+
+
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+def test_sites_whose_matrices_do_not_fit_get_diagonal_statistics_and_say_so(replacement):
+    """A 96-unit and a 24-unit site; a budget that holds only the smaller one's d x d sums: the wide site
+    keeps O(d) statistics, is selected diagonally with a constant replacement, and the report says why.
+    The compiled module still equals the hooked original."""
+    model = wide_mlp()
+    sums = 8 if replacement == "affine" else 3
+    budget = sums * 8 * 24 ** 2 + 100                       # 24^2 fits, 96^2 does not
+    with pytest.warns(fxa.errors.FxAbstractWarning, match=r"1 site\(s\) \(0\).*matrix_memory"):
+        result = fxa.abstract(model, data(), keep=0.5, replacement=replacement, round_to=1, matrix_memory=budget)
+    wide, narrow = result.report["sites"]
+    assert wide["statistics"].startswith("diagonal: its d x d statistics (96 units)"), wide
+    assert "statistics" not in narrow
+    assert {r["kind"] for r in wide["replaced"]} == {"constant"}, "a constant replacement"
+    assert {r["kind"] for r in narrow["replaced"]} == {replacement}, "the site that fits keeps the setting's"
+    x = torch.randn(16, 12)
+    with torch.no_grad(), fxa.intervene(model, result.report):
+        hooked = model(x)
+    assert torch.allclose(hooked, result.module(x), atol=1e-5)
+
+
+def test_a_budget_that_fits_everything_changes_nothing():
+    model = wide_mlp()
+    default = fxa.abstract(model, data(), keep=0.5, round_to=1)
+    roomy = fxa.abstract(model, data(), keep=0.5, round_to=1, matrix_memory=2**30)
+    assert default.report["sites"] == roomy.report["sites"]
+    with pytest.raises(ConfigError, match="matrix_memory"):
+        fxa.abstract(model, data(), keep=0.5, matrix_memory=-1)
+
+
+def test_a_residual_stream_falls_back_to_diagonal_statistics_as_a_whole():
+    torch.manual_seed(0)
+    model = cifar_resnet().eval()
+    x = torch.randn(32, 3, 16, 16)
+    sites = fxa.analyse(model, [x[:8]], matrices=False).sites
+    total = sum(3 * 8 * s.n_units ** 2 for s in sites)
+    with pytest.warns(fxa.errors.FxAbstractWarning, match="do not fit"):
+        result = fxa.abstract(model, list(x.split(8)), keep=0.5, round_to=1, matrix_memory=total // 2)
+    diagonal = {e["name"] for e in result.report["sites"] if "statistics" in e}
+    assert diagonal, "half the budget: some sites fall back"
+    for stream in {e["stream"] for e in result.report["sites"] if e.get("stream")}:
+        points = {e["name"] for e in result.report["sites"] if e.get("stream") == stream}
+        assert points <= diagonal or not points & diagonal, f"{stream}: all its points or none"
+    with torch.no_grad(), fxa.intervene(model, result.report):
+        hooked = model(x[:5])
+    assert float((hooked - result.module(x[:5])).abs().max()) <= 1e-4

@@ -79,13 +79,14 @@ class Statistics:
     nonfinite_outputs: int = 0       # samples whose outputs held NaN or inf (overflow): checks.py refuses them
     fit_samples: int = 0             # samples of forward-only fit data added to `moments` (`add_fit_data`)
     branch_moments: dict[str, Moments] = field(default_factory=dict)   # per SE branch name: plain moments
+    diagonal: dict[str, str] = field(default_factory=dict)   # sites kept to O(d) statistics: why (memory)
 
     def __add__(self, other: "Statistics") -> "Statistics":
         return Statistics({k: v + other.moments[k] for k, v in self.moments.items()},
                           {k: v + other.curvature[k] for k, v in self.curvature.items()},
                           self.divergence, self.method, self.probes, self.outputs, self.reservoir,
                           self.nonfinite_outputs + other.nonfinite_outputs, self.fit_samples + other.fit_samples,
-                          {k: v + other.branch_moments[k] for k, v in self.branch_moments.items()})
+                          {k: v + other.branch_moments[k] for k, v in self.branch_moments.items()}, self.diagonal)
 
 
 def _on_device(batch, device) -> tuple[tuple, dict, object]:
@@ -145,7 +146,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
       has at most `probes` values, where it costs no more than probing; Hutchinson otherwise).
     matrices: also accumulate the d x d sums: True, every one (joint selection and affine replacement);
       "joint", only the curvature sums of joint selection with constant replacement (three d x d sums
-      per site instead of seven, and no per-position backward).
+      per site instead of seven, and no per-position backward); or a dict {site name: level}.
     reservoir: keep the first this many samples (inputs and targets) for measuring risks later.
     backward_elements: how many site-activation elements the vmapped backward may hold at once
       (a proxy for its memory); the probes are processed in chunks that fit.
@@ -156,6 +157,8 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
       their activations are left out of the moments and the curvature sums, and an output with T positions
       has no metric there (its output vectors are zero). Batches may differ in T.
     """
+    level = (lambda s: matrices.get(s.name, False)) if isinstance(matrices, dict) else (lambda s: matrices)  # noqa: E731
+    per_position = any(level(s) is True for s in sites)     # a full-shape perturbation for the affine sums
     runner = SiteRunner(gm, sites)
     generator = torch.Generator().manual_seed(seed)
     params = next(gm.parameters())
@@ -192,10 +195,10 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             outputs = out.shape[1]
             chosen = ("exact" if outputs <= probes else "hutchinson") if method == "auto" else method
             for s in sites:
-                moments[s.name] = Moments.empty(s.n_units, matrices is True, params.device)
-                curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", matrices, params.device)
+                moments[s.name] = Moments.empty(s.n_units, level(s) is True, params.device)
+                curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", level(s), params.device)
                 for b in s.branches:
-                    branch_moments[b.name] = Moments.empty(b.n_units, matrices is True, params.device)
+                    branch_moments[b.name] = Moments.empty(b.n_units, level(s) is True, params.device)
         B = x.shape[0]
         take = min(B, reservoir - n_kept)
         if take > 0:
@@ -205,7 +208,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         zero = lambda s: torch.zeros(B, s.n_units, dtype=params.dtype, device=params.device)  # noqa: E731
         shapes = _site_shapes(runner, sites, inputs, shape_key(args, kwargs), first_key, shape_cache, index)
         full = lambda s: torch.zeros(B, *shapes[s.node], dtype=params.dtype, device=params.device)  # noqa: E731
-        eps0 = {s.node: (zero(s), zero(s)) + ((full(s),) if matrices is True else ()) for s in sites}
+        eps0 = {s.node: (zero(s), zero(s)) + ((full(s),) if level(s) is True else ()) for s in sites}
         raw_shape = []
 
         def forward(eps):
@@ -230,7 +233,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         # activation gradient, so past `backward_elements` the r backward passes run one by one
         with torch.no_grad(), warnings.catch_warnings():   # vmap's "no batching rule" notes are not the user's
             warnings.filterwarnings("ignore", message=".*batching rule.*", category=UserWarning)
-            if V.shape[0] * sum(a.numel() for a in acts.values()) * (2 if matrices is True else 1) <= backward_elements:
+            if V.shape[0] * sum(a.numel() for a in acts.values()) * (2 if per_position else 1) <= backward_elements:
                 (U_all,) = vmapped(V)    # site -> ([r, B, d] sum J, [r, B, d] sum J a[, [r, B, ...] J per position])
             else:
                 parts = [vjp_fn(v)[0] for v in V]
