@@ -45,7 +45,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .abstraction import BUDGETS, REPLACEMENTS, SELECTIONS, analyse, capture_sites, needs_matrices
+from .abstraction import (BUDGETS, REPLACEMENTS, SELECTIONS, analyse, calibration_samples, capture_sites,
+                          default_probes, needs_matrices)
 from .data import Inputs, default_output, logits, select_output
 from .demo import CACHE_NAME, cache_dir, demo_model, digits_data
 from .errors import FxAbstractError, FxAbstractWarning
@@ -93,6 +94,18 @@ def _keep(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid --keep {text!r}: give a fraction in (0, 1] (0.25), a unit "
                                          "count (128) or per-site counts (fc1=64,fc2=32)") from None
+
+
+def _gib(text: str) -> int:
+    """--matrix-memory 4 (GiB, may be fractional) -> bytes."""
+    try:
+        gib = float(text)
+        if not 0 <= gib < float("inf"):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid --matrix-memory {text!r}: give GiB as a number >= 0, "
+                                         "e.g. 4 or 0.5") from None
+    return int(gib * 2**30)
 
 
 def _sites(text: str):
@@ -157,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--selection", choices=SELECTIONS, default="joint")
     c.add_argument("--round-to", type=int, default=None, help="kept widths are multiples of this (default 8); 1 = off")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--matrix-memory", type=_gib, default=None, metavar="GIB",
+                   help="GiB the d x d statistics may take (default: a quarter of the machine's memory); wider "
+                        "sites get diagonal statistics and a constant replacement")
     s = commands.add_parser("sites", help="list the model's sites and why other layers are none; compiles nothing",
                             description="Without --model: the built-in demo (a digits MLP). The data's first "
                             "samples fix the shapes the sites are found with.")
@@ -457,7 +473,8 @@ def compile_and_write(model, batches, data: Evaluation, swap_ps, trials, args, f
     try:
         analysis = analyse(model, bars[0], score=args.score, sites=args.sites, seed=args.seed,
                            matrices=needs_matrices(args.score, args.replacement, args.selection), fit_data=bars[1],
-                           output=args.output)
+                           output=args.output, probes=default_probes(calibration_samples(batches)),
+                           matrix_memory=args.matrix_memory)
     finally:   # an error in the analysis clears its bar, so the error line stands alone
         for bar in bars:
             if bar is not None:

@@ -133,6 +133,22 @@ def test_user_model_with_a_mac_budget(user_files, capsys):
     assert f"MACs per sample      {report['macs']['before']:,} -> {report['macs']['after']:,}" in out, out
 
 
+def test_user_model_with_a_matrix_memory_budget_and_probes_from_the_data(user_files, capsys):
+    folder, module = user_files
+    status = main(["compile", "--model", f"{module}:build", "--checkpoint", "weights.pt", "--data", "data.pt",
+                   "--keep", "0.5", "--round-to", "1", "--batch-size", "100", "--matrix-memory", "0.00005",
+                   "--out", "mm"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    report = read_report(str(folder / "mm"))
+    wide, narrow = report["sites"]                 # 32 units: 8 sums x 8 B x 32^2 = 64 KiB > 52 KiB; 16 fit
+    assert wide["statistics"].startswith("diagonal:") and "statistics" not in narrow, report["sites"]
+    assert {r["kind"] for r in wide["replaced"]} == {"constant"}
+    assert {r["kind"] for r in narrow["replaced"]} == {"affine"}
+    assert report["curvature"] == {"divergence": "logit-mse", "method": "exact", "probes": None}, \
+        "300 samples: 6 probes, more than the 3 outputs, so exact"
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--data", "missing.pt"], "data file not found: missing.pt"),
     (["--model", "no_colon", "--data", "data.pt"], "--model must be module:factory"),
@@ -149,6 +165,7 @@ def test_user_model_with_a_mac_budget(user_files, capsys):
     (["--model", "{module}:build", "--data", "data.pt", "--score", "nope"], "invalid choice"),
     (["--model", "{module}:build", "--data", "data.pt", "--budget", "macs", "--keep", "12"],
      "--budget macs takes --keep as a fraction"),
+    (["--model", "{module}:build", "--data", "data.pt", "--matrix-memory", "-1"], "invalid --matrix-memory"),
     (["--out", "afile.txt"], "cannot create output folder"),
 ])
 def test_user_mistakes_are_one_line_errors(user_files, capsys, args, fragment):
