@@ -220,12 +220,12 @@ class Analysis:
             selection = "diagonal"
         key = (replacement, selection, tuple(sorted(ridge.items())) if isinstance(ridge, dict) else ridge)
         if key not in self._curves:
-            normal = [s for s in self.sites if s.name not in self.stats.diagonal]
-            fallback = [s for s in self.sites if s.name in self.stats.diagonal]
-            out = curves(normal, self.stats, self.gm, self.score, replacement, selection, ridge, self.seed) \
-                if normal else {}
-            if fallback:     # sites whose d x d statistics did not fit in memory
-                out.update(curves(fallback, self.stats, self.gm, self.score, "constant", "diagonal", ridge, self.seed))
+            by_setting: dict[tuple[str, str], list[Site]] = {}    # memory-fallback sites have their own
+            for s in self.sites:
+                by_setting.setdefault(self._setting(s, replacement, selection), []).append(s)
+            out = {}
+            for (rep, sel), group in by_setting.items():
+                out.update(curves(group, self.stats, self.gm, self.score, rep, sel, ridge, self.seed))
             self._curves[key] = {s.name: out[s.name] for s in self.sites}
         return self._curves[key]
 

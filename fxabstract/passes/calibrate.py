@@ -157,8 +157,8 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
       their activations are left out of the moments and the curvature sums, and an output with T positions
       has no metric there (its output vectors are zero). Batches may differ in T.
     """
-    level = (lambda s: matrices.get(s.name, False)) if isinstance(matrices, dict) else (lambda s: matrices)  # noqa: E731
-    per_position = any(level(s) is True for s in sites)     # a full-shape perturbation for the affine sums
+    levels = matrices if isinstance(matrices, dict) else {s.name: matrices for s in sites}
+    per_position = any(levels.get(s.name) is True for s in sites)   # a full-shape perturbation for the affine sums
     runner = SiteRunner(gm, sites)
     generator = torch.Generator().manual_seed(seed)
     params = next(gm.parameters())
@@ -195,10 +195,11 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             outputs = out.shape[1]
             chosen = ("exact" if outputs <= probes else "hutchinson") if method == "auto" else method
             for s in sites:
-                moments[s.name] = Moments.empty(s.n_units, level(s) is True, params.device)
-                curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", level(s), params.device)
+                moments[s.name] = Moments.empty(s.n_units, levels.get(s.name) is True, params.device)
+                curvature[s.name] = Curvature.empty(s.n_units, divergence == "ce", levels.get(s.name, False),
+                                                    params.device)
                 for b in s.branches:
-                    branch_moments[b.name] = Moments.empty(b.n_units, level(s) is True, params.device)
+                    branch_moments[b.name] = Moments.empty(b.n_units, levels.get(s.name) is True, params.device)
         B = x.shape[0]
         take = min(B, reservoir - n_kept)
         if take > 0:
@@ -208,7 +209,7 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         zero = lambda s: torch.zeros(B, s.n_units, dtype=params.dtype, device=params.device)  # noqa: E731
         shapes = _site_shapes(runner, sites, inputs, shape_key(args, kwargs), first_key, shape_cache, index)
         full = lambda s: torch.zeros(B, *shapes[s.node], dtype=params.dtype, device=params.device)  # noqa: E731
-        eps0 = {s.node: (zero(s), zero(s)) + ((full(s),) if level(s) is True else ()) for s in sites}
+        eps0 = {s.node: (zero(s), zero(s)) + ((full(s),) if levels.get(s.name) is True else ()) for s in sites}
         raw_shape = []
 
         def forward(eps):

@@ -29,8 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from .layers import (CHANNEL_OPS, CONVS, WRITERS, consumer_reads, is_metadata, module_of, readers_of, shape_of,
-                     size_dims,
-                     stream_norm, width_of, zero_padded)
+                     size_dims, stream_norm, width_of, zero_padded)
 from .site import Context, Piece, Refusal, Site
 
 ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
