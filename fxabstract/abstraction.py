@@ -32,7 +32,9 @@ from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import JOINT_SCORES, OUTPUT_UNITS, SCORES
 from .passes.measure import measured_curve
-from .passes.select import curves, fit, tiny_calibration_ridge
+from .passes.refit import check_fit, fit_pool, refit_outputs, refit_sequential
+from .passes.select import curves, refitted_risk, tiny_calibration_ridge
+from .passes.select import fit as fit_plan
 from .sites import Site, annotate_shapes, find_sites
 
 REPLACEMENTS = ("constant", "affine")
@@ -125,7 +127,7 @@ class Analysis:
 
     def compile(self, keep=0.5, replacement: str = "constant", selection: str = "joint",
                 round_to: int | None = None, ridge: float = 1e-3, allocation: str = "measured",
-                budget: str = "units") -> Abstraction:
+                budget: str = "units", fit: str = "local", fit_options: dict | None = None) -> Abstraction:
         """Select, replace and fold at budget `keep`.
 
         allocation (global budgets of output-unit scores): "measured" allocates on each site's risk
@@ -134,7 +136,12 @@ class Analysis:
         kept, `cost.site_macs`: output-unit scores take the least risk per MAC saved first across sites,
         the others save that fraction at every site); the report then gives MACs before and after.
         round_to: kept widths are multiples of it (None: the default, 8). When no site is wider than
-          round_to, nothing could be removed: a ConfigError for a round_to passed, a warning for the default."""
+          round_to, nothing could be removed: a ConfigError for a round_to passed, a warning for the default.
+        fit: how the replacement maps (beta, theta) are fitted once the units are chosen: "local" (the closed
+          form at each site), "sequential" (each affine map refitted on the network whose earlier sites are
+          replaced) or "outputs" (beta and theta moved by gradient descent on the output divergence to the
+          dense model, with a ridge towards the closed form and early stopping on held-back samples);
+          passes/refit.py. fit_options: for "outputs", `passes.refit.OUTPUT_FIT_DEFAULTS`'s keys."""
         explicit, round_to = round_to is not None, ROUND_TO if round_to is None else round_to
         choose(replacement, REPLACEMENTS, "replacement")
         choose(selection, SELECTIONS, "selection")
@@ -143,6 +150,7 @@ class Analysis:
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
         check_ridge(ridge)
+        check_fit(fit, fit_options)
         if not isinstance(keep, dict) and keep not in (1, 1.0, sum(s.n_units for s in self.sites)) and all(
                 len(allowed_removals(s.n_units, granularity(s, round_to))) == 1 for s in self.sites):
             message = (f"round_to = {round_to}{'' if explicit else ' (the default)'} is at least every site's width "
@@ -183,13 +191,14 @@ class Analysis:
         else:
             removed = allocate(budget_sites, budget_cv, keep, self.score, round_to)
         removed = expand_ties(removed, self.sites)
-        plans = [fit(s, cv[s.name], removed[s.name], self.stats, self.score, *self._setting(s, replacement, selection),
+        plans = [fit_plan(s, cv[s.name], removed[s.name], self.stats, self.score, *self._setting(s, replacement, selection),
                      ridges[s.name]) for s in self.sites]
+        plans, fit_record = self._refit(plans, fit, fit_options, replacement, ridges)
         module = fold(replace(self.gm, plans))
         report = {
             "score": self.score, "replacement": replacement, "selection": selection,
             "keep": keep, "budget": budget, "round_to": round_to, "ridge": ridge, "seed": self.seed,
-            "allocation": allocation,
+            "allocation": allocation, "fit": fit_record,
             "curvature": {"divergence": self.stats.divergence, "method": self.stats.method,
                           "probes": self.stats.probes},
             "calibration_samples": self.stats.curvature[self.sites[0].name].n,
@@ -211,6 +220,22 @@ class Analysis:
         result = Abstraction(module, report, example)
         result.output = self.output   # iia and certificate read the same output
         return result
+
+    def _refit(self, plans: list, fit: str, options: dict | None, replacement: str, ridges: dict) -> tuple[list, dict]:
+        """The plans with their maps refitted by `fit` (passes/refit.py), and the report's record of it."""
+        if fit == "local":
+            return plans, {"method": "local"}
+        pool = fit_pool(self.stats)
+        placeholders = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
+        mask_index = placeholders.index(self.mask) if self.mask in placeholders else None
+        if fit == "sequential":
+            plans = refit_sequential(self.gm, plans, pool, ridges, mask_index, self.stats)
+            record = {"method": "sequential", "samples": sum(len(first_tensor(i, {})) for i, _ in pool)}
+            if replacement == "constant":
+                record["note"] = "constant replacements are not changed by a sequential fit"
+        else:
+            plans, record = refit_outputs(self.gm, plans, pool, self.stats, self.output, mask_index, self.seed, options)
+        return [refitted_risk(p, self.stats, self.score) for p in plans], record
 
     def risk_curves(self, replacement: str = "constant", selection: str = "joint",
                     ridge: float | dict[str, float] = 1e-3) -> dict:
@@ -241,7 +266,7 @@ class Analysis:
             steps = allowed_removals(site.n_units, granularity(site, round_to))
             self._measured_cache[key] = measured_curve(
                 self.gm, site, steps,
-                lambda k: fit(site, cv, k, self.stats, self.score, replacement, selection, ridge),
+                lambda k: fit_plan(site, cv, k, self.stats, self.score, replacement, selection, ridge),
                 self.stats.reservoir, self.stats.divergence, output=self.output)
         return self._measured_cache[key]
 
@@ -505,7 +530,7 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
              probes: int | None = None, ridge: float = 1e-3, allocation: str = "measured", seed: int = 0,
              progress: bool = False, distributed: bool = False, sequential: bool = False,
              fit_data=None, budget: str = "units", output=None, mask="auto",
-             matrix_memory: int | None = None) -> Abstraction:
+             matrix_memory: int | None = None, fit: str = "local", fit_options: dict | None = None) -> Abstraction:
     """Compile `model` into a smaller causal abstraction of it (docs/api.md).
 
     keep: float = global fraction of units kept; int = units kept in total; dict = units kept per site.
@@ -528,15 +553,18 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
     mask: the keyword input whose zeros mark padded positions: "auto" (`attention_mask` when the batches
       have it), a name, or None (every position is real). Padded positions enter no statistic or fit.
     matrix_memory: the bytes the d x d statistics may take (`analyse`); None: a quarter of the memory.
+    fit: "local" | "sequential" | "outputs": how the replacement maps are fitted (`Analysis.compile`); the
+      extended fits run on the first 512 calibration samples and the first 4,096 of fit_data.
     """
     choose(replacement, REPLACEMENTS, "replacement")
+    check_fit(fit, fit_options)
     choose(selection, SELECTIONS, "selection")
     _check_budget(keep, budget)
     matrices = needs_matrices(score, replacement, selection)
     analysis = analyse(model, calibration, score, sites, curvature, probes, matrices, seed, progress,
                        distributed=distributed, sequential=sequential, fit_data=fit_data, output=output, mask=mask,
                        matrix_memory=matrix_memory)
-    return analysis.compile(keep, replacement, selection, round_to, ridge, allocation, budget)
+    return analysis.compile(keep, replacement, selection, round_to, ridge, allocation, budget, fit, fit_options)
 
 
 __all__ = ["abstract", "analyse", "Abstraction", "Analysis", "FxAbstractError"]

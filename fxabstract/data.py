@@ -107,6 +107,19 @@ def logits(out, output=None) -> torch.Tensor:
     return z.reshape(z.shape[0], -1) if z.dim() else z.reshape(1, 1)
 
 
+def output_kind(z: torch.Tensor, output) -> str:
+    """"classes" when the preserved output is class logits: a tensor named "logits" ([B, C], or a sequence
+    model's [B, T, V]: classes per position), or [B, C] with C >= 2 that is the model's one output or a
+    tuple item picked by index; else "values" (regression, embeddings, any other key or a callable's
+    pick), on which top-1 agreement and IIA are not defined. `output_kind=` overrides it."""
+    if output == "logits" and z.dim() >= 2 and z.shape[-1] >= 2:
+        return "classes"
+    if (output is None or isinstance(output, int)) and z.dim() == 2 and z.shape[1] >= 2:
+        return "classes"
+    return "values"
+
+
+
 def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     for v in (*args, *kwargs.values()):
         if isinstance(v, torch.Tensor):

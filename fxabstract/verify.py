@@ -17,7 +17,7 @@ from torch import nn
 
 from .capture import copy_module
 from .checks import check_eval_inputs, check_interventions, check_report
-from .data import Inputs, as_inputs, logits, select_output
+from .data import Inputs, as_inputs, logits, output_kind, select_output
 from .errors import CalibrationError, ConfigError
 
 
@@ -83,18 +83,6 @@ def gather(data, limit: int = 100_000) -> torch.Tensor:
     if inputs.kwargs or len(inputs.args) != 1 or not isinstance(inputs.args[0], torch.Tensor):
         raise CalibrationError(f"this tool needs single-tensor inputs, got {inputs.describe()}; pass a Tensor of inputs")
     return inputs.args[0]
-
-
-def output_kind(z: torch.Tensor, output) -> str:
-    """"classes" when the preserved output is class logits: a tensor named "logits" ([B, C], or a sequence
-    model's [B, T, V]: classes per position), or [B, C] with C >= 2 that is the model's one output or a
-    tuple item picked by index; else "values" (regression, embeddings, any other key or a callable's
-    pick), on which top-1 agreement and IIA are not defined. `output_kind=` overrides it."""
-    if output == "logits" and z.dim() >= 2 and z.shape[-1] >= 2:
-        return "classes"
-    if (output is None or isinstance(output, int)) and z.dim() == 2 and z.shape[1] >= 2:
-        return "classes"
-    return "values"
 
 
 def _kind(model: nn.Module, inputs: Inputs, output, kind: str | None) -> tuple[str, int]:

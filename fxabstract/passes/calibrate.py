@@ -80,13 +80,15 @@ class Statistics:
     fit_samples: int = 0             # samples of forward-only fit data added to `moments` (`add_fit_data`)
     branch_moments: dict[str, Moments] = field(default_factory=dict)   # per SE branch name: plain moments
     diagonal: dict[str, str] = field(default_factory=dict)   # sites kept to O(d) statistics: why (memory)
+    fit_reservoir: list = field(default_factory=list)   # [(bound inputs, None)]: the first fit-data samples
 
     def __add__(self, other: "Statistics") -> "Statistics":
         return Statistics({k: v + other.moments[k] for k, v in self.moments.items()},
                           {k: v + other.curvature[k] for k, v in self.curvature.items()},
                           self.divergence, self.method, self.probes, self.outputs, self.reservoir,
                           self.nonfinite_outputs + other.nonfinite_outputs, self.fit_samples + other.fit_samples,
-                          {k: v + other.branch_moments[k] for k, v in self.branch_moments.items()}, self.diagonal)
+                          {k: v + other.branch_moments[k] for k, v in self.branch_moments.items()}, self.diagonal,
+                          self.fit_reservoir)
 
 
 def _on_device(batch, device) -> tuple[tuple, dict, object]:
@@ -272,22 +274,30 @@ def _update_branches(sites: list[Site], branch_moments: dict, acts: dict) -> Non
 
 @torch.no_grad()
 def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batches, progress: bool = False,
-                 mask: str | None = None) -> Statistics:
+                 mask: str | None = None, keep: int = 4096) -> Statistics:
     """`stats` with the plain moments of `batches` added to every site's: a forward pass only, far cheaper
     per sample than the curvature pass, so affine replacements can be fitted on much more data. The
     affine fit then uses these plain moments (calibration + fit data) instead of the curvature-weighted ones
     of the calibration data alone (passes/select.py `fit`); curvature, scores and orders are unchanged.
-    mask: as for `calibrate` (padded positions enter no moment). Empty fit data is a CalibrationError."""
+    mask: as for `calibrate` (padded positions enter no moment). Empty fit data is a CalibrationError.
+    keep: the first this many fit-data samples are kept (`fit_reservoir`) for the fits that run the
+      network (passes/refit.py: fit="sequential" or "outputs")."""
     runner = SiteRunner(gm, sites)
     params = next(gm.parameters())
     moments = {name: Moments(m.n, m.s1.clone(), m.s2.clone()) for name, m in stats.moments.items()}
     branch_moments = {name: Moments(m.n, m.s1.clone(), m.s2.clone()) for name, m in stats.branch_moments.items()}
     samples = 0
+    kept = list(stats.fit_reservoir)
     for batch in tqdm(batches, desc="fit data", unit="batch", disable=not progress, leave=False):
         args, kwargs, _ = _on_device(batch, params.device)
         runner.eps, runner.acts = {}, {}
-        runner.run(*bind(gm, args, kwargs))
-        samples += first_tensor(args, kwargs).shape[0]
+        inputs = bind(gm, args, kwargs)
+        runner.run(*inputs)
+        B = first_tensor(args, kwargs).shape[0]
+        take = min(B, keep - samples)
+        if take > 0:
+            kept.append(([v[:take] if isinstance(v, torch.Tensor) and v.shape[:1] == (B,) else v for v in inputs], None))
+        samples += B
         valid = _valid_positions(kwargs, mask, first_tensor(args, kwargs).shape[0])
         for s in sites:
             a = units_last(runner.acts[s.node], s.axis)                             # [B, positions, d]
@@ -298,4 +308,4 @@ def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batch
         raise CalibrationError("fit_data holds no samples (an exhausted generator, or an empty list?); pass "
                                "batches of inputs, or fit_data=None")
     return dataclasses.replace(stats, moments=moments, fit_samples=stats.fit_samples + samples,
-                               branch_moments=branch_moments)
+                               branch_moments=branch_moments, fit_reservoir=kept)

@@ -63,8 +63,9 @@ def total_samples(n: int | None, group=None) -> int | None:
     return None if t[1] > 0 else int(t[0])
 
 
-def all_reduce(stats: Statistics, group=None, reservoir: int = 512) -> Statistics:
-    """Sum `stats` over the processes of `group` (in place) and gather the reservoir in rank order."""
+def all_reduce(stats: Statistics, group=None, reservoir: int = 512, fit_reservoir: int = 4096) -> Statistics:
+    """Sum `stats` over the processes of `group` (in place) and gather the reservoirs (calibration and fit
+    data) in rank order."""
     _initialised()
     names = sorted(stats.moments)
     everyone = [None] * dist.get_world_size(group)
@@ -83,4 +84,6 @@ def all_reduce(stats: Statistics, group=None, reservoir: int = 512) -> Statistic
     chunks = [None] * len(everyone)
     dist.all_gather_object(chunks, [(list(i), t) for i, t in stats.reservoir], group=group)
     stats.reservoir = _truncate([c for rank in chunks for c in rank], reservoir)
+    dist.all_gather_object(chunks, [(list(i), t) for i, t in stats.fit_reservoir], group=group)
+    stats.fit_reservoir = _truncate([c for rank in chunks for c in rank], fit_reservoir)
     return stats

@@ -9,6 +9,7 @@ same fraction per site otherwise. Kept widths are multiples of `round_to` (or th
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -223,6 +224,18 @@ def fit(site: Site, cv: Curves, n_removed: int, stats: Statistics, score: str, r
     beta, theta = risk.fit_affine(mu, S, K, P, ridge, site.fit_parts)
     return SitePlan(site, K, P, "affine", beta, theta, cv.scores,
                     risk.position_affine_risk(stats, site.name, S, K, P, theta), branches)
+
+
+def refitted_risk(plan: SitePlan, stats: Statistics, score: str) -> SitePlan:
+    """`plan` with its predicted risk evaluated for its own beta and theta (after passes/refit.py moved them)."""
+    if not plan.removed:
+        return plan
+    if plan.kind == "constant":
+        value = risk.constant_risk(stats, plan.site.name, plan.removed, plan.beta)
+    else:
+        _, S = _fit_moments(stats, plan.site.name, score)
+        value = risk.position_affine_risk(stats, plan.site.name, S, plan.kept, plan.removed, plan.theta)
+    return dataclasses.replace(plan, predicted_risk=value)
 
 
 def fit_branch(branch: Site, K: list[int], P: list[int], stats: Statistics, replacement: str,
