@@ -229,8 +229,10 @@ class Analysis:
         placeholders = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
         mask_index = placeholders.index(self.mask) if self.mask in placeholders else None
         if fit == "sequential":
-            plans = refit_sequential(self.gm, plans, pool, ridges, mask_index, self.stats)
-            record = {"method": "sequential", "samples": sum(len(first_tensor(i, {})) for i, _ in pool)}
+            correct = check_fit(fit, options)["correct"]
+            plans = refit_sequential(self.gm, plans, pool, ridges, mask_index, self.stats if correct else None)
+            record = {"method": "sequential", "samples": sum(len(first_tensor(i, {})) for i, _ in pool),
+                      "correct": correct}
             if replacement == "constant":
                 record["note"] = "constant replacements are not changed by a sequential fit"
         else:

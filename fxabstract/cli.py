@@ -55,6 +55,7 @@ from .output.onnx import to_onnx
 from .output.plots import summary_png
 from .output.tensors import write_report
 from .passes.scores import SCORES
+from .passes.refit import FITS
 from .verify import iia, output_kind
 
 OUTPUTS = ("model.onnx", "report.json", "tensors.safetensors", "summary.png")   # the report is two files
@@ -168,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--score", choices=SCORES, default="logit-mse")
     c.add_argument("--replacement", choices=REPLACEMENTS, default="affine")
     c.add_argument("--selection", choices=SELECTIONS, default="joint")
+    c.add_argument("--fit", choices=FITS, default="local", help="how the replacement maps are fitted: local (the "
+                   "closed form at each site, default), sequential (refitted on the network whose earlier sites are "
+                   "replaced) or outputs (gradient descent on the output divergence, early stopping on held-back "
+                   "calibration samples)")
     c.add_argument("--round-to", type=int, default=None, help="kept widths are multiples of this (default 8); 1 = off")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--matrix-memory", type=_gib, default=None, metavar="GIB",
@@ -480,7 +485,8 @@ def compile_and_write(model, batches, data: Evaluation, swap_ps, trials, args, f
             if bar is not None:
                 bar.close()
     analysis.progress = True   # the bars above have totals (analyse's own do not know the data's length)
-    result = analysis.compile(args.keep, args.replacement, args.selection, args.round_to, budget=args.budget)
+    result = analysis.compile(args.keep, args.replacement, args.selection, args.round_to, budget=args.budget,
+                              fit=args.fit)
     if data.source == "calibration":
         _note(f"note: no --eval-data, so every figure below is measured on the calibration data {data.name}, "
               "which flatters it; pass --eval-data FILE for a held-out set")

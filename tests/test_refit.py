@@ -88,9 +88,9 @@ def _plan(site, entry):
                     torch.tensor([u["theta"] for u in entry["replaced"]], dtype=torch.float64), torch.zeros(0), 0.0)
 
 
-def _expected_fit(analysis, site, partly, plan):
-    """(beta, theta): ridge least squares of a_P - C (a~_K - a_K) on a~_K, a~ from `partly`, a from the dense
-    graph, over the fit pool; C from the site's curvature (`_correction`)."""
+def _expected_fit(analysis, site, partly, plan, correct):
+    """(beta, theta): ridge least squares of a_P (correct: a_P - C (a~_K - a_K)) on a~_K, a~ from `partly`,
+    a from the dense graph, over the fit pool; C from the site's curvature (`_correction`)."""
     from fxabstract.passes.refit import _correction
     K, P = plan.kept, plan.removed
     rows, rows_rep = [], []
@@ -98,7 +98,7 @@ def _expected_fit(analysis, site, partly, plan):
         rows.append(units_last(_Until(analysis.gm, site.node).value(inputs), site.axis).flatten(0, 1).double())
         rows_rep.append(units_last(_Until(partly, site.node).value(inputs), site.axis).flatten(0, 1).double())
     a, a_rep = torch.cat(rows), torch.cat(rows_rep)
-    y = a[:, P] + (a[:, K] - a_rep[:, K]) @ _correction(analysis.stats, plan).T
+    y = a[:, P] + ((a[:, K] - a_rep[:, K]) @ _correction(analysis.stats, plan).T if correct else 0)
     Z = a_rep[:, K]
     Zc, yc = Z - Z.mean(0), y - y.mean(0)
     S = Zc.T @ Zc / len(Z)
@@ -111,15 +111,17 @@ def test_sequential_fit_is_least_squares_on_the_partly_replaced_network():
     whose earlier sites are already replaced (by their refitted maps): recomputed here by hand."""
     model, X = trained_mlp(1)
     analysis = fxa.analyse(model, list(X[:512].split(64)), "logit-mse")
-    seq = analysis.compile(0.5, "affine", round_to=1, fit="sequential")
     local = analysis.compile(0.5, "affine", round_to=1)
-    plans = [_plan(s, e) for s, e in zip(analysis.sites, seq.report["sites"])]
-    for k, (site, plan) in enumerate(zip(analysis.sites, plans)):
-        partly = replace(analysis.gm, plans[:k])
-        beta, theta = _expected_fit(analysis, site, partly, plan)
-        assert torch.allclose(plan.theta, theta, rtol=1e-4, atol=1e-6), (k, (plan.theta - theta).abs().max())
-        assert torch.allclose(plan.beta, beta, rtol=1e-4, atol=1e-5), (k, (plan.beta - beta).abs().max())
-    assert seq.report["sites"][1]["replaced"] != local.report["sites"][1]["replaced"]
+    for correct in (False, True):
+        seq = analysis.compile(0.5, "affine", round_to=1, fit="sequential", fit_options={"correct": correct})
+        assert seq.report["fit"]["correct"] is correct
+        plans = [_plan(s, e) for s, e in zip(analysis.sites, seq.report["sites"])]
+        for k, (site, plan) in enumerate(zip(analysis.sites, plans)):
+            partly = replace(analysis.gm, plans[:k])
+            beta, theta = _expected_fit(analysis, site, partly, plan, correct)
+            assert torch.allclose(plan.theta, theta, rtol=1e-4, atol=1e-6), (k, (plan.theta - theta).abs().max())
+            assert torch.allclose(plan.beta, beta, rtol=1e-4, atol=1e-5), (k, (plan.beta - beta).abs().max())
+        assert seq.report["sites"][1]["replaced"] != local.report["sites"][1]["replaced"]
 
 
 def test_output_fit_ignores_padded_positions():
@@ -148,7 +150,9 @@ def test_refitted_abstraction_saves_loads_and_reapplies(tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(fit="global"), "unknown fit 'global'"),
-    (dict(fit_options={"epochs": 2}), "applies to fit='outputs' only"),
+    (dict(fit_options={"epochs": 2}), "applies to fit='outputs' or 'sequential' only"),
+    (dict(fit="sequential", fit_options={"epochs": 2}), "unknown fit_options"),
+    (dict(fit="sequential", fit_options={"correct": 1}), "correct=1 must be True or False"),
     (dict(fit="outputs", fit_options={"epoch": 2}), "unknown fit_options"),
     (dict(fit="outputs", fit_options={"loss": "hinge"}), "loss='hinge'"),
     (dict(fit="outputs", fit_options={"lr": -1.0}), "give lr > 0"),
@@ -174,3 +178,19 @@ def test_output_fit_on_too_few_samples_is_a_config_error():
     model, X = trained_mlp()
     with pytest.raises(ConfigError, match="at least 4 samples"):
         fxa.abstract(model, [X[:3]], keep=0.5, round_to=1, fit="outputs")
+
+
+def test_output_fit_recomputes_dense_outputs_too_large_to_hold(monkeypatch):
+    """Dense outputs beyond the holding limit are recomputed per chunk: the same fit, bit for bit."""
+    from fxabstract.passes import refit
+    model, X = trained_mlp()
+    options = dict(keep=0.5, replacement="affine", round_to=1, fit="outputs", fit_options=QUICK)
+    held = fxa.abstract(model, list(X[:256].split(64)), **options)
+    original = refit._Targets.__init__
+
+    def tiny(self, gm, chunks, output, limit=2**27):
+        original(self, gm, chunks, output, limit=1)
+        assert self.held is None
+    monkeypatch.setattr(refit._Targets, "__init__", tiny)
+    recomputed = fxa.abstract(model, list(X[:256].split(64)), **options)
+    assert _states_equal(held, recomputed)

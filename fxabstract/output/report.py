@@ -68,6 +68,15 @@ def summary(report: dict) -> str:
                 f"{sum(len(s['replaced']) for s in report['sites']):>8} {report['predicted_risk']:>15.4g}")
     rows.append(f"parameters {report['parameters']['before']:,} -> {report['parameters']['after']:,}  "
                 f"(score {report['score']}, {report['replacement']}, {report['selection']} selection)")
+    fit = report.get("fit") or {"method": "local"}
+    if fit["method"] == "outputs":
+        d = fit["divergence"]["held_back"]
+        how = (f"{fit['epochs']} epochs, ridge {fit['ridge']:g}" if fit["ridge"] is not None
+               else "no epoch improved on the closed form, which is kept")
+        rows.append(f"maps fitted at the outputs: {fit['loss']} on {fit['samples']['held_back']} held-back samples "
+                    f"{d['before']:.4g} -> {d['after']:.4g} ({how})")
+    elif fit["method"] == "sequential":
+        rows.append(f"maps fitted sequentially on the partly replaced network ({fit['samples']} samples)")
     if "macs" in report:
         rows.append(f"MACs per sample {report['macs']['before']:,} -> {report['macs']['after']:,}  "
                     f"(budget in MACs, keep {report['keep']})")

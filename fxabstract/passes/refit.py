@@ -4,8 +4,8 @@ of the model stay as they are: the compiled module is still the original under d
 
 - "sequential": site after site in graph order, each affine map is fitted by least squares of the dense
   model's removed units on the kept units *of the network whose earlier sites are already replaced*, so a
-  later site absorbs what the earlier ones got wrong. A closed form per site; one forward pass (to the
-  site) of the dense and of the replaced network per site.
+  later site absorbs what the earlier ones got wrong. A closed form per site; one forward pass of the
+  dense and of the replaced network, run in stages from site to site (`_Sweep`).
 - "outputs": starting from the plans given (the closed form), beta and theta are moved by gradient descent
   (Adam) on the output divergence of the intervened model to the dense one (KL for class logits, relative
   squared error for other outputs), with a ridge towards the start as a regulariser, and early stopping
@@ -13,7 +13,8 @@ of the model stay as they are: the compiled module is still the original under d
 
 Both run on the samples the analysis kept: the calibration reservoir and the fit data (`fit_pool`).
 
-    >>> plans, record = refit(gm, plans, stats, "outputs", ridges, output=None, mask=None)
+    >>> plans = refit_sequential(gm, plans, fit_pool(stats), ridges)
+    >>> plans, record = refit_outputs(gm, plans, fit_pool(stats), stats)
 """
 from __future__ import annotations
 
@@ -32,9 +33,10 @@ from .replace import replace, replacement_target
 from .risk import affine_curvature, fit_affine
 
 FITS = ("local", "sequential", "outputs")
-OUTPUT_FIT_DEFAULTS = {"epochs": 12, "lr": 3e-3, "ridges": (1e-2, 1e-3), "held_back": 0.25, "patience": 2,
-                       "loss": "auto"}
+OUTPUT_FIT_DEFAULTS = {"epochs": 4, "lr": 1e-3, "ridges": (1e-2, 1e-4), "held_back": 0.25, "patience": 2,
+                       "loss": "auto", "mixup": False, "theta": True}
 LOSSES = ("auto", "kl", "logits", "squared")
+SEQUENTIAL_DEFAULTS = {"correct": False}
 
 
 class _Stop(Exception):
@@ -124,8 +126,9 @@ class _Sweep:
 @torch.no_grad()
 def refit_sequential(gm: fx.GraphModule, plans: list[SitePlan], pool: list, ridges: dict[str, float],
                      mask_index: int | None = None, stats: Statistics | None = None) -> list[SitePlan]:
-    """Plans whose affine maps are refitted in graph order on the partly replaced network (module doc).
-    With `stats` (the site's output curvature H), the target of the removed units is not the dense a_P
+    """Plans whose affine maps are refitted in graph order on the partly replaced network (module doc):
+    the dense a_P regressed on the replaced network's kept a~_K. With `stats` (the site's output curvature
+    H; fit_options correct=True), the target of the removed units is not the dense a_P
     alone but a_P - C (a~_K - a_K) (`_correction`): what the kept units a~_K drifted from the dense a_K is
     made up for where the output is sensitive to it. Constant replacements are left as they are: the dense
     model's removed units do not depend on the replaced network, so their fitted constant would not change.
@@ -195,7 +198,7 @@ class _Maps:
     site's scale, and the ridge sum(b^2 + |Phi|^2 / |K|) / sum |P| is about the mean squared change of
     the replaced values relative to their spread."""
 
-    def __init__(self, items: list[SitePlan], stats: Statistics, like: torch.Tensor):
+    def __init__(self, items: list[SitePlan], stats: Statistics, like: torch.Tensor, theta: bool = True):
         self.items, self.like = items, like
         self.base, self.scale, self.free = [], [], []
         for q in items:
@@ -207,7 +210,7 @@ class _Maps:
             beta0, theta0 = q.beta.to(like), q.theta.to(like)
             b = torch.zeros(len(P), dtype=like.dtype, device=like.device, requires_grad=True)
             phi = (torch.zeros(len(P), len(K), dtype=like.dtype, device=like.device, requires_grad=True)
-                   if q.kind == "affine" and K else None)
+                   if q.kind == "affine" and K and theta else None)
             mask = _part_mask(q) if phi is not None else None
             self.base.append((beta0, theta0))
             self.scale.append((sd[P], sd[K], mu[K], None if mask is None else mask.to(like)))
@@ -317,16 +320,24 @@ class _Divergence:
 
 
 def check_fit(fit: str, options) -> dict:
-    """The output fit's options (defaults filled in), checked: a ConfigError names what is wrong."""
+    """The fit's options (defaults filled in: OUTPUT_FIT_DEFAULTS, SEQUENTIAL_DEFAULTS), checked: a
+    ConfigError names what is wrong."""
     if fit not in FITS:
         raise ConfigError(f"unknown fit {fit!r}; choose one of {', '.join(FITS)}")
-    if options is not None and (fit != "outputs" or not isinstance(options, dict)):
-        raise ConfigError(f"fit_options={options!r} applies to fit='outputs' only, as a dict of "
-                          f"{', '.join(sorted(OUTPUT_FIT_DEFAULTS))}; leave it None")
-    opts = {**OUTPUT_FIT_DEFAULTS, **(options or {})}
-    unknown = set(opts) - set(OUTPUT_FIT_DEFAULTS)
+    defaults = {"outputs": OUTPUT_FIT_DEFAULTS, "sequential": SEQUENTIAL_DEFAULTS}.get(fit)
+    if options is not None and (defaults is None or not isinstance(options, dict)):
+        raise ConfigError(f"fit_options={options!r} applies to fit='outputs' or 'sequential' only, as a dict of "
+                          "their options (docs/api.md); leave it None")
+    opts = {**(defaults or {}), **(options or {})}
+    unknown = set(opts) - set(defaults or {})
     if unknown:
-        raise ConfigError(f"unknown fit_options {sorted(unknown)}; the options are {sorted(OUTPUT_FIT_DEFAULTS)}")
+        raise ConfigError(f"unknown fit_options {sorted(unknown)} for fit={fit!r}; its options are {sorted(defaults)}")
+    if fit == "local":
+        return opts
+    if fit == "sequential":
+        if not isinstance(opts["correct"], bool):
+            raise ConfigError(f"fit_options correct={opts['correct']!r} must be True or False")
+        return opts
     if opts["loss"] not in LOSSES:
         raise ConfigError(f"fit_options loss={opts['loss']!r}; choose one of {', '.join(LOSSES)}")
     ridges = opts["ridges"]
@@ -336,10 +347,58 @@ def check_fit(fit: str, options) -> dict:
             or not 0 < opts["held_back"] < 1 or opts["lr"] <= 0):
         raise ConfigError(f"fit_options lr={opts['lr']!r}, held_back={opts['held_back']!r}, ridges={ridges!r}: give lr "
                           "> 0, held_back in (0, 1) and a non-empty list of ridges >= 0")
+    for key in ("mixup", "theta"):
+        if not isinstance(opts[key], bool):
+            raise ConfigError(f"fit_options {key}={opts[key]!r} must be True or False")
     for key in ("epochs", "patience"):
         if isinstance(opts[key], bool) or not isinstance(opts[key], int) or opts[key] < 1:
             raise ConfigError(f"fit_options {key}={opts[key]!r} must be a positive int")
     return opts
+
+
+def _mixed(gm: fx.GraphModule, inputs: list, output, generator: torch.Generator, z: torch.Tensor):
+    """(inputs, dense outputs) of a mixup of the chunk with a shuffle of itself: every floating-point batch
+    input becomes lam x + (1 - lam) x[perm], lam ~ U(0, 1) per sample (integer inputs, token ids, stay)."""
+    B = _size(inputs)
+    lam = torch.rand(B, generator=generator)
+    perm = torch.randperm(B, generator=generator)
+    mixed, changed = [], False
+    for v in inputs:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() and v.shape[0] == B:
+            w = lam.to(v).reshape(B, *([1] * (v.dim() - 1)))
+            v, changed = w * v + (1 - w) * v[perm.to(v.device)], True
+        mixed.append(v)
+    if not changed:
+        return inputs, z
+    with torch.no_grad():
+        return mixed, select_output(fx.Interpreter(gm).run(*mixed), output).detach()
+
+
+class _Targets:
+    """The dense model's outputs per chunk: computed once and held while they take at most `limit`
+    elements (2^27: 512 MiB of float32), else recomputed when asked for (a language model's [B, T, V]
+    logits over thousands of samples)."""
+
+    def __init__(self, gm: fx.GraphModule, chunks: list, output, limit: int = 2**27):
+        self.gm, self.chunks, self.output = gm, chunks, output
+        self.held = None
+        if chunks:
+            first = self._compute(0)
+            if first.numel() * sum(_size(c) for c in chunks) <= limit * _size(chunks[0]):
+                self.held = [first] + [self._compute(i) for i in range(1, len(chunks))]
+
+    @torch.no_grad()
+    def _compute(self, i: int) -> torch.Tensor:
+        return select_output(fx.Interpreter(self.gm).run(*self.chunks[i]), self.output).detach()
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.held[i] if self.held is not None else self._compute(i)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def refit_outputs(gm: fx.GraphModule, plans: list[SitePlan], pool: list, stats: Statistics, output=None,
@@ -349,16 +408,17 @@ def refit_outputs(gm: fx.GraphModule, plans: list[SitePlan], pool: list, stats: 
     record of the fit for the report. options: OUTPUT_FIT_DEFAULTS's keys (epochs: the most passes over
     the training samples per ridge; lr: Adam's step; ridges: the ridge weights tried, largest first, each
     continuing from the best state of the one before; held_back: the fraction of samples held back;
-    patience: epochs without a held-back improvement before a ridge's run stops)."""
+    patience: epochs without a held-back improvement before a ridge's run stops; loss: "auto" (KL for class
+    logits, else "squared"), "kl", "logits" or "squared" (`_Divergence`); mixup: train on mixups of the
+    training chunks (`_mixed`), the dense outputs recomputed for them; the held-back samples stay as they are;
+    theta: move theta too (False: the constants beta alone, |P| numbers per site instead of |P| (|K| + 1))."""
     opts = check_fit("outputs", options)
     items = _items(plans)
     like = next(gm.parameters())
     current = replace(gm, plans)
     weights = {k: v.detach() for k, v in current.named_parameters()}
     train, back = _split(pool, float(opts["held_back"]), seed)
-    with torch.no_grad():
-        dense = [select_output(fx.Interpreter(gm).run(*inputs), output).detach() for inputs in train + back]
-    z_train, z_back = dense[:len(train)], dense[len(train):]
+    z_train, z_back = _Targets(gm, train, output), _Targets(gm, back, output)
     kind = kind or output_kind(z_train[0], output)
     loss = opts["loss"]
     if loss == "auto":
@@ -373,7 +433,7 @@ def refit_outputs(gm: fx.GraphModule, plans: list[SitePlan], pool: list, stats: 
         else:
             variance = float(flat.var(0, unbiased=False).sum().clamp_min(1e-30))
     D = _Divergence(loss, variance)
-    maps = _Maps(items, stats, like)
+    maps = _Maps(items, stats, like, bool(opts["theta"]))
 
     def run(inputs):
         values = maps.values()
@@ -402,6 +462,8 @@ def refit_outputs(gm: fx.GraphModule, plans: list[SitePlan], pool: list, stats: 
         for epoch in range(int(opts["epochs"])):
             for i in torch.randperm(len(train), generator=generator).tolist():
                 inputs, z = train[i], z_train[i]
+                if opts["mixup"]:
+                    inputs, z = _mixed(gm, inputs, output, generator, z)
                 s, c = D(z, run(inputs), _valid(inputs, mask_index, z))
                 objective = s / max(c, 1) + ridge * maps.penalty()
                 grads = torch.autograd.grad(objective, params)
@@ -412,7 +474,7 @@ def refit_outputs(gm: fx.GraphModule, plans: list[SitePlan], pool: list, stats: 
             held = evaluate(back, z_back)
             history.append({"ridge": ridge, "epoch": epoch + 1, "held_back": held})
             if held < best[0]:
-                best = (held, maps.state(), ridge, epoch + 1)
+                best = (held, maps.state(), ridge, epochs_run)
             if held < best_here - 1e-9:
                 best_here, stale = held, 0
             else:
@@ -423,7 +485,7 @@ def refit_outputs(gm: fx.GraphModule, plans: list[SitePlan], pool: list, stats: 
     record = {
         "method": "outputs", "loss": loss,
         "samples": {"fit": sum(_size(i) for i in train), "held_back": sum(_size(i) for i in back)},
-        "ridge": best[2], "epochs": best[3], "epochs_run": epochs_run,
+        "ridge": best[2], "epochs": best[3], "epochs_run": epochs_run,     # epochs: of the state compiled
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
         "divergence": {"fit": {"before": start_train, "after": evaluate(train, z_train)},
                        "held_back": {"before": start_back, "after": best[0]}},
