@@ -194,3 +194,38 @@ def test_output_fit_recomputes_dense_outputs_too_large_to_hold(monkeypatch):
     monkeypatch.setattr(refit._Targets, "__init__", tiny)
     recomputed = fxa.abstract(model, list(X[:256].split(64)), **options)
     assert _states_equal(held, recomputed)
+
+
+def _ids(n, T=12, vocab=50):
+    return torch.randint(0, vocab, (n, T), generator=torch.Generator().manual_seed(n))
+
+
+from fxabstract import zoo  # noqa: E402
+from fxabstract.zoo import transformers as zt  # noqa: E402
+
+ZOO = {   # residual streams, grouped convs, SE squeezes, GQA heads with rotary and [B, T, V] logits on token ids
+    "cifar_resnet": (lambda: zoo.randomize_batch_norm(zoo.cifar_resnet()), lambda n: torch.randn(n, 3, 16, 16)),
+    "resnext": (lambda: zoo.randomize_batch_norm(zoo.ResNeXt()), lambda n: torch.randn(n, 3, 16, 16)),
+    "mobilenet_v3_small": (lambda: zoo.randomize_batch_norm(zoo.mobilenet_v3_small()),
+                           lambda n: torch.randn(n, 3, 32, 32)),
+    "llama": (zt.Llama, _ids),
+}
+
+
+@pytest.mark.parametrize("fit", FITS)
+@pytest.mark.parametrize("name", ZOO)
+def test_refitted_zoo_models_equal_the_original_under_report_interventions(name, fit):
+    factory, inputs = ZOO[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    calibration = [inputs(16), inputs(17)]
+    result = fxa.abstract(model, calibration, keep=0.5, replacement="affine", round_to=1, fit=fit,
+                          fit_options=QUICK if fit == "outputs" else None)
+    assert sum(len(s["replaced"]) for s in result.report["sites"]) > 0
+    x = inputs(9)
+    with torch.no_grad(), intervene(model, json.loads(json.dumps(result.report))):
+        z_hooks = model(x)
+    with torch.no_grad():
+        z = result.module(x)
+    err = relative_error(z_hooks, z)
+    assert err <= 1e-5, f"{name} fit={fit}: hooks vs compiled {err:.3g}"

@@ -34,7 +34,7 @@ from .risk import affine_curvature, fit_affine
 
 FITS = ("local", "sequential", "outputs")
 OUTPUT_FIT_DEFAULTS = {"epochs": 4, "lr": 1e-3, "ridges": (1e-2, 1e-4), "held_back": 0.25, "patience": 2,
-                       "loss": "auto", "mixup": False, "theta": True}
+                       "loss": "auto", "mixup": True, "theta": True}
 LOSSES = ("auto", "kl", "logits", "squared")
 SEQUENTIAL_DEFAULTS = {"correct": False}
 
