@@ -141,7 +141,8 @@ class Analysis:
           form at each site), "sequential" (each affine map refitted on the network whose earlier sites are
           replaced) or "outputs" (beta and theta moved by gradient descent on the output divergence to the
           dense model, with a ridge towards the closed form and early stopping on held-back samples);
-          passes/refit.py. fit_options: for "outputs", `passes.refit.OUTPUT_FIT_DEFAULTS`'s keys."""
+          passes/refit.py. fit_options: for "outputs", `passes.refit.OUTPUT_FIT_DEFAULTS`'s keys; for
+          "sequential", `SEQUENTIAL_DEFAULTS`'s (correct: the curvature-corrected target)."""
         explicit, round_to = round_to is not None, ROUND_TO if round_to is None else round_to
         choose(replacement, REPLACEMENTS, "replacement")
         choose(selection, SELECTIONS, "selection")
