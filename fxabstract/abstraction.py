@@ -151,7 +151,7 @@ class Analysis:
         if not isinstance(round_to, int) or round_to < 1:
             raise ConfigError(f"round_to = {round_to!r} must be a positive int (1 switches rounding off)")
         check_ridge(ridge)
-        check_fit(fit, fit_options)
+        fit_options = check_fit(fit, fit_options)      # the defaults filled in
         if not isinstance(keep, dict) and keep not in (1, 1.0, sum(s.n_units for s in self.sites)) and all(
                 len(allowed_removals(s.n_units, granularity(s, round_to))) == 1 for s in self.sites):
             message = (f"round_to = {round_to}{'' if explicit else ' (the default)'} is at least every site's width "
@@ -230,7 +230,7 @@ class Analysis:
         placeholders = [n.target for n in self.gm.graph.nodes if n.op == "placeholder"]
         mask_index = placeholders.index(self.mask) if self.mask in placeholders else None
         if fit == "sequential":
-            correct = check_fit(fit, options)["correct"]
+            correct = options["correct"]
             plans = refit_sequential(self.gm, plans, pool, ridges, mask_index, self.stats if correct else None)
             record = {"method": "sequential", "samples": sum(len(first_tensor(i, {})) for i, _ in pool),
                       "correct": correct}

@@ -38,6 +38,13 @@ def units_last(a: torch.Tensor, axis: int) -> torch.Tensor:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
+def site_rows(value: torch.Tensor, axis: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """A site value -> [n, d]: every real position of every sample (`valid` [B, T] bool, or None: all; it
+    applies where the site has T positions per sample, a token's units)."""
+    u = units_last(value, axis)
+    return u.reshape(-1, u.shape[-1]) if valid is None or u.shape[1] != valid.shape[1] else u[valid]
+
+
 class SiteRunner(fx.Interpreter):
     """Runs the graph, records each site's value and perturbs it: a + shift + a * scale (+ pos), with
     shift, scale: [B, d] shared by every position, so that d z / d shift = sum over positions of
@@ -300,9 +307,7 @@ def add_fit_data(gm: fx.GraphModule, sites: list[Site], stats: Statistics, batch
         samples += B
         valid = _valid_positions(kwargs, mask, first_tensor(args, kwargs).shape[0])
         for s in sites:
-            a = units_last(runner.acts[s.node], s.axis)                             # [B, positions, d]
-            real = valid if valid is not None and a.shape[1] == valid.shape[1] else None
-            moments[s.name].update(a.reshape(-1, s.n_units) if real is None else a[real])
+            moments[s.name].update(site_rows(runner.acts[s.node], s.axis, valid))
         _update_branches(sites, branch_moments, runner.acts)
     if not samples:
         raise CalibrationError("fit_data holds no samples (an exhausted generator, or an empty list?); pass "

@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from ..data import output_kind, select_output
 from ..errors import ConfigError
-from .calibrate import Statistics, units_last
+from .calibrate import Statistics, site_rows
 from .moments import Moments
 from .plan import SitePlan
 from .replace import replace, replacement_target
@@ -85,12 +85,6 @@ def _valid(inputs: list, mask_index: int | None, like: torch.Tensor) -> torch.Te
     return m != 0
 
 
-def _site_rows(a: torch.Tensor, axis: int, valid: torch.Tensor | None) -> torch.Tensor:
-    """A site value -> [n, d]: every real position of every sample."""
-    u = units_last(a, axis)
-    return u.reshape(-1, u.shape[-1]) if valid is None or u.shape[1] != valid.shape[1] else u[valid]
-
-
 class _Sweep:
     """One graph run forward over the pool in stages: `advance(node)` runs every chunk from the last cut
     to `node` and keeps only the values that later nodes read (the frontier), so a pass over S sites in
@@ -136,6 +130,7 @@ def refit_sequential(gm: fx.GraphModule, plans: list[SitePlan], pool: list, ridg
     memory: both graphs' values at the current site for every pooled sample."""
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     items = sorted((q for q in _items(plans) if q.kind == "affine"), key=lambda q: order[q.site.node])
+    ridge = {id(q): ridges[p.site.name] for p in plans for q in (p, *p.branches)}   # an SE squeeze: its site's
     fitted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     current = replace(gm, plans)
     dense, replaced = _Sweep(gm, pool), _Sweep(current, pool)
@@ -145,14 +140,13 @@ def refit_sequential(gm: fx.GraphModule, plans: list[SitePlan], pool: list, ridg
         C = _correction(stats, q)
         for (inputs, _), a, a_rep in zip(pool, dense.advance(q.site.node), replaced.advance(q.site.node)):
             valid = _valid(inputs, mask_index, a)
-            rows, rows_rep = _site_rows(a, q.site.axis, valid).double(), _site_rows(a_rep, q.site.axis, valid).double()
+            rows, rows_rep = site_rows(a, q.site.axis, valid).double(), site_rows(a_rep, q.site.axis, valid).double()
             target = rows[:, P]
             if C is not None:     # the removed units also make up for the kept units' drift, as the output sees it
                 target = target + (rows[:, K] - rows_rep[:, K]) @ C.T
             rows_rep[:, P] = target
             moments.update(rows_rep)
-        ridge = ridges.get(q.site.name, ridges.get(_owner(plans, q), 1e-3))
-        beta, theta = fit_affine(moments.mean, moments.cov, q.kept, q.removed, ridge, q.site.fit_parts)
+        beta, theta = fit_affine(moments.mean, moments.cov, q.kept, q.removed, ridge[id(q)], q.site.fit_parts)
         fitted[id(q)] = (beta, theta)
         module = current.get_submodule(replacement_target(q.site.name))
         module.beta.copy_(beta.to(module.beta))
@@ -173,11 +167,6 @@ def _correction(stats: Statistics | None, q: SitePlan) -> torch.Tensor | None:
     HPP = H[P][:, P]
     eps = 1e-3 * float(HPP.diagonal().mean().clamp_min(1e-30))
     return torch.linalg.solve(HPP + eps * torch.eye(len(P), dtype=H.dtype), H[P][:, K])
-
-
-def _owner(plans: list[SitePlan], q: SitePlan) -> str:
-    """The site name of the plan that `q` is (or whose SE squeeze it is)."""
-    return next(p.site.name for p in plans if q is p or any(q is b for b in p.branches))
 
 
 def _rebuilt(plans: list[SitePlan], fitted: dict) -> list[SitePlan]:
@@ -402,8 +391,8 @@ class _Targets:
 
 
 def refit_outputs(gm: fx.GraphModule, plans: list[SitePlan], pool: list, stats: Statistics, output=None,
-                  mask_index: int | None = None, seed: int = 0, options: dict | None = None,
-                  kind: str | None = None) -> tuple[list[SitePlan], dict]:
+                  mask_index: int | None = None, seed: int = 0, options: dict | None = None
+                  ) -> tuple[list[SitePlan], dict]:
     """Plans whose beta and theta minimise the output divergence to the dense model (module doc), and the
     record of the fit for the report. options: OUTPUT_FIT_DEFAULTS's keys (epochs: the most passes over
     the training samples per ridge; lr: Adam's step; ridges: the ridge weights tried, largest first, each
@@ -419,7 +408,7 @@ def refit_outputs(gm: fx.GraphModule, plans: list[SitePlan], pool: list, stats: 
     weights = {k: v.detach() for k, v in current.named_parameters()}
     train, back = _split(pool, float(opts["held_back"]), seed)
     z_train, z_back = _Targets(gm, train, output), _Targets(gm, back, output)
-    kind = kind or output_kind(z_train[0], output)
+    kind = output_kind(z_train[0], output)
     loss = opts["loss"]
     if loss == "auto":
         loss = "kl" if kind == "classes" else "squared"
