@@ -55,7 +55,8 @@ def test_affine_predicted_risk_at_a_conv_site_with_independent_positions(pooled)
     assert risk.positions(analysis.stats, "0") == 16
     if pooled:  # J is the same at every position: the summed curvature is 16x the per-position one
         ratio = float(k.H0.trace() / k.Hp.trace())
-        assert ratio == pytest.approx(16, rel=1e-6), f"summed / per-position curvature {ratio:.4g}, expected 16"
+        # H0 is a float32 product over chunks of ~2,000 rows (Curvature.flush), Hp a float64 one
+        assert ratio == pytest.approx(16, rel=1e-4), f"summed / per-position curvature {ratio:.4g}, expected 16"
 
 
 @pytest.mark.parametrize("pooled", [False, True])

@@ -42,7 +42,8 @@ def _rank(rank: int, world: int, store: str, out: str) -> None:
 
 
 def close(a, b, path="report"):
-    """Reports equal: identical structure and integers, floats to 1e-9 relative (summation order)."""
+    """Reports equal: identical structure and integers, floats to 1e-6 relative (summation order, and the
+    joint sums' float32 Gram products chunk the rows differently on two ranks)."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), f"{path}: keys differ"
         for k in a:
@@ -52,7 +53,7 @@ def close(a, b, path="report"):
         for i, (u, v) in enumerate(zip(a, b)):
             close(u, v, f"{path}[{i}]")
     elif isinstance(a, float):
-        assert abs(a - b) <= 1e-9 * max(1.0, abs(a)), f"{path}: {a} != {b}"
+        assert abs(a - b) <= 1e-6 * abs(a) + 1e-12, f"{path}: {a} != {b}"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 

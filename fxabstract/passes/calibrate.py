@@ -268,6 +268,8 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
         _update_branches(sites, branch_moments, acts)
     if not moments:
         raise CalibrationError("the calibration data is empty; pass at least one batch of inputs")
+    for c in curvature.values():
+        c.flush()
     return Statistics(moments, curvature, divergence, chosen, probes if chosen == "hutchinson" else None, outputs,
                       kept_samples, nonfinite, branch_moments=branch_moments)
 

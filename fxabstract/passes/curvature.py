@@ -24,9 +24,12 @@ and, for CE with labels, the gradient g = J^T (p - y) likewise summed: sum g, su
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from threadpoolctl import ThreadpoolController
+
+PENDING_ROWS = 2048   # factor rows buffered before one Gram product of the joint sums (see `Curvature.flush`)
 
 def output_vectors(z: torch.Tensor, divergence: str, method: str, probes: int,
                    generator: torch.Generator | None) -> torch.Tensor:
@@ -43,6 +46,30 @@ def output_vectors(z: torch.Tensor, divergence: str, method: str, probes: int,
     sp = p.sqrt()
     # L = diag(sqrt p) - p sqrt(p)^T satisfies L L^T = diag(p) - p p^T; L v = sqrt(p) v - p (sqrt(p).v)
     return sp * v - p * (sp * v).sum(-1, keepdim=True)
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    """X^T X in X's precision, as float64. On the CPU through numpy, whose `X.T @ X` is one symmetric
+    rank-k update (BLAS syrk: half the multiply-adds of torch's general product), on as many threads as
+    torch uses."""
+    if X.device.type != "cpu":
+        return (X.T @ X).double()
+    global _BLAS
+    _BLAS = _BLAS or ThreadpoolController()
+    Xn = X.contiguous().numpy()
+    with _BLAS.limit(limits=torch.get_num_threads(), user_api="blas"):
+        return torch.from_numpy(Xn.T @ Xn).double()
+
+
+_BLAS: ThreadpoolController | None = None     # numpy's BLAS, found once
+
+
+def _centred_grams(Us: torch.Tensor, Ua: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(Us^T Us, Us^T Uc, Uc^T Uc, mu) as float64, Uc = Ua - Us mu, mu the curvature-weighted mean."""
+    h, ha = (Us * Us).sum(0), (Us * Ua).sum(0)
+    mu = torch.where(h > 0, ha / torch.where(h > 0, h, torch.ones_like(h)), torch.zeros_like(h))
+    Uc = Ua - Us * mu
+    return gram(Us), (Us.T @ Uc).double(), gram(Uc), mu.double()
 
 
 @dataclass
@@ -65,6 +92,7 @@ class Curvature:
     sab: torch.Tensor | None = None  # [d]    sum abar, abar = a averaged over a sample's positions (affine)
     Sbb: torch.Tensor | None = None  # [d, d] sum abar abar^T                                   (affine)
     rows: int = 0                    # sum over samples of their positions
+    pending: list = field(default_factory=list, repr=False, compare=False)   # rows not yet in H0..H2
 
     @classmethod
     def empty(cls, d: int, gradient: bool, matrices: bool | str, device=None) -> "Curvature":
@@ -94,6 +122,7 @@ class Curvature:
         curvature of holding a unit constant over every position); gs, ga: [n, d] likewise for g (ce);
         Up: [r, n, positions, d] the factors per position (needed with the d x d sums); valid: [n, positions]
         bool, the real (not padded) positions: the others enter no sum."""
+        Us_in, Ua_in = Us.detach(), Ua.detach()
         a, Us, Ua = (t.detach().to(torch.float64) for t in (a, Us, Ua))
         n, positions, d = a.shape
         padded = valid is not None
@@ -107,11 +136,10 @@ class Curvature:
             self.sg += gs.detach().to(torch.float64).sum(0)
             self.sga += ga.detach().to(torch.float64).sum(0)
         if self.H0 is not None:
-            Uf, Uaf = Us.reshape(-1, d), Ua.reshape(-1, d)  # [r*n, d]
-            G0 = Uf.T @ Uf
-            self.H0 += G0
-            self.H1 += Uf.T @ Uaf
-            self.H2 += Uaf.T @ Uaf
+            one = self.swaa is not None and positions == 1 and not padded   # Hp's sum is H0's (one position)
+            self.pending.append((Us_in.reshape(-1, d), Ua_in.reshape(-1, d), one))
+            if sum(len(u) for u, _, _ in self.pending) >= PENDING_ROWS:
+                self.flush()
         if self.swaa is not None:
             w = (Us * Us).sum((0, 2))                        # [n] tr H(x)
             af = a[valid]                                    # [real positions, d]
@@ -119,9 +147,7 @@ class Curvature:
             self.sw += wf.sum()
             self.swa += wf @ af
             self.swaa += (af * wf[:, None]).T @ af
-            if positions == 1 and not padded:                # one position: the per-position sum is H0's
-                self.Hp += G0
-            else:
+            if not (positions == 1 and not padded):          # one position: added with H0 (`flush`)
                 Upf = Up.detach().to(torch.float64)[:, valid].reshape(-1, d)  # [r * real positions, d]
                 self.Hp += Upf.T @ Upf
             abar = ((a * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1)) if padded \
@@ -129,7 +155,38 @@ class Curvature:
             self.sab += abar.sum(0)
             self.Sbb += abar.T @ abar
 
+    def flush(self) -> None:
+        """Add the buffered factor rows to H0, H1 and H2 (docs/math.md §7).
+
+        One product of the rows' Gram per `PENDING_ROWS` rows, in the factors' own precision (float32 for
+        a float32 model: about twice as fast as float64; the symmetric two through `gram`), then added to
+        the float64 sums. The rows are
+        centred first, Ua - Us mu with mu the chunk's curvature-weighted mean (c*), so the product holds
+        only the part of H1 and H2 that does not cancel in the risk c^T H0 c - 2 c^T H1 + H2; the rest
+        (mu-terms of H0 and H1) is added back in float64: the rounding error is relative to a unit's spread
+        around mu, not to its mean. `calibrate` flushes at the end of its pass; so does `+`."""
+        if not self.pending:
+            return
+        Us = torch.cat([u for u, _, _ in self.pending])
+        Ua = torch.cat([v for _, v, _ in self.pending])
+        one = torch.cat([torch.full((len(u),), f, dtype=torch.bool, device=u.device) for u, _, f in self.pending])
+        self.pending.clear()
+        if Us.dtype not in (torch.float32, torch.float64):
+            Us, Ua = Us.float(), Ua.float()
+        G0, G01, G11, mu = _centred_grams(Us, Ua)
+        if not (torch.isfinite(G0).all() and torch.isfinite(G11).all()) and Us.dtype != torch.float64:
+            G0, G01, G11, mu = _centred_grams(Us.double(), Ua.double())   # the products overflowed float32
+        self.H0 += G0
+        if one.all():
+            self.Hp += G0
+        elif one.any():
+            self.Hp += (Us[one].T @ Us[one]).double()
+        self.H1 += G01 + G0 * mu
+        self.H2 += G11 + G01 * mu[:, None] + G01.T * mu + G0 * (mu[:, None] * mu)
+
     def __add__(self, other: "Curvature") -> "Curvature":
+        self.flush()
+        other.flush()
         add = lambda x, y: None if x is None else x + y  # noqa: E731
         return Curvature(self.n + other.n, *(add(getattr(self, k), getattr(other, k))
                                              for k in ("sh", "sha", "sha2", "sg", "sga", "H0", "H1", "H2",
