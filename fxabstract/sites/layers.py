@@ -347,16 +347,29 @@ def narrow(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def size_reads(node: fx.Node) -> list[tuple[int, fx.Node]] | None:
+    """[(d, n)] for a read of sizes of node's input alone: n is the node whose value is the size of axis d
+    (`x.size(d)`, aten.sym_size.int(x, d); `x.shape[d]` and `x.size()[d]` in fx, n the getitem); None if
+    node is none of these (a shape used whole, `x.shape[1:]` or `x.view(x.shape)`, included)."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
+        return [(node.args[1], node)]
+    if node.op == "call_function" and node.target == aten.sym_size.int:
+        return [(node.args[1], node)]
+    if whole_shape(node) and all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+        return [(u.args[1], u) for u in node.users]
+    return None
+
+
+def whole_shape(node: fx.Node) -> bool:
+    """`x.shape` or `x.size()` (fx): every axis' size at once."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)) or (
+        node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs)
+
+
 def size_dims(node: fx.Node) -> list[int] | None:
     """[d] of `x.size(d)` / aten.sym_size.int(x, d), the d's of `x.shape[d]` (fx), else None."""
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-        return [node.args[1]]
-    if node.op == "call_function" and node.target == aten.sym_size.int:
-        return [node.args[1]]
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) and all(
-            u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
-        return [u.args[1] for u in node.users]
-    return None
+    reads = size_reads(node)
+    return None if reads is None else [dim for dim, _ in reads]
 
 
 def stateless(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -12,9 +12,13 @@ treat them as one unit set, so every point keeps the same channels.
 
 A point may be read by a LayerNorm or RMSNorm over its channels whose readers are Linears (a pre-norm
 transformer): `Site.norms` lists them and passes/norms.py compiles them exactly. Embeddings are
-writers too (a table's columns are its units). A stream whose values are read by anything else but
-affine layers and its own adds (the model output, a concat, a normaliser read by a non-Linear) is
-refused with the reason, and its writers with it.
+writers too (a table's columns are its units). Reading a size of a point or of its normaliser's output
+reads no value: other axes' sizes do not change, and a read of the units axis' size (GPT-2's
+`B, T, C = x.shape`, C sizing the qkv split and the heads' views) becomes the original width d, a
+constant, in the compiled graph (`Site.unit_sizes`, `rewrite`). A stream whose values are read by
+anything else but affine layers and its own adds (the model output, a concat, a normaliser read by a
+non-Linear, a shape used whole with the units axis inside) is refused with the reason, and its writers
+with it.
 
     >>> [s.name for s in sites if s.tie]     # ['stem.stream.0', 'stem.stream.1', ...]
 """
@@ -29,7 +33,7 @@ import torch.fx as fx
 from torch import nn
 
 from .layers import (CHANNEL_OPS, CONVS, WRITERS, consumer_reads, is_metadata, module_of, readers_of, shape_of,
-                     size_dims, stream_norm, width_of, zero_padded)
+                     size_reads, stream_norm, whole_shape, width_of, zero_padded)
 from .site import Context, Piece, Refusal, Site
 
 ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
@@ -60,7 +64,27 @@ def _suffix(s: tuple, full: tuple) -> bool:
 
 
 def rewrite(gm: fx.GraphModule, folded) -> None:
-    """Nothing to rewrite: the adds of a stream add the writers' kept rows, which are the same channels."""
+    """The adds of a stream add the writers' kept rows, which are the same channels: nothing to rewrite
+    there. Each read of the units axis' size at a point or its normaliser's output (`Site.unit_sizes`)
+    becomes the original width, a constant: what it sizes (GPT-2's `B, T, C = x.shape` sizing the qkv
+    split, the heads' views, `C // heads`) still has every channel."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site, _ in folded:
+        for name in site.unit_sizes:
+            if name in nodes:
+                _to_constant(gm, nodes.pop(name), site.n_units)
+
+
+def _to_constant(gm: fx.GraphModule, node: fx.Node, value: int) -> None:
+    """Every use of `node` reads the int `value` instead; node goes, and the shape read it indexed
+    (`x.shape`, `x.size()`) too once nothing else reads it."""
+    for user in list(node.users):
+        user.args = fx.node.map_arg(user.args, lambda n: value if n is node else n)
+        user.kwargs = fx.node.map_arg(user.kwargs, lambda n: value if n is node else n)
+    shape = node.args[0] if whole_shape(node.args[0]) else None
+    gm.graph.erase_node(node)
+    if shape is not None and not shape.users:
+        gm.graph.erase_node(shape)
 
 
 def find(ctx: Context, follow: Callable, claimed: set[str]) -> tuple[list[Site], dict[str, str]]:
@@ -169,7 +193,8 @@ def _stream_sites(ctx: Context, members: list[fx.Node], value: dict, ends: dict,
     for k, p in enumerate(points):
         owned.setdefault(p, [])
         norms = _norms(ctx, p, d, axis, inside)
-        skip = inside | set(norms) | _sizes(p, axis)
+        sizes, unit_sizes = _sizes(p, axis)
+        skip = inside | set(norms) | sizes
         others = [r for r in readers_of(p) if r not in skip]
         reads = consumer_reads(gm, p, ctx.calls, d, axis, ctx.tied, ignore=skip) if others else {}
         reads.update({n.target: "features" for n in norms})
@@ -185,7 +210,8 @@ def _stream_sites(ctx: Context, members: list[fx.Node], value: dict, ends: dict,
                           shape=tuple(shape_of(p)[1:]), pieces=pieces, channel_ops=channel_ops, reads=reads,
                           bias_maps=[c for c in reads if c not in {n.target for n in norms}
                                      and zero_padded(gm.get_submodule(c))],
-                          tie=tie, norms={n.target: rs for n, rs in norms.items()}))
+                          tie=tie, norms={n.target: rs for n, rs in norms.items()},
+                          unit_sizes=unit_sizes + [u for n in norms for u in _sizes(n, axis)[1]]))
     return sites
 
 
@@ -203,7 +229,7 @@ def _norms(ctx: Context, p: fx.Node, d: int, axis: int, inside: set) -> dict[fx.
         if r.target in ctx.tied:
             raise Refusal(f"normaliser `{r.target}` shares a weight with `{ctx.tied[r.target]}` (tied weights)")
         try:
-            reads = consumer_reads(gm, r, ctx.calls, d, axis, ctx.tied, ignore=_sizes(r, axis))
+            reads = consumer_reads(gm, r, ctx.calls, d, axis, ctx.tied, ignore=_sizes(r, axis)[0])
         except Refusal as refusal:
             raise Refusal(f"normaliser `{r.target}`: {refusal.reason}") from None
         for c, how in reads.items():
@@ -213,13 +239,34 @@ def _norms(ctx: Context, p: fx.Node, d: int, axis: int, inside: set) -> dict[fx.
     return out
 
 
-def _sizes(node: fx.Node, axis: int) -> set[fx.Node]:
-    """The readers of `node` that read only sizes of other axes than the units' (an attention block's
-    `x.size(1)`) or its dtype or device: removing units does not change them."""
+def _sizes(node: fx.Node, axis: int) -> tuple[set[fx.Node], list[str]]:
+    """(the readers of `node` that read only its sizes, dtype or device; the nodes among them whose value
+    is the units axis' size). Removing units changes no other axis' size (an attention block's
+    `x.size(1)`), and `rewrite` makes the units axis' size the original width."""
     rank = len(shape_of(node))
-    out = {r for r in node.users if is_metadata(r)}
+    readers, units = set(), []
     for r in node.users:
-        dims = size_dims(r)
-        if dims is not None and all(dim % rank != axis % rank for dim in dims):
-            out.add(r)
-    return out
+        if whole_shape(r):
+            readers.add(r)
+            units += _shape_reads(r, node, rank, axis)
+            continue
+        reads = size_reads(r)
+        if is_metadata(r) or reads is not None:
+            readers.add(r)
+            units += [n.name for dim, n in reads or () if dim % rank == axis % rank]
+    return readers, units
+
+
+def _shape_reads(shape: fx.Node, node: fx.Node, rank: int, axis: int) -> list[str]:
+    """The indexings of `shape` (node's `x.shape` or `x.size()`) that give the units axis' size; Refusal
+    where the units axis' size stays in a tuple (`x.shape[1:]`, `x.view(x.shape)`): no int to rewrite."""
+    units = []
+    for u in shape.users:
+        index = u.args[1] if u.op == "call_function" and u.target is operator.getitem else None
+        if isinstance(index, int):
+            units += [u.name] if index % rank == axis % rank else []
+        elif not (isinstance(index, slice) and axis % rank not in range(rank)[index]):
+            raise Refusal(f"`{shape.name}` reads the shape of `{node.name}` and `{u.name}` uses it with the units "
+                          "axis' size inside (not one axis' size alone): it could not be rewritten to the original "
+                          "width")
+    return units
