@@ -113,3 +113,73 @@ def test_a_shape_used_whole_with_the_width_inside_refuses_the_stream_with_the_re
     reason = result.report["ineligible"]["inp"]
     assert reason.startswith("residual stream:") and "shape of `norm`" in reason, reason
     assert "could not be rewritten to the original width" in reason, reason
+
+
+def small_vit(ctor) -> nn.Module:
+    torch.manual_seed(0)
+    model = randomize_norms(ctor(image=16, patch=4, dim=32)).eval()
+    with torch.no_grad():
+        model.cls.normal_()                    # a trained class token, not the zeros of initialisation
+    return model
+
+
+@pytest.mark.parametrize("ctor", [zt.ViT, zt.timm_vit], ids=["vit", "timm_vit"])
+@pytest.mark.parametrize("replacement", ["constant", "affine"])
+def test_vit_patch_class_token_and_position_embedding_write_one_stream(ctor, replacement):
+    model = small_vit(ctor)
+    x = torch.randn(32, 3, 16, 16)
+    analysis = fxa.analyse(model, x.split(16))
+    assert {s.tie for s in analysis.sites if s.tie} == {"patch.stream"}, analysis.ineligible
+    first = next(s for s in analysis.sites if s.name == "patch.stream.0")
+    assert [q.module for q in first.pieces] == ["patch", "cls", "pos"]
+    assert "norm" in next(s for s in analysis.sites if s.name == "patch.stream.4").norms, "the head reads norm(x)[:, 0]"
+    result = analysis.compile(keep={"patch.stream": 16}, replacement=replacement, round_to=1)
+    points = stream_points(result.report)["patch.stream"]
+    assert len(points) == 5 and all(len(p["kept"]) == 16 for p in points), [len(p["kept"]) for p in points]
+    m = result.module
+    assert m.get_submodule("patch").out_channels == 16
+    assert tuple(m.cls.shape) == (1, 1, 16) and tuple(m.pos.shape) == (1, 17, 16)
+    assert m.get_submodule("head").in_features == 18 and isinstance(m.get_submodule("norm"), StreamNorm)
+    assert sum(p.numel() for p in m.parameters()) < sum(p.numel() for p in model.parameters())
+    assert model.cls.shape[-1] == 32 and model.patch.out_channels == 32, "the user's model is untouched"
+    err = hooked_error(model, result, torch.randn(5, 3, 16, 16))
+    assert err <= 1e-5, f"compiled vs hooks: {err:.2e}"
+
+
+def test_a_vit_with_a_reduced_stream_exports_to_onnx_with_parity(tmp_path):
+    model = small_vit(zt.timm_vit)
+    x = torch.randn(32, 3, 16, 16)
+    result = fxa.abstract(model, x.split(16), keep={"patch.stream": 24}, replacement="affine", round_to=1)
+    assert result.module.get_submodule("patch").out_channels == 24
+    info = fxa.to_onnx(result.module, x[:4], str(tmp_path / "vit.onnx"))      # raises without parity
+    assert info["max_abs_diff"] <= 1e-4
+
+
+class SpelledClassToken(zt.ViT):
+    """A ViT whose class token is expanded with its width spelled out (`expand(B, 1, 32)`)."""
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.size(0), 1, 32), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def test_a_class_token_expanded_to_a_spelled_width_refuses_the_stream_with_the_reason():
+    torch.manual_seed(0)
+    result = fxa.abstract(SpelledClassToken(image=16, patch=4, dim=32).eval(), [torch.randn(16, 3, 16, 16)],
+                          keep=0.5, round_to=1)
+    assert not stream_points(result.report)
+    reason = result.report["ineligible"]["blocks.0.mlp.fc2"]
+    assert reason.startswith("residual stream:") and "concatenates `expand`" in reason, reason
+
+
+@pytest.mark.parametrize("options", [dict(score="cwvar"), dict(selection="local", replacement="affine")],
+                         ids=["cwvar", "local"])
+def test_consumer_weight_scores_read_a_normalised_stream_through_the_normalisers_readers(options):
+    """cwvar and layer-local selection weigh a unit by its consumers' columns: a stream normaliser's are its
+    Linear readers' W diag(gamma)."""
+    model = small_vit(zt.ViT)
+    x = torch.randn(32, 3, 16, 16)
+    result = fxa.abstract(model, x.split(16), keep=0.5, round_to=1, **options)
+    assert stream_points(result.report)["patch.stream"]
+    assert hooked_error(model, result, x[:5]) <= 1e-5
