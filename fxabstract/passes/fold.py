@@ -25,6 +25,7 @@ from torch import nn
 
 from ..capture import ChannelBatchNorm, copy_module
 from ..sites import PATTERNS, dense_weight, regroup
+from ..sites.layers import writer_of
 from . import norms
 from .plan import Replacement
 
@@ -105,8 +106,13 @@ def _keep_prelu(m, K):
     return _assign(new, weight=m.weight[K])
 
 
+def _keep_last(p: nn.Parameter, K):
+    """A Parameter's slice K along its last axis (a residual stream's class token or position embedding)."""
+    return nn.Parameter(p.detach()[..., K].clone(), requires_grad=p.requires_grad)
+
+
 KEEP_OUTPUTS = {nn.Linear: _keep_rows, nn.Conv1d: _keep_rows, nn.Conv2d: _keep_rows, BiasMapConv: _keep_rows,
-                nn.Embedding: _keep_columns}
+                nn.Embedding: _keep_columns, nn.Parameter: _keep_last}
 KEEP_CHANNELS = {nn.BatchNorm1d: _keep_batch_norm, nn.BatchNorm2d: _keep_batch_norm,
                  ChannelBatchNorm: _keep_batch_norm, nn.PReLU: _keep_prelu,
                  nn.Conv1d: _keep_depthwise, nn.Conv2d: _keep_depthwise}
@@ -198,7 +204,7 @@ def fold(gm: fx.GraphModule) -> fx.GraphModule:
         if not drop:
             continue
         table, total = rows[path]
-        layer = gm.get_submodule(path)
+        layer = writer_of(gm, path)
         keep = torch.tensor([i for i in range(total) if i not in drop], dtype=torch.long)
         _set_module(gm, path, table[type(layer)](layer, keep))
     gm.graph.lint()

@@ -12,13 +12,24 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..sites import Site, dense_weight
+from ..sites.layers import writer_of
 from .calibrate import Statistics
 
 SCORES = ("logit-mse", "kl", "ce", "variance", "cwvar", "magnitude", "random")
 OUTPUT_UNITS = ("logit-mse", "kl", "ce")
 JOINT_SCORES = OUTPUT_UNITS + ("cwvar",)
+
+
+def unit_rows(layer) -> torch.Tensor:
+    """A producer's weights per output unit, [units, ...] (float64): a layer's rows, an embedding table's
+    columns, a Parameter's slices along its last axis (a stream's class token or position embedding)."""
+    if isinstance(layer, nn.Parameter):
+        return layer.detach().double().reshape(-1, layer.shape[-1]).T
+    W = layer.weight.detach().double()
+    return W.T if isinstance(layer, nn.Embedding) else W.flatten(1)
 
 
 def optimal_constants(score: str, stats: Statistics, name: str) -> torch.Tensor:
@@ -31,11 +42,20 @@ def optimal_constants(score: str, stats: Statistics, name: str) -> torch.Tensor:
     return torch.where(k.sh > 0, num / k.sh.clamp_min(1e-300), m.mean)
 
 
+def consumer_weights(gm: fx.GraphModule, site: Site, consumer: str) -> list[torch.Tensor]:
+    """The dense weights (`dense_weight`) through which `consumer` reads the site: its own, or for a
+    stream's normaliser its Linear readers' W diag(gamma) (the normaliser's statistics held fixed)."""
+    if consumer not in site.norms:
+        return [dense_weight(gm.get_submodule(consumer))]
+    weight = getattr(gm.get_submodule(consumer), "weight", None)
+    gamma = 1.0 if weight is None else weight.detach().double()
+    return [dense_weight(gm.get_submodule(r)) * gamma for r in site.norms[consumer]]
+
+
 def consumer_column_norms2(gm: fx.GraphModule, site: Site, consumer: str) -> torch.Tensor:
     """||W[:, j]||^2 per unit j of the consumer's weight: over its outputs, and over the kernel taps
     (Conv) or the block of features a flattened unit feeds (Linear after a flatten): [d]."""
-    W = dense_weight(gm.get_submodule(consumer))
-    return W.reshape(W.shape[0], site.n_units, -1).pow(2).sum((0, 2))
+    return sum(W.reshape(W.shape[0], site.n_units, -1).pow(2).sum((0, 2)) for W in consumer_weights(gm, site, consumer))
 
 
 def consumer_gram(gm: fx.GraphModule, site: Site) -> torch.Tensor:
@@ -44,9 +64,9 @@ def consumer_gram(gm: fx.GraphModule, site: Site) -> torch.Tensor:
     site, measured at the consumers' outputs, is 1/2 delta^T G delta (docs/math.md §3, linear head)."""
     G = torch.zeros(site.n_units, site.n_units, dtype=torch.float64)
     for consumer in site.consumers:
-        W = dense_weight(gm.get_submodule(consumer))
-        Wu = W.reshape(W.shape[0], site.n_units, -1).transpose(0, 1).reshape(site.n_units, -1)   # [d, out * taps]
-        G += Wu @ Wu.T
+        for W in consumer_weights(gm, site, consumer):
+            Wu = W.reshape(W.shape[0], site.n_units, -1).transpose(0, 1).reshape(site.n_units, -1)   # [d, out * taps]
+            G += Wu @ Wu.T
     return G
 
 
@@ -64,7 +84,7 @@ def unit_scores(score: str, site: Site, stats: Statistics, gm: fx.GraphModule,
         for q in reversed(site.pieces):                         # where pieces share units, the first one's
             if getattr(q, "share", 1) > 1:                      # a k/v head of GQA: the query heads' rows count
                 continue
-            W = gm.get_submodule(q.module).weight.detach().double().flatten(1)
+            W = unit_rows(writer_of(gm, q.module))
             s[q.lo:q.hi] = W[q.start:q.start + q.hi - q.lo].norm(dim=1)
     elif score == "random":
         s = torch.rand(site.n_units, generator=generator, dtype=torch.float64)

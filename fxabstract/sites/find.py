@@ -44,7 +44,7 @@ import torch.fx as fx
 
 from .layers import (CHANNEL_OPS, CONVS, ELEMENTWISE_FUNCTIONS, PRODUCERS, consumer_reads, excitation,
                      feeds_gate, gate_of, groups_of, is_cat, is_elementwise, is_per_unit, is_product, is_unsqueeze,
-                     module_of, readers_of, shape_of, stateless, width_of, zero_padded)
+                     module_of, readers_of, shape_of, stateless, width_of, writer_of, zero_padded)
 from .patterns import CLAIM, GRAPH, SITE, VALUE, stage
 from .site import Context, Piece, Refusal, Site
 
@@ -343,7 +343,7 @@ def _parts(gm: fx.GraphModule, site: Site, writers_alone: bool = False) -> tuple
     (the least common multiple of every such g), each losing the same number. A grouped consumer's
     group reads only its own channels, so a replaced unit's affine map may read only kept units of its
     block (`fit_parts`: the consumers' g's alone). Refusal where a grouped producer shares the site."""
-    producer = math.lcm(*(groups_of(gm.get_submodule(q.module)) for q in site.pieces))
+    producer = math.lcm(*(groups_of(writer_of(gm, q.module)) for q in site.pieces))
     if producer > 1 and not writers_alone and (len(site.pieces) > 1 or site.pieces[0].total != site.n_units):
         raise Refusal(f"grouped convolution `{site.pieces[0].module}` (groups={producer}) shares the site with other "
                       "producers or split pieces: its channels could not go the same number from every group")

@@ -347,16 +347,29 @@ def narrow(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def size_reads(node: fx.Node) -> list[tuple[int, fx.Node]] | None:
+    """[(d, n)] for a read of sizes of node's input alone: n is the node whose value is the size of axis d
+    (`x.size(d)`, aten.sym_size.int(x, d); `x.shape[d]` and `x.size()[d]` in fx, n the getitem); None if
+    node is none of these (a shape used whole, `x.shape[1:]` or `x.view(x.shape)`, included)."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
+        return [(node.args[1], node)]
+    if node.op == "call_function" and node.target == aten.sym_size.int:
+        return [(node.args[1], node)]
+    if whole_shape(node) and all(u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
+        return [(u.args[1], u) for u in node.users]
+    return None
+
+
+def whole_shape(node: fx.Node) -> bool:
+    """`x.shape` or `x.size()` (fx): every axis' size at once."""
+    return (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)) or (
+        node.op == "call_method" and node.target == "size" and len(node.args) == 1 and not node.kwargs)
+
+
 def size_dims(node: fx.Node) -> list[int] | None:
     """[d] of `x.size(d)` / aten.sym_size.int(x, d), the d's of `x.shape[d]` (fx), else None."""
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and isinstance(node.args[1], int):
-        return [node.args[1]]
-    if node.op == "call_function" and node.target == aten.sym_size.int:
-        return [node.args[1]]
-    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",) and all(
-            u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users):
-        return [u.args[1] for u in node.users]
-    return None
+    reads = size_reads(node)
+    return None if reads is None else [dim for dim, _ in reads]
 
 
 def stateless(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -371,10 +384,48 @@ def zero_padded(m: nn.Module) -> bool:
     return isinstance(m, CONVS) and (m.padding == "same" or (m.padding != "valid" and any(m.padding)))
 
 
+def is_position_index(node: fx.Node, source: fx.Node) -> bool:
+    """`x[:, 0]` (getitem with constant ints and slices; aten.select / aten.slice in torch.export): picks
+    positions on axes before the last and leaves the last axis, the units, whole (a ViT's head reading
+    the class token)."""
+    rank = len(shape_of(source) or ())
+    if node.args[:1] != (source,) or node.kwargs or not rank:
+        return False
+    if node.op == "call_function" and node.target in (aten.select.int, aten.slice.Tensor):
+        return isinstance(node.args[1], int) and node.args[1] % rank != rank - 1 and all(
+            isinstance(v, (int, type(None))) for v in node.args[2:])
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    constant = all(isinstance(i, int) or (isinstance(i, slice) and all(
+        isinstance(v, (int, type(None))) for v in (i.start, i.stop, i.step))) for i in index)
+    return constant and (len(index) < rank or (len(index) == rank and index[-1] == slice(None)))
+
+
+def parameter_of(gm: fx.GraphModule, node: fx.Node) -> nn.Parameter | None:
+    """The Parameter a get_attr node reads (a ViT's class token or position embedding), else None."""
+    if node.op != "get_attr":
+        return None
+    try:
+        return gm.get_parameter(node.target)
+    except AttributeError:
+        return None
+
+
+def writer_of(gm: fx.GraphModule, path: str):
+    """The module at `path`, or the Parameter there (a residual stream's Parameter writer)."""
+    try:
+        return gm.get_submodule(path)
+    except AttributeError:
+        return gm.get_parameter(path)
+
+
 def consumer_reads(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, axis: int, tied: dict,
-                   ignore=frozenset()):
+                   ignore=frozenset(), positions: bool = False):
     """{consumer: how it reads} if `site` is read only by unshared affine consumers (and the nodes in
-    `ignore`: a residual stream's own adds); Refusal if not."""
+    `ignore`: a residual stream's own adds); Refusal if not. With `positions`, a consumer may read the
+    features at some positions only (`is_position_index`: a stream normaliser's output, whose readers'
+    fold commutes with the index)."""
     readers = [r for r in readers_of(site) if r not in ignore]
     if not readers:
         raise Refusal("its output is never read")
@@ -382,6 +433,11 @@ def consumer_reads(gm: fx.GraphModule, site: fx.Node, calls: Counter, d: int, ax
     reads = {}
     for user in readers:
         how = "features" if axis == rank - 1 else "channels"
+        if positions and how == "features" and is_position_index(user, site):
+            if len(readers_of(user)) != 1:
+                raise Refusal(f"positions of it are picked (`{user.name}`) and then read by "
+                              f"{len(readers_of(user))} nodes")
+            user = readers_of(user)[0]
         if user.op != "output" and is_flatten(gm, user) and axis == 1 and rank > 2:
             nxt = readers_of(user)
             while len(nxt) == 1 and is_identity(gm, nxt[0]):

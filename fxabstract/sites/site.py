@@ -103,6 +103,8 @@ class Site:
     splits: list[Piece] = field(default_factory=list)          # split pieces (graph nodes) and the units each carries
     branches: list[Site] = field(default_factory=list)         # second readings of the units (an SE squeeze)
     unit_views: list[str] = field(default_factory=list)        # gate views [B, d] -> [B, d, 1, 1] (fold writes d)
+    unit_sizes: list[str] = field(default_factory=list)        # a stream's reads of its units axis' size (fold
+                                                               # writes the original d: streams.rewrite)
     kv_shapes: dict = field(default_factory=dict)              # GQA: k/v view node -> (kv head axis, 1)
     repeats: list = field(default_factory=list)                # GQA: (kv value, repeated value) node names (gqa.py)
 
