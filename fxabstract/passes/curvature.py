@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from threadpoolctl import ThreadpoolController
 
@@ -57,19 +58,17 @@ def gram(X: torch.Tensor) -> torch.Tensor:
     global _BLAS
     _BLAS = _BLAS or ThreadpoolController()
     Xn = X.contiguous().numpy()
-    with _BLAS.limit(limits=torch.get_num_threads(), user_api="blas"):
+    with _BLAS.limit(limits=torch.get_num_threads(), user_api="blas"), np.errstate(all="ignore"):
         return torch.from_numpy(Xn.T @ Xn).double()
 
 
 _BLAS: ThreadpoolController | None = None     # numpy's BLAS, found once
 
 
-def _centred_grams(Us: torch.Tensor, Ua: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(Us^T Us, Us^T Uc, Uc^T Uc, mu) as float64, Uc = Ua - Us mu, mu the curvature-weighted mean."""
-    h, ha = (Us * Us).sum(0), (Us * Ua).sum(0)
-    mu = torch.where(h > 0, ha / torch.where(h > 0, h, torch.ones_like(h)), torch.zeros_like(h))
+def _centred_grams(Us: torch.Tensor, Ua: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(Us^T Us, Us^T Uc, Uc^T Uc) as float64, Uc = Ua - Us mu."""
     Uc = Ua - Us * mu
-    return gram(Us), (Us.T @ Uc).double(), gram(Uc), mu.double()
+    return gram(Us), (Us.T @ Uc).double(), gram(Uc)
 
 
 @dataclass
@@ -93,6 +92,8 @@ class Curvature:
     Sbb: torch.Tensor | None = None  # [d, d] sum abar abar^T                                   (affine)
     rows: int = 0                    # sum over samples of their positions
     pending: list = field(default_factory=list, repr=False, compare=False)   # rows not yet in H0..H2
+    centre: torch.Tensor | None = field(default=None, repr=False, compare=False)     # [d] mu of `flush`
+    centred: list | None = field(default=None, repr=False, compare=False)    # their centred sums, not yet in H
 
     @classmethod
     def empty(cls, d: int, gradient: bool, matrices: bool | str, device=None) -> "Curvature":
@@ -139,7 +140,7 @@ class Curvature:
             one = self.swaa is not None and positions == 1 and not padded   # Hp's sum is H0's (one position)
             self.pending.append((Us_in.reshape(-1, d), Ua_in.reshape(-1, d), one))
             if sum(len(u) for u, _, _ in self.pending) >= PENDING_ROWS:
-                self.flush()
+                self._product()
         if self.swaa is not None:
             w = (Us * Us).sum((0, 2))                        # [n] tr H(x)
             af = a[valid]                                    # [real positions, d]
@@ -158,13 +159,24 @@ class Curvature:
     def flush(self) -> None:
         """Add the buffered factor rows to H0, H1 and H2 (docs/math.md §7).
 
-        One product of the rows' Gram per `PENDING_ROWS` rows, in the factors' own precision (float32 for
-        a float32 model: about twice as fast as float64; the symmetric two through `gram`), then added to
-        the float64 sums. The rows are
-        centred first, Ua - Us mu with mu the chunk's curvature-weighted mean (c*), so the product holds
-        only the part of H1 and H2 that does not cancel in the risk c^T H0 c - 2 c^T H1 + H2; the rest
-        (mu-terms of H0 and H1) is added back in float64: the rounding error is relative to a unit's spread
-        around mu, not to its mean. `calibrate` flushes at the end of its pass; so does `+`."""
+        One product of the rows' Gram per `PENDING_ROWS` rows (`_product`), in the factors' own precision
+        (float32 for a float32 model: about twice as fast as float64; the symmetric two through `gram`),
+        added to float64 sums. The rows are centred first, Uc = Ua - Us mu with mu the first chunk's
+        curvature-weighted mean (c*), so the products hold only the part of H1 and H2 that does not cancel
+        in the risk c^T H0 c - 2 c^T H1 + H2: the rounding error is relative to a unit's spread around mu,
+        not to its mean. Here the mu-terms are added back, in float64, once for all chunks.
+        `calibrate` flushes at the end of its pass; so does `+`."""
+        self._product()
+        if self.centred is None:
+            return
+        mu, (S0, S01, S11) = self.centre, self.centred
+        self.H0 += S0
+        self.H1 += S01 + S0 * mu
+        self.H2 += S11 + S01 * mu[:, None] + S01.T * mu + S0 * (mu[:, None] * mu)
+        self.centre = self.centred = None
+
+    def _product(self) -> None:
+        """The buffered rows' centred Grams, added to `centred` (float64 [Us^T Us, Us^T Uc, Uc^T Uc])."""
         if not self.pending:
             return
         Us = torch.cat([u for u, _, _ in self.pending])
@@ -173,16 +185,18 @@ class Curvature:
         self.pending.clear()
         if Us.dtype not in (torch.float32, torch.float64):
             Us, Ua = Us.float(), Ua.float()
-        G0, G01, G11, mu = _centred_grams(Us, Ua)
-        if not (torch.isfinite(G0).all() and torch.isfinite(G11).all()) and Us.dtype != torch.float64:
-            G0, G01, G11, mu = _centred_grams(Us.double(), Ua.double())   # the products overflowed float32
-        self.H0 += G0
+        if self.centre is None:
+            Ud = Us.double()
+            h, ha = (Ud * Ud).sum(0), (Ud * Ua.double()).sum(0)
+            self.centre = torch.where(h > 0, ha / torch.where(h > 0, h, torch.ones_like(h)), torch.zeros_like(h))
+        G = _centred_grams(Us, Ua, self.centre.to(Us.dtype))
+        if not all(torch.isfinite(g.diagonal()).all() for g in G[::2]):   # an overflow shows on the diagonal
+            G = _centred_grams(Us.double(), Ua.double(), self.centre)
+        self.centred = list(G) if self.centred is None else [s + g for s, g in zip(self.centred, G)]
         if one.all():
-            self.Hp += G0
+            self.Hp += G[0]
         elif one.any():
             self.Hp += (Us[one].T @ Us[one]).double()
-        self.H1 += G01 + G0 * mu
-        self.H2 += G11 + G01 * mu[:, None] + G01.T * mu + G0 * (mu[:, None] * mu)
 
     def __add__(self, other: "Curvature") -> "Curvature":
         self.flush()
