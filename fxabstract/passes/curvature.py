@@ -15,6 +15,7 @@ constant-replacement risk 1/2 E||c Us - Ua||^2 is then exact to second order, cr
 included. From them we accumulate, as float64 sums over samples (mergeable like `Moments`):
   sum h = sum Us^2, sum h a = sum Us Ua, sum h a^2 = sum Ua^2       (docs/math.md §3: c*, s_j)
   Us^T Us, Us^T Ua, Ua^T Ua        -> d x d sums for joint selection  (docs/math.md §3, "Additivity fails")
+    (float32 products of centred chunks of rows for a float32 model: `Curvature.flush`, docs/math.md §7)
   w = tr H(x) as a sample weight   -> sum w, sum w a, sum w a a^T over positions (affine fit)
   sum over positions of U(pos)^T U(pos) -> Hp, the curvature of a per-position perturbation, and the
     per-sample means over positions abar -> sum abar, sum abar abar^T (affine risk: an affine
