@@ -33,6 +33,7 @@ from threadpoolctl import ThreadpoolController
 
 PENDING_ROWS = 2048   # factor rows buffered before one Gram product of the joint sums (see `Curvature.flush`)
 
+
 def output_vectors(z: torch.Tensor, divergence: str, method: str, probes: int,
                    generator: torch.Generator | None) -> torch.Tensor:
     """The vectors v whose VJPs v^T J give the factor U = L^T J: [r, B, o]."""
