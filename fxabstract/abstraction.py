@@ -9,6 +9,7 @@ be compiled at many budgets (`Analysis.compile`), which is what benchmarks and s
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import warnings
@@ -31,7 +32,7 @@ from .passes.distributed import all_reduce, total_samples
 from .passes.fold import fold
 from .passes.replace import replace
 from .passes.scores import JOINT_SCORES, OUTPUT_UNITS, SCORES
-from .passes.measure import measured_curve
+from .passes.measure import corrected_curve, first_samples, measure_plan, measured_risks, operating_points
 from .passes.refit import check_fit, fit_pool, refit_outputs, refit_sequential
 from .passes.select import curves, refitted_risk, tiny_calibration_ridge
 from .passes.select import fit as fit_plan
@@ -123,6 +124,7 @@ class Analysis:
         self.progress = progress      # show a bar per pass (measured risk curves: one step per site)
         self._curves: dict = {}
         self._measured_cache: dict = {}
+        self._plan: int | None = None   # measure_samples, once
         self._warned_ridge = False    # the tiny-calibration ridge warning is given once
 
     def compile(self, keep=0.5, replacement: str = "constant", selection: str = "joint",
@@ -178,20 +180,30 @@ class Analysis:
         cv = self.risk_curves(replacement, selection, ridges)
         if isinstance(keep, dict) or self.score not in OUTPUT_UNITS:
             allocation = "per-site"
-        for s in tqdm(self.sites, desc="measure risk", unit="site", leave=False,
-                      disable=not self.progress or allocation != "measured"):
-            cv[s.name].measured = None
-            if allocation == "measured":
-                cv[s.name].measured = self._measured(s, cv[s.name], replacement, selection, ridges[s.name],
-                                                    round_to)
         example = tuple(v[:2] if isinstance(v, torch.Tensor) else v for v in self.stats.reservoir[0][0])
         macs = module_macs(self.gm, *example) if budget == "macs" else None
-        budget_sites, budget_cv = tied_proxies(self.sites, cv)      # a residual stream is one site here
-        if macs is not None:
-            removed = macs_removals(budget_sites, budget_cv, macs, keep, self.score in OUTPUT_UNITS, round_to)
-        else:
-            removed = allocate(budget_sites, budget_cv, keep, self.score, round_to)
-        removed = expand_ties(removed, self.sites)
+
+        def removals() -> dict[str, int]:
+            budget_sites, budget_cv = tied_proxies(self.sites, cv)      # a residual stream is one site here
+            if macs is not None:
+                found = macs_removals(budget_sites, budget_cv, macs, keep, self.score in OUTPUT_UNITS, round_to)
+            else:
+                found = allocate(budget_sites, budget_cv, keep, self.score, round_to)
+            return expand_ties(found, self.sites)
+
+        for s in self.sites:
+            cv[s.name].measured = None
+        removed = removals()                  # on the predicted curves
+        measured: dict[str, dict[int, float]] = {}
+        if allocation == "measured":          # measured where that allocation lands, then allocated again
+            for s in tqdm(self.sites, desc="measure risk", unit="site", leave=False, disable=not self.progress):
+                steps = allowed_removals(s.n_units, granularity(s, round_to))
+                measured[s.name] = self._measured(s, cv[s.name], operating_points(removed[s.name], steps),
+                                                  replacement, selection, ridges[s.name])
+                cv[s.name].measured = corrected_curve(cv[s.name].curve, measured[s.name])
+            removed = removals()
+            for s in self.sites:              # the report's measured_risk is a measurement
+                self._measured(s, cv[s.name], [removed[s.name]], replacement, selection, ridges[s.name])
         plans = [fit_plan(s, cv[s.name], removed[s.name], self.stats, self.score, *self._setting(s, replacement, selection),
                      ridges[s.name]) for s in self.sites]
         plans, fit_record = self._refit(plans, fit, fit_options, replacement, ridges)
@@ -200,14 +212,16 @@ class Analysis:
             "score": self.score, "replacement": replacement, "selection": selection,
             "keep": keep, "budget": budget, "round_to": round_to, "ridge": ridge, "seed": self.seed,
             "allocation": allocation, "fit": fit_record,
+            **({"measured": {"samples": self.measure_samples(),
+                             "points": {name: sorted(k for k in m if k) for name, m in measured.items()}}}
+               if measured else {}),
             "curvature": {"divergence": self.stats.divergence, "method": self.stats.method,
                           "probes": self.stats.probes},
             "calibration_samples": self.stats.curvature[self.sites[0].name].n,
             "fit_samples": self.stats.fit_samples,
             "parameters": {"before": _count(self.gm), "after": _count(module)},
             "predicted_risk": sum(p.predicted_risk for p in plans),
-            "sites": [{**site_entry(p, None if cv[p.site.name].measured is None
-                                    else float(cv[p.site.name].measured[len(p.removed)])),
+            "sites": [{**site_entry(p, measured[p.site.name][removed[p.site.name]] if measured else None),
                        "ridge": ridges[p.site.name],
                        **({"statistics": f"diagonal: {self.stats.diagonal[p.site.name]}"}
                           if p.site.name in self.stats.diagonal else {})} for p in plans],
@@ -261,17 +275,30 @@ class Analysis:
         """(replacement, selection) for `site`: a site kept to O(d) statistics gets constant, diagonal."""
         return ("constant", "diagonal") if site.name in self.stats.diagonal else (replacement, selection)
 
-    def _measured(self, site: Site, cv, replacement: str, selection: str, ridge: float, round_to: int):
-        """The site's measured risk curve, cached per setting."""
+    def _measured(self, site: Site, cv, ks: list[int], replacement: str, selection: str,
+                  ridge: float) -> dict[int, float]:
+        """The site's measured risks {k: R} at least at `ks` removed (`measured_risks`): each point is
+        measured once per setting, so compiles at other budgets add points."""
         replacement, selection = self._setting(site, replacement, selection)
-        key = (site.name, replacement, selection, ridge, round_to)
-        if key not in self._measured_cache:
-            steps = allowed_removals(site.n_units, granularity(site, round_to))
-            self._measured_cache[key] = measured_curve(
-                self.gm, site, steps,
-                lambda k: fit_plan(site, cv, k, self.stats, self.score, replacement, selection, ridge),
-                self.stats.reservoir, self.stats.divergence, output=self.output)
-        return self._measured_cache[key]
+        points = self._measured_cache.setdefault((site.name, replacement, selection, ridge), {0: 0.0})
+        new = [k for k in ks if k not in points]
+        if new:
+            values = measured_risks(
+                self.gm, site, new, lambda j: fit_plan(site, cv, j, self.stats, self.score, replacement, selection, ridge),
+                self.stats.reservoir, self.stats.divergence, self.output, self.measure_samples())
+            points.update(zip(new, values))
+        return points
+
+    def measure_samples(self) -> int:
+        """Calibration samples each measured risk runs on: about one forward pass of the calibration set
+        for all of them (passes/measure.py `measure_plan`)."""
+        if self._plan is None:
+            with torch.no_grad():
+                z = select_output(fx.Interpreter(self.gm).run(*first_samples(self.stats.reservoir, 1)[0][0]), self.output)
+            rows = math.prod(z.shape[1:-1]) if z.dim() >= 3 else 1
+            kept = sum(len(first_tensor(i, {})) for i, _ in self.stats.reservoir)
+            self._plan = measure_plan(len(self.sites), self.stats.curvature[self.sites[0].name].n, kept, rows)
+        return self._plan
 
 
 def _select_sites(sites: list[Site], wanted) -> list[Site]:

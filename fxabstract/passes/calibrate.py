@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..data import bind, first_tensor, logits, select_output, split_batch
 from ..errors import CalibrationError
 from ..sites import Site
-from .curvature import Curvature, output_vectors
+from .curvature import PACKED_PROBES, Curvature, output_vectors
 from .moments import Moments
 from .sequential import blockwise_vjp, blocks_at_sites
 
@@ -234,19 +234,29 @@ def calibrate(gm: fx.GraphModule, sites: list[Site], calibration, divergence: st
             z, vjp_fn, acts = torch.func.vjp(forward, eps0, has_aux=True)
             vmapped = torch.func.vmap(vjp_fn)
         nonfinite += int((~torch.isfinite(z.detach())).any(-1).sum())
-        V = output_vectors(z.detach(), divergence, chosen, probes, generator)      # [r, B, o]
-        if valid is not None and raw_shape and len(raw_shape[0]) >= 3 and raw_shape[0][1] == valid.shape[1]:
-            V = (V.view(V.shape[0], *raw_shape[0]) * broadcast(valid.to(V.dtype), len(raw_shape[0]), 1)[None]
-                 ).reshape(V.shape)                                                   # no metric at padding
+        zd = z.detach()
+        r = zd.shape[1] if chosen == "exact" else probes
+        lazy = chosen == "hutchinson" and r * zd.numel() > PACKED_PROBES   # one probe at a time: a large output
+
+        def vectors(draw=None):
+            """[r or draw, B, o] output vectors, zero at padded positions."""
+            V = output_vectors(zd, divergence, chosen, probes, generator, draw)
+            if valid is not None and raw_shape and len(raw_shape[0]) >= 3 and raw_shape[0][1] == valid.shape[1]:
+                V = (V.view(V.shape[0], *raw_shape[0]) * broadcast(valid.to(V.dtype), len(raw_shape[0]), 1)[None]
+                     ).reshape(V.shape)                                               # no metric at padding
+            return V
+
         # torch.func's vjp_fn builds a graph of the backward itself unless under no_grad (16 probes:
         # 2.8 GB vs 0.8 GB on MobileNetV2 at 160 px, B = 4); a vmapped backward holds r copies of every
-        # activation gradient, so past `backward_elements` the r backward passes run one by one
+        # activation gradient (in sequential mode, of one block's), so past `backward_elements` the r
+        # backward passes run one by one
+        held = (max if sequential else sum)(a.numel() for a in acts.values()) * (2 if per_position else 1)
         with torch.no_grad(), warnings.catch_warnings():   # vmap's "no batching rule" notes are not the user's
             warnings.filterwarnings("ignore", message=".*batching rule.*", category=UserWarning)
-            if V.shape[0] * sum(a.numel() for a in acts.values()) * (2 if per_position else 1) <= backward_elements:
-                (U_all,) = vmapped(V)    # site -> ([r, B, d] sum J, [r, B, d] sum J a[, [r, B, ...] J per position])
-            else:
-                parts = [vjp_fn(v)[0] for v in V]
+            if r * held <= backward_elements and (sequential or not lazy):   # sequential: a block's forward
+                (U_all,) = vmapped(vectors())  # site -> ([r, B, d] sum J, [r, B, d] sum J a[, [r, B, ...] per position])
+            else:                              # is re-run per backward, so batch the probes there if they fit
+                parts = [vjp_fn(vectors(1)[0])[0] for _ in range(r)] if lazy else [vjp_fn(v)[0] for v in vectors()]
                 U_all = {k: tuple(torch.stack([p[k][j] for p in parts]) for j in range(len(parts[0][k])))
                          for k in parts[0]}
         g_all = None

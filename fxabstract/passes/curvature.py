@@ -34,21 +34,43 @@ from threadpoolctl import ThreadpoolController
 PENDING_ROWS = 2048   # factor rows buffered before one Gram product of the joint sums (see `Curvature.flush`)
 
 
+PACKED_PROBES = 2 ** 24   # probe values per batch past which they are drawn as packed bits, one probe at a time
+
+
 def output_vectors(z: torch.Tensor, divergence: str, method: str, probes: int,
-                   generator: torch.Generator | None) -> torch.Tensor:
-    """The vectors v whose VJPs v^T J give the factor U = L^T J: [r, B, o]."""
+                   generator: torch.Generator | None, draw: int | None = None) -> torch.Tensor:
+    """The vectors v whose VJPs v^T J give the factor U = L^T J: [r, B, o].
+
+    draw: for Hutchinson, how many of the `probes` probes to draw now (None: all), scaled as one of
+    `probes`; `calibrate` draws one at a time where the whole [r, B, o] block would be large (a language
+    model's logits: 8 sequences x 128 tokens x 50,257 values a probe)."""
     B, o = z.shape
     if method == "exact":
         v = torch.eye(o, dtype=z.dtype, device=z.device)[:, None, :].expand(o, B, o)
     else:  # Hutchinson: Rademacher probes in output space, scaled so that E[U^T U] = H
-        v = torch.randint(0, 2, (probes, B, o), generator=generator, device="cpu").to(z) * 2 - 1
-        v = v / probes**0.5
+        shape = (probes if draw is None else draw, B, o)
+        if probes * B * o > PACKED_PROBES:
+            v = rademacher(shape, generator).to(z).div_(probes**0.5)
+        else:
+            v = (torch.randint(0, 2, shape, generator=generator, device="cpu").to(z) * 2 - 1) / probes**0.5
     if divergence == "logit-mse":
         return v  # M = I
     p = torch.softmax(z.detach(), dim=-1)
     sp = p.sqrt()
     # L = diag(sqrt p) - p sqrt(p)^T satisfies L L^T = diag(p) - p p^T; L v = sqrt(p) v - p (sqrt(p).v)
     return sp * v - p * (sp * v).sum(-1, keepdim=True)
+
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def rademacher(shape: tuple, generator: torch.Generator | None) -> torch.Tensor:
+    """Independent +-1 values (float32) from packed random bits, eight per random byte: the same
+    distribution as `randint(0, 2) * 2 - 1`, about ten times faster on the CPU for large blocks."""
+    n = int(np.prod(shape))
+    words = torch.randint(-2**63, 2**63 - 1, (-(-n // 64),), generator=generator, dtype=torch.int64)
+    bits = (words.view(torch.uint8)[:, None] >> _BITS) & 1
+    return bits.reshape(-1)[:n].reshape(shape).float().mul_(2).sub_(1)
 
 
 def gram(X: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ Affine replacement, kept set K (OBS restricted to whole units, with H(x) ~ w(x) 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import CalibrationError
@@ -101,19 +102,19 @@ def diagonal_order(scores: torch.Tensor, n: int) -> tuple[list[int], torch.Tenso
 
 
 def joint_constant_order(M: torch.Tensor, lin: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy elimination on R(P) = lin.1_P + 1/2 1_P^T M 1_P; O(d) per step."""
-    d = M.shape[0]
-    removed = torch.zeros(d, dtype=torch.bool)
-    m = torch.zeros(d, dtype=torch.float64)           # M 1_P
+    """Greedy elimination on R(P) = lin.1_P + 1/2 1_P^T M 1_P; O(d) per step, O(n d) in all (in numpy:
+    a step is three vector operations on contiguous rows of M^T)."""
+    Mn = np.ascontiguousarray(M.detach().cpu().numpy().T)     # row q: column q of M
+    base = (lin + 0.5 * M.diagonal()).cpu().numpy().copy()    # R(P + q) - R(P) = base_q + (M 1_P)_q
+    m = np.zeros_like(base)                                    # M 1_P
     curve, order = [0.0], []
     for _ in range(n):
-        cost = lin + 0.5 * M.diagonal() + m          # R(P + q) - R(P)
-        cost[removed] = float("inf")
-        q = int(torch.argmin(cost))
+        cost = base + m
+        q = int(np.argmin(cost))
         order.append(q)
         curve.append(curve[-1] + float(cost[q]))
-        removed[q] = True
-        m += M[:, q]
+        base[q] = np.inf                                       # removed: never chosen again
+        m += Mn[q]                                             # (M 1_P) += M[:, q]
     return order, torch.tensor(curve, dtype=torch.float64)
 
 
@@ -187,7 +188,11 @@ def constant_risk(stats: Statistics, name: str, P: list[int], cP: torch.Tensor) 
     c = stats.moments[name].mean.clone()
     c[P] = cP
     lin = linear_term(stats, name, c)[P].sum()
-    if k.H0 is not None:
-        return float(lin + 0.5 * constant_matrix(stats, name, c)[P][:, P].sum())
+    if k.H0 is not None:   # 1_P^T M 1_P from the P x P blocks alone (`constant_matrix` restricted to P)
+        idx = torch.as_tensor(P, dtype=torch.long)
+        H0, H1, H2 = (h.index_select(0, idx).index_select(1, idx) for h in (k.H0, k.H1, k.H2))
+        cP = c[idx]
+        quad = (torch.outer(cP, cP) * H0).sum() - 2 * (cP[:, None] * H1).sum() + H2.sum()
+        return float(lin + 0.5 * quad / k.n)
     quad = 0.5 * (c * c * k.sh - 2 * c * k.sha + k.sha2)[P].sum() / k.n
     return float(lin + quad)
