@@ -132,8 +132,9 @@ class Analysis:
                 budget: str = "units", fit: str = "local", fit_options: dict | None = None) -> Abstraction:
         """Select, replace and fold at budget `keep`.
 
-        allocation (global budgets of output-unit scores): "measured" allocates on each site's risk
-        curve measured on the calibration reservoir; "predicted" on the second-order curves alone.
+        allocation (global budgets of output-unit scores): "measured" allocates on the predicted curves,
+        measures each site's risk around that allocation on calibration samples (passes/measure.py),
+        corrects the curves by it and allocates again; "predicted" on the second-order curves alone.
         budget: "units" (keep counts units) or "macs" (keep is the fraction of the sites' MACs per sample
         kept, `cost.site_macs`: output-unit scores take the least risk per MAC saved first across sites,
         the others save that fraction at every site); the report then gives MACs before and after.
@@ -571,8 +572,9 @@ def abstract(model: nn.Module, calibration, keep=0.5, score: str = "logit-mse", 
       surgeon at the consumer; for logit-mse, kl and ce the order's risk is then measured in output units,
       so one global budget still allocates it); variance, magnitude and random always rank diagonally;
       cwvar's joint selection is layer-local.
-    allocation: how a global budget of an output-unit score is split over sites: "measured" (each
-      site's risk curve measured on up to 512 calibration samples) or "predicted" (second order only).
+    allocation: how a global budget of an output-unit score is split over sites: "measured" (the
+      predicted curves corrected by each site's risk measured where their allocation lands, about one
+      forward pass of the calibration set in all) or "predicted" (second order only).
     distributed: calibrate on this process's shard and sum the statistics over torch.distributed ranks.
     sequential: calibrate one block of the graph at a time (for models too large to analyse whole).
     fit_data: extra batches, forward only, on which affine replacements are fitted (with the calibration).
