@@ -45,8 +45,8 @@ def forward_backward(model, batches):
 def runs(model, batches) -> dict:
     return {
         "forward+backward": lambda: forward_backward(model, batches),
-        "the default (joint, constant: 1 probe, the 3 joint d x d sums)":
-            lambda: fxa.abstract(model, batches, keep=0.5, allocation="predicted"),
+        "the default (joint, constant, measured allocation: 1 probe, the 3 joint d x d sums)":
+            lambda: fxa.abstract(model, batches, keep=0.5),
         "diagonal, constant, 1 probe":
             lambda: fxa.abstract(model, batches, keep=0.5, allocation="predicted", selection="diagonal",
                                  curvature="hutchinson", probes=1),
