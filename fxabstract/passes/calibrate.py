@@ -27,6 +27,8 @@ from .sequential import blockwise_vjp, blocks_at_sites
 
 def broadcast(e: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
     """[B, d] -> a view that broadcasts over a site value of `rank` with its units on `axis`."""
+    if rank == 2:
+        return e
     if axis == 1:
         return e.reshape(*e.shape, *([1] * (rank - 2)))
     return e.reshape(e.shape[0], *([1] * (rank - 2)), e.shape[1])
