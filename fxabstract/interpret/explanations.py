@@ -29,6 +29,7 @@ from ..data import logits
 from ..errors import ConfigError
 from ..output.files import write_atomic
 from ..verify import gather
+from .paths import Replay, nearest_weight_layers, explain_paths, path_input_maps, weight_chain
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU,
                       nn.Softplus, nn.Hardswish, nn.Hardtanh)
@@ -75,7 +76,7 @@ class UnitProbe:
         if unknown or not sites:
             acts = [n.name for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
             raise ConfigError(f"sites {unknown or '[]'} are not nodes of the traced model; choose from {acts}")
-        self.sites, self.edits = list(sites), {}
+        self.sites, self.edits, self.edit_nodes, self.replay = list(sites), {}, {}, None
         for i, name in enumerate(self.sites):
             node = nodes[name]
             edit = _Edit()
@@ -84,10 +85,19 @@ class UnitProbe:
                 new = gm.graph.call_module(f"fxa_edit_{i}", (node,))
             node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
             self.edits[name] = edit
+            self.edit_nodes[name] = new
         gm.recompile()
         self.gm = gm.eval()
         for p in self.gm.parameters():
             p.requires_grad_(False)
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Run `x` once and keep every node's value: later runs of this very tensor recompute only what is
+        downstream of the sites whose units they set (paths.Replay), with the same result."""
+        for edit in self.edits.values():
+            edit.units = edit.values = None
+            edit.record = False
+        self.replay = Replay(self.gm, x)
 
     def run(self, x: torch.Tensor, set_units: dict | None = None, record: bool = False) -> torch.Tensor:
         """Logits [B, o] with set_units = {site: (units, values)} applied; record=True keeps each site's value."""
@@ -95,6 +105,9 @@ class UnitProbe:
             edit.units, edit.values = (set_units or {}).get(name, (None, None))
             edit.record = record
         try:
+            replay = getattr(self, "replay", None)
+            if replay is not None and replay.x is x and not record:
+                return logits(replay.rerun([self.edit_nodes[s] for s in (set_units or {})]))
             with torch.no_grad():
                 return logits(self.gm(x))
         finally:
@@ -120,10 +133,34 @@ class UnitProbe:
 
 
 class Explanation:
-    """The causal explanatory graph of one class: `graph` is a JSON-serialisable dict."""
+    """The causal explanatory graph of one class: `graph` is a JSON-serialisable dict; `model` (not
+    saved) is what `input_maps` reads."""
 
-    def __init__(self, graph: dict):
-        self.graph = graph
+    def __init__(self, graph: dict, model: nn.Module | None = None):
+        self.graph, self.model = graph, model
+
+    def input_maps(self, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+        """Path-specific input-space maps [B, H, W] (paths.path_input_maps) of the units this graph
+        selected at Conv2d `layer` (default: the last conv read after another conv) and at the conv before
+        it: the causes of method='paths', the `top` units of method='effects'."""
+        if self.model is None:
+            raise ConfigError("this explanation has no model (it was loaded from JSON); run fxa.explain again")
+        gm = capture(self.model)
+        chain = weight_chain(gm)
+        convs = [n for i, n in enumerate(chain) if i and isinstance(gm.get_submodule(n), nn.Conv2d)
+                 and isinstance(gm.get_submodule(chain[i - 1]), nn.Conv2d)]
+        layer = layer or (convs[-1] if convs else None)
+        if layer not in convs:
+            raise ConfigError(f"input maps need a Conv2d layer read after another Conv2d; got {layer!r}, "
+                              f"choose from {convs}")
+        parent = chain[chain.index(layer) - 1]
+        units = {}                                          # producer layer -> the selected units
+        for s in self.graph["sites"]:
+            name = s["name"] if self.graph.get("method") == "paths" else producer_of(gm, s["name"])
+            units[name] = s["top"]
+        if parent not in units or layer not in units:
+            raise ConfigError(f"this explanation has no units at `{parent}` and `{layer}`; explain those sites")
+        return path_input_maps(self.model, x, layer, units[parent], units[layer], parent)
 
     def effects(self, site: str) -> torch.Tensor:
         return torch.tensor(next(s for s in self.graph["sites"] if s["name"] == site)["effects"])
@@ -167,6 +204,13 @@ class Explanation:
         return "\n".join(lines + ["}"]) + "\n"
 
 
+def producer_of(gm: fx.GraphModule, site: str) -> str | None:
+    """The Linear or Conv2d whose output channels are the units of activation node `site`."""
+    node = next(n for n in gm.graph.nodes if n.name == site)
+    found = nearest_weight_layers(gm, node.args[0] if node.args else node)
+    return next(iter(found)) if len(found) == 1 else None
+
+
 def optimal_constants(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """c* [d, ...] = E[h a] / E[h] with h = g^2 per unit and position; the mean where h vanishes (docs/math.md §3)."""
     h = g.double().pow(2)
@@ -174,15 +218,42 @@ def optimal_constants(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-300), a.double().mean(0)).to(a.dtype)
 
 
-def explain(model: nn.Module, data, target: int, sites=None, top: int = 8, batch_size: int = 1024) -> Explanation:
+METHODS = ("effects", "paths")
+EFFECTS = ("optimal", "mean", "zero")
+
+
+def explain(model: nn.Module, data, target: int, sites=None, top: int = 8, batch_size: int = 1024, *,
+            method: str = "effects", effect: str = "optimal", labels=None, samples: int = 100, soft: bool = False,
+            beta: float = 0.0, seed: int = 0) -> Explanation:
     """The causal explanatory graph of class `target` (docs/math.md §5) over `data` (a Tensor of inputs or
-    batches); the class inputs are those the model assigns to `target`."""
+    batches); the class inputs are those the model assigns to `target`.
+
+    method: "effects" (node effects by optimal-constant replacement, path effects between the `top` units
+      of adjacent `sites`; `effect`: what a unit is set to, "optimal" (the curvature-weighted constant),
+      "mean" or "zero") or "paths" (Ahmad et al.'s top-down path interventions on the weights, a z-test
+      per unit, over the first `samples` inputs of the class, also `labels`-correct where labels are
+      given; `soft` interventions set the weights to U(beta, beta + 0.01) instead of 0; interpret/paths.py)."""
+    if method not in METHODS:
+        raise ConfigError(f"method = {method!r}; choose from {list(METHODS)}")
+    if effect not in EFFECTS:
+        raise ConfigError(f"effect = {effect!r}; choose from {list(EFFECTS)}")
+    if method == "paths":
+        if sites is not None:
+            raise ConfigError("method='paths' walks the model's weight layers itself; leave sites=None")
+        return Explanation(explain_paths(model, gather(data), target, labels, samples, soft, beta, seed), model)
     probe = UnitProbe(model, sites)
     x = gather(data).to(next(probe.gm.parameters()).device)
     z = torch.cat([probe.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     if not 0 <= target < z.shape[1]:
         raise ConfigError(f"target = {target} is not a class of the model's {z.shape[1]} outputs; pick 0..{z.shape[1] - 1}")
-    xt = x[z.argmax(1) == target]
+    keep = z.argmax(1) == target
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.shape != keep.shape:
+            raise ConfigError(f"labels has shape {tuple(labels.shape)} but the data has {len(x)} inputs; "
+                              "pass one label per input")
+        keep &= labels.to(keep.device) == target
+    xt = x[keep]
     if len(xt) == 0:
         raise ConfigError(f"the model assigns no input of the data to class {target}; pass data that includes it")
     values, grads = {s: [] for s in probe.sites}, {s: [] for s in probe.sites}
@@ -191,7 +262,11 @@ def explain(model: nn.Module, data, target: int, sites=None, top: int = 8, batch
         for s in probe.sites:
             values[s].append(a[s])
             grads[s].append(g[s])
-    constants = {s: optimal_constants(torch.cat(values[s]), torch.cat(grads[s])) for s in probe.sites}
+    if effect == "optimal":
+        constants = {s: optimal_constants(torch.cat(values[s]), torch.cat(grads[s])) for s in probe.sites}
+    else:                                                       # the plain mean, or zero (a hard intervention)
+        constants = {s: torch.cat(values[s]).mean(0) * (effect == "mean") for s in probe.sites}
+    probe.prepare(xt)
     base = probe.run(xt)[:, target]                                                 # [B] clean class logit
     out_sites, tops = [], {}
     for s in probe.sites:
@@ -210,5 +285,5 @@ def explain(model: nn.Module, data, target: int, sites=None, top: int = 8, batch
                 z_path = probe.run(xt, {s_next: ([j], moved[:, j:j + 1])})[:, target]
                 edges.append({"source": [s, i], "target": [s_next, j],
                               "effect": float((base - z_path).mean())})             # path effect through j (§5)
-    return Explanation({"target": target, "samples": len(xt), "calibration": len(x), "sites": out_sites,
-                        "edges": edges})
+    return Explanation({"method": "effects", "effect": effect, "target": target, "samples": len(xt), "calibration": len(x),
+                        "sites": out_sites, "edges": edges}, model)

@@ -260,6 +260,22 @@ class LeNet(nn.Module):
         return self.fc2(F.relu(self.fc1(x.view(x.size(0), -1))))
 
 
+class LeNet5(nn.Module):
+    """LeCun's LeNet-5 as in Ahmad et al.'s code: [1, 32, 32] -> conv 6 (5x5) -> ReLU -> max-pool 2 ->
+    conv 16 (5x5) -> ReLU -> max-pool 2 -> 400 -> 120 -> 84 -> classes, ReLUs between."""
+
+    def __init__(self, classes: int = 10, channels: int = 1):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(channels, 6, 5), nn.Conv2d(6, 16, 5)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16 * 5 * 5, 120), nn.Linear(120, 84), nn.Linear(84, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
 class SplitConvNet(nn.Module):
     """A stem conv split unequally into two branches (ReLU -> 3x3 conv; BatchNorm -> depthwise ->
     ReLU -> 1x1 conv) that are summed, then a gated head whose Linear output is sliced in halves
