@@ -18,7 +18,8 @@ over the class inputs: integrated gradients, saliency = |gradient|, GradientShap
   of the class). Resample ablation is neutral between the methods: none of them scores a unit by setting
   it to another input's value (fxabstract's effects set a constant, the paths method zeroes weights).
 Input space (LeNet-5 and the CNN: maps built from the selected units of the last conv layer and the conv
-before it, `Explanation.input_maps`; baselines are captum's input attributions):
+before it, `Explanation.input_maps`: the paths method's causes, and for fxabstract its top units, as many
+per site as the paths method selected; baselines are captum's input attributions):
 - local_lipschitz: quantus.LocalLipschitzEstimate, 10 Gaussian perturbations (mean 0.1, std 0.1, the
   paper's settings), every map taken in absolute value and normalised by its maximum (lower: more stable).
   local_lipschitz_raw: the same with the maps as they are, which is how the paper scored its baselines
@@ -36,12 +37,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -83,13 +86,23 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x.reshape(-1, 1, 8, 8), size=32, mode="bilinear", align_corners=False)
 
 
-def models(seed: int, epochs: int):
-    """(name, model, x_train, y_train, x_test, y_test) for one training seed."""
+def flat(x):
+    return x
+
+
+def as_map(x):
+    return x.reshape(-1, 1, 8, 8)
+
+
+MODELS = (("LeNet-5 (digits 32x32)", LeNet5, upsample), ("digits MLP 64-256-256-10", DigitsMLP, flat),
+          ("digits CNN conv8-conv16-fc", DigitsCNN, as_map))
+
+
+def models(seed: int, epochs: int, only: int | None = None):
+    """[(name, model, x_train, y_train, x_test, y_test)] for one training seed (the `only`-th model)."""
     x_train, y_train, x_test, y_test = digits_data()
     out = []
-    for name, make, shape in (("LeNet-5 (digits 32x32)", LeNet5, upsample),
-                              ("digits MLP 64-256-256-10", DigitsMLP, lambda x: x),
-                              ("digits CNN conv8-conv16-fc", DigitsCNN, lambda x: x.reshape(-1, 1, 8, 8))):
+    for name, make, shape in (MODELS if only is None else MODELS[only:only + 1]):
         torch.manual_seed(seed)
         xs, xt = shape(x_train), shape(x_test)
         out.append((name, train(make(), xs, y_train, epochs=epochs, seed=seed), xs, y_train, xt, y_test))
@@ -225,6 +238,7 @@ def input_metrics(model, fns, x, y, perturbations) -> dict:
     for m, fn in fns.items():
         row = {}
         for key, norm in (("local_lipschitz", True), ("local_lipschitz_raw", False)):
+            np.random.seed(0)                   # the same perturbations for every method: paired figures
             metric = quantus.LocalLipschitzEstimate(    # Gaussian noise, Euclidean norms, the max over samples
                 nr_samples=perturbations, perturb_std=0.1, perturb_mean=0.1, abs=norm, normalise=norm,
                 disable_warnings=True)
@@ -250,10 +264,14 @@ def evaluate(name, model, x_train, y_train, x_test, y_test, seed, args) -> dict:
     faith = {(m, s): [] for m in UNIT_METHODS for s in probe.sites}
     graphs = {"fxabstract": {}, "paths": {}}
     for target in range(args.classes):
-        per = [unit_scores(model, probe, x_train[i], y_train[i], target, args.steps, gen) for i in samples]
-        full, g_full = unit_scores(model, probe, x_train, y_train, target, args.steps, gen)
+        per = [unit_scores(model, probe, x_train[i], y_train[i], target, args.layer_steps, gen) for i in samples]
+        full, g_full = unit_scores(model, probe, x_train, y_train, target, args.layer_steps, gen)
         graphs["paths"][target] = g_full["paths"]
-        graphs["fxabstract"][target] = fxa.explain(model, x_train, target=target, top=args.map_units)
+        ours = fxa.explain(model, x_train, target=target, top=max(probe_units(probe, s) for s in probe.sites))
+        causes = {s["name"]: len(s["causes"]) for s in g_full["paths"].graph["sites"]}
+        for site in ours.graph["sites"]:                   # as many units per site as the paths method selected
+            site["top"] = site["top"][:causes.get(producer_of(probe.gm, site["name"]), 0)]
+        graphs["fxabstract"][target] = ours
         for m in UNIT_METHODS:
             for s in probe.sites:
                 k = min(args.top, len(full[m][s]) // 2)
@@ -310,26 +328,39 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="processes (one torch thread each)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = ap.parse_args(argv)
     args.resamples, args.classes, args.top, args.steps, args.epochs = (3, 2, 10, 8, 5) if args.quick else (5, 10, 10, 16, 30)
     args.inputs_per_class, args.perturbations = (3, 3) if args.quick else (10, 10)
     args.seeds = 1 if args.quick else args.seeds
-    args.ks, args.map_units = (1, 2, 4, 8, 16), 4
+    args.ks, args.layer_steps = (1, 2, 4, 8, 16), args.steps // 2
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     rows, sites = [], {}
-    for seed in range(args.seeds):
-        for name, model, xs, ys, xt, yt in models(seed, args.epochs):
-            acc = float((model(xt).argmax(1) == yt).float().mean())
-            print(f"seed {seed} {name}: test accuracy {acc:.3f} ({time.time() - start:.0f} s)", flush=True)
-            r = evaluate(name, model, xs, ys, xt, yt, seed, args)
+    jobs = [(seed, k) for seed in range(args.seeds) for k in range(len(MODELS))]
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for r in pool.map(run_job, [(seed, k, args) for seed, k in jobs]):
+            print(f"seed {r['seed']} {r['name']}: test accuracy {r['accuracy']:.3f} ({time.time() - start:.0f} s)",
+                  flush=True)
             rows += r["rows"]
-            sites[name] = r["sites"]
+            sites[r["name"]] = r["sites"]
     write(args, rows, sites, time.time() - start)
     return 0
+
+
+def run_job(job) -> dict:
+    """One (seed, model) pair in a worker process of one thread."""
+    seed, k, args = job
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    name, model, xs, ys, xt, yt = models(seed, args.epochs, only=k)[0]
+    r = evaluate(name, model, xs, ys, xt, yt, seed, args)
+    with torch.no_grad():
+        acc = float((model(xt).argmax(1) == yt).float().mean())
+    return {**r, "seed": seed, "name": name, "accuracy": acc}
 
 
 def fmt(v, digits=3):
@@ -342,11 +373,13 @@ def write(args, rows, sites, elapsed) -> None:
     write_atomic(os.path.join(args.out, "explain.json"), (json.dumps(slim, indent=1) + "\n").encode())
     lines = ["# Causal explanatory graphs: fxa.explain against captum's attributions", "",
              f"Written by `python benchmarks/explain.py{' --quick' if args.quick else ''}` in {elapsed:.0f} s "
-             f"({platform.machine()}, one torch thread, torch {torch.__version__}). {args.seeds} training seed(s) "
+             f"({platform.machine()}, {args.workers} worker processes of one torch thread, torch {torch.__version__}, "
+             f"captum and quantus). {args.seeds} training seed(s) "
              f"per model; {args.resamples} bootstrap resamples, {args.classes} classes, top-k = {args.top} (or half "
              f"the units) for stability; deletion and sufficiency over k in {list(args.ks)}; input space: "
              f"{args.inputs_per_class} correctly classified test inputs per class, {args.perturbations} perturbations; "
-             f"integrated gradients and GradientShap with {args.steps} steps. Figures are means over seeds "
+             f"integrated gradients with {args.steps} steps and GradientShap with {args.steps} samples on the input "
+             f"({args.layer_steps} and {args.layer_steps // 2} at the sites). Figures are means over seeds "
              "(and classes or inputs); the metrics are defined in the script's docstring. Per-row figures: "
              "[explain.json](explain.json).", ""]
 
