@@ -29,7 +29,7 @@ from ..data import logits
 from ..errors import ConfigError
 from ..output.files import write_atomic
 from ..verify import gather
-from .paths import Replay, nearest_weight_layers, explain_paths, path_input_maps, weight_chain
+from .paths import Replay, class_inputs, explain_paths, nearest_weight_layers, path_input_maps, weight_chain
 
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.ELU,
                       nn.Softplus, nn.Hardswish, nn.Hardtanh)
@@ -244,18 +244,7 @@ def explain(model: nn.Module, data, target: int, sites=None, top: int = 8, batch
     probe = UnitProbe(model, sites)
     x = gather(data).to(next(probe.gm.parameters()).device)
     z = torch.cat([probe.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    if not 0 <= target < z.shape[1]:
-        raise ConfigError(f"target = {target} is not a class of the model's {z.shape[1]} outputs; pick 0..{z.shape[1] - 1}")
-    keep = z.argmax(1) == target
-    if labels is not None:
-        labels = torch.as_tensor(labels)
-        if labels.shape != keep.shape:
-            raise ConfigError(f"labels has shape {tuple(labels.shape)} but the data has {len(x)} inputs; "
-                              "pass one label per input")
-        keep &= labels.to(keep.device) == target
-    xt = x[keep]
-    if len(xt) == 0:
-        raise ConfigError(f"the model assigns no input of the data to class {target}; pass data that includes it")
+    xt = class_inputs(z, x, target, labels)
     values, grads = {s: [] for s in probe.sites}, {s: [] for s in probe.sites}
     for i in range(0, len(x), batch_size):
         a, g = probe.gradients(x[i:i + batch_size], target)

@@ -158,8 +158,9 @@ def select_causes(intervened: torch.Tensor, observed: torch.Tensor, z: float = Z
     return causes
 
 
-def class_inputs(graph: PathGraph, x: torch.Tensor, target: int, labels, samples: int) -> torch.Tensor:
-    z = graph.run(x)
+def class_inputs(z: torch.Tensor, x: torch.Tensor, target: int, labels=None, samples: int | None = None) -> torch.Tensor:
+    """The inputs of x whose logits z pick class `target` (and, with labels, are labelled it): the first
+    `samples` of them."""
     if not 0 <= target < z.shape[1]:
         raise ConfigError(f"target = {target} is not a class of the model's {z.shape[1]} outputs; pick 0..{z.shape[1] - 1}")
     keep = z.argmax(1) == target
@@ -171,7 +172,7 @@ def class_inputs(graph: PathGraph, x: torch.Tensor, target: int, labels, samples
         keep &= labels.to(keep.device) == target
     xt = x[keep][:samples]
     if len(xt) == 0:
-        raise ConfigError(f"no input of the data is {'labelled and ' if labels is not None else ''}classified as "
+        raise ConfigError(f"the model assigns no input of the data{' labelled so' if labels is not None else ''} to "
                           f"class {target}; pass data that includes it")
     return xt
 
@@ -183,7 +184,7 @@ def explain_paths(model: nn.Module, x: torch.Tensor, target: int, labels=None, s
         raise ConfigError(f"samples = {samples}; give at least 1")
     graph = PathGraph(model)
     x = x.to(next(graph.gm.parameters()).device)
-    xt = class_inputs(graph, x, target, labels, samples)
+    xt = class_inputs(graph.run(x), x, target, labels, samples)
     replay = Replay(graph.gm, xt)
     observed = logits(replay.rerun([]))[:, target]
     gen = torch.Generator().manual_seed(seed)
